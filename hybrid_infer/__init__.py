@@ -1,0 +1,1 @@
+"""hybrid_infer: run Caffe models with TensorRT where it can and Caffe where it cannot."""

@@ -1,0 +1,1 @@
+"""Engines run one segment each behind the same small interface (see ``base``)."""

@@ -1,0 +1,1 @@
+"""The model as a networkx graph of layers joined by blob values."""

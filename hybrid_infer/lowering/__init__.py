@@ -1,0 +1,1 @@
+"""Lowering of TensorRT segments to ONNX, the interchange TensorRT and ONNX Runtime share."""

@@ -1,0 +1,1 @@
+"""Model loading: prototxt and caffemodel through the user's own pycaffe."""

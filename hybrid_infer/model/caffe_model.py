@@ -1,0 +1,172 @@
+"""A Caffe model as hybrid_infer sees it: normalised layers, blob shapes, weights.
+
+Shapes come from Caffe itself (the net is instantiated once, in a forked child, so a
+fatal Caffe check becomes a readable error). Weights are read by Caffe's own loader,
+which also upgrades old caffemodels and ignores layers the prototxt does not have.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import EnvironmentProblem, ModelError
+from .caffe_import import caffe, registered_layer_types
+from .isolated import CaffeFailure, call_isolated
+from .protofile import LayerParameter, NetParameter, normalise, read_caffemodel, read_prototxt, write_prototxt
+from .random_weights import random_weights
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class NetInfo:
+    """What Caffe computed when it set the net up."""
+    blob_shapes: dict[str, Shape]
+    param_shapes: dict[str, list[Shape]]
+    inputs: list[str]
+    outputs: list[str]
+
+
+def _inspect_net(prototxt: str, weights: str | None) -> NetInfo:
+    """Instantiate the net (in the forked child) and report shapes."""
+    cf = caffe()
+    cf.set_mode_cpu()
+    net = cf.Net(prototxt, cf.TEST, weights=weights) if weights else cf.Net(prototxt, cf.TEST)
+    return NetInfo(
+        blob_shapes={name: tuple(int(d) for d in blob.shape) for name, blob in net.blobs.items()},
+        param_shapes={name: [tuple(int(d) for d in b.shape) for b in layer.blobs]
+                      for name, layer in zip(net._layer_names, net.layers) if len(layer.blobs)},
+        inputs=list(net.inputs), outputs=list(net.outputs))
+
+
+def _check_layers(net: NetParameter, source: str) -> None:
+    """Catch what Caffe would abort on, before Caffe sees the net."""
+    known = registered_layer_types()
+    produced: set[str] = set()
+    names: set[str] = set()
+    for layer in net.layer:
+        if layer.name in names:
+            raise ModelError(f"{source}: two layers are named '{layer.name}'; layer names must be unique")
+        names.add(layer.name)
+        if layer.type not in known:
+            raise ModelError(
+                f"{source}: layer '{layer.name}' has type '{layer.type}', which this Caffe build does "
+                f"not have; use the Caffe (fork) the model was written for, or remove the layer")
+        for bottom in layer.bottom:
+            if bottom not in produced:
+                raise ModelError(
+                    f"{source}: layer '{layer.name}' reads blob '{bottom}', which no earlier layer "
+                    "produces (a dangling or cyclic blob); fix the layer's bottom or the layer order")
+        for top in layer.top:
+            if top in produced and top not in layer.bottom:
+                raise ModelError(f"{source}: blob '{top}' is produced twice (by '{layer.name}' and an "
+                                 "earlier layer); only in-place layers may reuse a blob name")
+            produced.add(top)
+        if layer.type == "Python":
+            module = layer.python_param.module
+            try:
+                found = importlib.util.find_spec(module) if module else None
+            except (ImportError, ValueError):
+                found = None
+            if found is None:
+                raise EnvironmentProblem(
+                    f"{source}: Python layer '{layer.name}' needs module '{module}', which cannot be "
+                    "imported; add its folder to PYTHONPATH")
+
+
+class CaffeModel:
+    """A loaded model. ``weights`` maps layer name to its parameter arrays (FP32)."""
+
+    def __init__(self, prototxt: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None):
+        self.prototxt = Path(prototxt)
+        self.weights_path = Path(weights) if weights is not None else None
+        self.net: NetParameter = normalise(read_prototxt(self.prototxt), str(self.prototxt))
+        if not len(self.net.layer):
+            raise ModelError(f"{self.prototxt}: no layers in the TEST phase")
+        _check_layers(self.net, str(self.prototxt))
+        self._workdir = Path(tempfile.mkdtemp(prefix="hybrid_infer_model_"))
+        weakref.finalize(self, shutil.rmtree, self._workdir, True)
+        self.normalised_prototxt = self._workdir / "deploy.prototxt"
+        write_prototxt(self.net, self.normalised_prototxt)
+        stored_layers: set[str] | None = None
+        if self.weights_path is not None:
+            stored_layers = {layer.name for layer in read_caffemodel(self.weights_path).layer}
+        try:
+            self.info: NetInfo = call_isolated(
+                _inspect_net, str(self.normalised_prototxt),
+                str(self.weights_path) if self.weights_path else None)
+        except CaffeFailure as exc:
+            where = f"{self.weights_path} does not fit {self.prototxt}" if self.weights_path \
+                and "param" in str(exc) else f"{self.prototxt}: Caffe cannot set this net up"
+            raise ModelError(f"{where}: {exc}") from None
+        if stored_layers is not None:
+            missing = [name for name in self.info.param_shapes if name not in stored_layers]
+            if missing:
+                raise ModelError(f"{self.weights_path} has no weights for layer(s) {', '.join(missing)} "
+                                 f"of {self.prototxt}; pass the caffemodel trained for this prototxt")
+        self._weights: dict[str, list[np.ndarray]] | None = None
+        self._reference: Any = None
+
+    @property
+    def layers(self) -> list[LayerParameter]:
+        return list(self.net.layer)
+
+    @property
+    def has_weights(self) -> bool:
+        return self._weights is not None or self.weights_path is not None
+
+    @property
+    def weights(self) -> dict[str, list[np.ndarray]]:
+        """Parameter arrays by layer name, read by Caffe's own loader on first use."""
+        if self._weights is None:
+            if self.weights_path is None:
+                raise ModelError(f"{self.prototxt}: no weights given; pass a .caffemodel "
+                                 "(--weights) or ask for random weights (--random-weights SEED)")
+            net = self.reference_net()
+            self._weights = {name: [np.array(b.data, dtype=np.float32, copy=True) for b in blobs]
+                             for name, blobs in net.params.items()}
+        return self._weights
+
+    def set_random_weights(self, seed: int) -> None:
+        """Replace every parameter with random values drawn for its layer type (tests, benchmarks)."""
+        layer_types = {layer.name: layer.type for layer in self.net.layer}
+        self._weights = random_weights(self.info.param_shapes, layer_types, seed)
+        if self._reference is not None:
+            self._push_weights(self._reference)
+
+    def _push_weights(self, net: Any) -> None:
+        assert self._weights is not None
+        for name, arrays in self._weights.items():
+            for blob, array in zip(net.params[name], arrays):
+                blob.data[...] = array
+
+    def reference_net(self) -> Any:
+        """The whole model as one pycaffe net (CPU), carrying the current weights."""
+        if self._reference is None:
+            cf = caffe()
+            cf.set_mode_cpu()
+            if self.weights_path is not None and self._weights is None:
+                self._reference = cf.Net(str(self.normalised_prototxt), cf.TEST,
+                                         weights=str(self.weights_path))
+            else:
+                self._reference = cf.Net(str(self.normalised_prototxt), cf.TEST)
+                if self._weights is not None:
+                    self._push_weights(self._reference)
+                elif self.info.param_shapes:
+                    raise ModelError(f"{self.prototxt}: no weights given; pass a .caffemodel "
+                                     "(--weights) or ask for random weights (--random-weights SEED)")
+        return self._reference
+
+    def layer(self, name: str) -> LayerParameter:
+        for layer in self.net.layer:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One-command set-up: Debian packages, pycaffe (cached build), and .venv with hybrid_infer.
+# Safe to re-run: every step skips what is already in place.
+#
+# Usage: scripts/setup.sh [--cuda [--cuda-arch "90"]]   (CUDA Caffe: see scripts/build-caffe.sh)
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+log() { printf '[setup %(%H:%M:%S)T] %s\n' -1 "$*"; }
+python=${PYTHON:-python3}
+build_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cuda) build_args+=(--cuda) ;;
+    --cuda-arch) build_args+=(--cuda-arch "$2"); shift ;;
+    *) echo "setup.sh: unknown option '$1' (use --cuda, --cuda-arch LIST)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "setup.sh: $python is $("$python" --version 2>&1); Debian 12's Boost.Python is built for Python 3.11. Set PYTHON=python3.11." >&2
+  exit 2
+fi
+
+apt_packages=(build-essential libprotobuf-dev protobuf-compiler libgoogle-glog-dev libgflags-dev
+  libhdf5-dev libopenblas-dev libboost-system-dev libboost-thread-dev libboost-filesystem-dev
+  libboost-regex-dev libboost-python-dev graphviz)
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  log "installing Debian packages: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  log "Debian packages present"
+fi
+
+prefix=$(PYTHON="$python" "$root/scripts/build-caffe.sh" "${build_args[@]}" | tail -1)
+
+if [ ! -x "$root/.venv/bin/python" ]; then
+  log "creating .venv"
+  "$python" -m venv "$root/.venv"
+fi
+log "installing hybrid_infer and its Python dependencies into .venv"
+"$root/.venv/bin/pip" install -q --disable-pip-version-check -e "$root[test]"
+site=$("$root/.venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$prefix/python" > "$site/pycaffe.pth"
+GLOG_minloglevel=2 "$root/.venv/bin/python" -c 'import caffe, hybrid_infer' \
+  || { echo "setup.sh: .venv cannot import caffe from $prefix" >&2; exit 1; }
+log "ready: pycaffe from $prefix; activate with 'source .venv/bin/activate'"
