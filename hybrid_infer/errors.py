@@ -26,3 +26,19 @@ class OptionError(HybridInferError):
 
 class EnvironmentProblem(HybridInferError):
     """Something hybrid_infer needs is not installed or not usable on this machine."""
+
+
+class EngineRejected(HybridInferError):
+    """An engine refused a segment; the executor runs that segment in Caffe instead."""
+
+
+class LoweringError(HybridInferError):
+    """A layer cannot be lowered to ONNX (no lowering, or parameters ONNX cannot express).
+
+    ``layer`` is the Caffe layer's name, so callers can point at it or run it in Caffe.
+    """
+
+    def __init__(self, layer: str, layer_type: str, reason: str):
+        super().__init__(f"layer '{layer}' ({layer_type}): {reason}")
+        self.layer = layer
+        self.layer_type = layer_type

@@ -135,7 +135,7 @@ def _trt2_softmax(layer: Layer, graph: LayerGraph) -> Optional[str]:
 TRT2_TABLE: dict[str, Check] = {
     "Input": _always, "Convolution": _trt2_convolution, "Deconvolution": _trt2_convolution,
     "ReLU": _trt2_relu, "TanH": _always, "Sigmoid": _always, "Pooling": _pooling,
-    "Eltwise": _trt2_eltwise, "LRN": _trt2_always, "InnerProduct": _always,
+    "Eltwise": _trt2_eltwise, "LRN": _trt2_lrn, "InnerProduct": _always,
     "Softmax": _trt2_softmax,
 }
 

@@ -1,0 +1,140 @@
+"""The Python entry point: ``hybrid_infer.load(...)`` returns a ``HybridNet``."""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .errors import InputError
+from .executor.engine_factory import SegmentEngine, build_engines, resolve_engine
+from .executor.hybrid_executor import HybridExecutor
+from .graph.layer_graph import LayerGraph
+from .model.caffe_model import CaffeModel
+from .partition.capability import Capability
+from .partition.partitioner import Partition, partition
+
+PathLike = str | os.PathLike[str]
+
+
+class HybridNet:
+    """A Caffe model partitioned between TensorRT (or ONNX Runtime) and Caffe.
+
+    Engines are built on the first ``run`` and reused; ``partition`` needs no weights.
+    """
+
+    def __init__(self, model: CaffeModel, *, engine: str = "auto", profile: str = "tensorrt",
+                 min_segment_size: int = 3, fallback: Iterable[str] = (),
+                 outputs: Sequence[str] = ()):
+        self.model = model
+        self.graph = LayerGraph(model)
+        self.requested_engine = engine
+        self.output_blobs = list(outputs) or [self.graph.values[v].blob for v in self.graph.outputs]
+        self._output_values = [self.graph.value_of_blob(b) for b in self.output_blobs]
+        self.partition: Partition = partition(self.graph, Capability(profile, fallback), min_segment_size,
+                                              keep_outputs=self._output_values)
+        self._executor: Optional[HybridExecutor] = None
+
+    @property
+    def input_blobs(self) -> list[str]:
+        return [self.graph.values[v].blob for v in self.graph.inputs]
+
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {self.graph.values[v].blob: self.graph.values[v].shape for v in self.graph.inputs}
+
+    @property
+    def segment_engines(self) -> list[SegmentEngine]:
+        return self._ensure_executor().segment_engines
+
+    def _ensure_executor(self) -> HybridExecutor:
+        if self._executor is None:
+            engine = resolve_engine(self.requested_engine)
+            factory = None
+            if engine == "tensorrt":
+                from .engines.tensorrt_segment import tensorrt_factory
+                factory = tensorrt_factory()
+            self._executor = HybridExecutor(
+                build_engines(self.graph, self.model, self.partition.segments, engine, factory))
+        return self._executor
+
+    def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Validate names, shapes and dtypes; return FP32 arrays keyed by input blob."""
+        expected = self.input_shapes()
+        unknown = [name for name in inputs if name not in expected]
+        if unknown:
+            raise InputError(f"{', '.join(unknown)}: not an input of {self.model.prototxt}; "
+                             f"its inputs are {', '.join(expected)}")
+        missing = [name for name in expected if name not in inputs]
+        if missing:
+            raise InputError(f"missing input(s) {', '.join(missing)} for {self.model.prototxt} "
+                             f"(shapes {', '.join(f'{n}={expected[n]}' for n in missing)})")
+        checked = {}
+        batch = None
+        for name, array in inputs.items():
+            array = np.asarray(array)
+            if not np.issubdtype(array.dtype, np.floating):
+                raise InputError(f"input '{name}' has dtype {array.dtype}; Caffe nets take floating "
+                                 "point (FP32) inputs: convert and scale it first")
+            shape = expected[name]
+            if array.ndim != len(shape) or tuple(array.shape[1:]) != tuple(shape[1:]):
+                raise InputError(f"input '{name}' has shape {tuple(array.shape)}; the model expects "
+                                 f"(N, {', '.join(map(str, shape[1:]))}) with any batch N")
+            if batch is not None and array.shape[0] != batch:
+                raise InputError(f"inputs have different batch sizes ({batch} and {array.shape[0]} for '{name}')")
+            batch = array.shape[0]
+            checked[name] = np.ascontiguousarray(array, dtype=np.float32)
+        return checked
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the hybrid; returns the output blobs (or those named in ``outputs=``)."""
+        checked = self.check_inputs(inputs)
+        executor = self._ensure_executor()
+        feeds = {self.graph.value_of_blob(name): array for name, array in checked.items()}
+        values = executor.run(feeds, self._output_values)
+        return {blob: values[v] for blob, v in zip(self.output_blobs, self._output_values)}
+
+    def run_caffe(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The same model in pure Caffe (the reference hybrid_infer must reproduce)."""
+        checked = self.check_inputs(inputs)
+        net = self.model.reference_net()
+        reshaped = False
+        for name, array in checked.items():
+            if tuple(net.blobs[name].shape) != array.shape:
+                net.blobs[name].reshape(*array.shape)
+                reshaped = True
+        if reshaped:
+            net.reshape()
+        for name, array in checked.items():
+            net.blobs[name].data[...] = array
+        net._forward(0, len(net.layers) - 1)
+        return {blob: np.array(net.blobs[blob].data, copy=True) for blob in self.output_blobs}
+
+    def segment_times(self) -> dict[int, float]:
+        """Seconds each segment took in the last ``run``."""
+        return dict(self._executor.last_times) if self._executor else {}
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.close()
+            self._executor = None
+
+    def __enter__(self) -> "HybridNet":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str = "auto",
+         profile: str = "tensorrt", min_segment_size: int = 3, fallback: Iterable[str] = (),
+         outputs: Sequence[str] = (), random_weights: Optional[int] = None) -> HybridNet:
+    """Load a Caffe model and partition it.
+
+    ``random_weights=SEED`` fills every parameter with random values instead of reading a
+    caffemodel (for models shipped without weights; benchmarks and tests).
+    """
+    model = CaffeModel(prototxt, weights)
+    if random_weights is not None:
+        model.set_random_weights(random_weights)
+    return HybridNet(model, engine=engine, profile=profile, min_segment_size=min_segment_size,
+                     fallback=fallback, outputs=outputs)

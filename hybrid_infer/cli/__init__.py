@@ -1,0 +1,1 @@
+"""The ``hybrid-infer`` command: one sub-command per module in this package."""

@@ -1,0 +1,65 @@
+"""Options shared by sub-commands, and turning them into a HybridNet."""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+from ..api import HybridNet, load
+from ..errors import ModelError, OptionError
+from ..partition.capability import PROFILES
+from ..partition.partitioner import CAFFE
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, weights: bool = True) -> None:
+    parser.add_argument("model", type=Path, help="deploy.prototxt of the Caffe model")
+    if weights:
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument("--weights", type=Path, help="trained .caffemodel")
+        group.add_argument("--random-weights", type=int, metavar="SEED",
+                           help="fill all parameters with random values (models without weights)")
+    parser.add_argument("--profile", choices=PROFILES, default="tensorrt",
+                        help="which layers TensorRT may take (default: tensorrt)")
+    parser.add_argument("--min-segment-size", type=int, default=3, metavar="N",
+                        help="TensorRT segments with fewer compute layers run in Caffe (default 3)")
+    parser.add_argument("--fallback", nargs="+", default=[], metavar="NAME_OR_TYPE",
+                        help="force these layers (by name or type) to Caffe")
+    parser.add_argument("--require-full", action="store_true",
+                        help="fail, listing the unsupported layers, if anything would run in Caffe")
+
+
+def open_net(args: argparse.Namespace, *, outputs: tuple[str, ...] = (), engine: str = "auto") -> HybridNet:
+    if args.min_segment_size < 0:
+        raise OptionError("--min-segment-size must be 0 or more")
+    net = load(args.model, getattr(args, "weights", None), engine=engine, profile=args.profile,
+               min_segment_size=args.min_segment_size, fallback=args.fallback, outputs=outputs,
+               random_weights=getattr(args, "random_weights", None))
+    if args.require_full:
+        in_caffe = [n for s in net.partition.segments if s.backend == CAFFE for n in s.layers]
+        if in_caffe:
+            reasons = net.partition.fallback_reasons
+            listing = "; ".join(f"{n} ({net.graph.layers[n].type}): {reasons.get(n, 'unsupported')}"
+                                for n in in_caffe)
+            raise ModelError(f"--require-full: {len(in_caffe)} layer(s) of {args.model} would run in "
+                             f"Caffe: {listing}")
+    return net
+
+
+def require_weights(args: argparse.Namespace) -> None:
+    if args.weights is None and args.random_weights is None:
+        raise OptionError(f"{args.model}: running needs weights: pass --weights FILE.caffemodel, "
+                          "or --random-weights SEED to try the model with random parameters")
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` so that readers see the old file or the whole new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,42 @@
+"""``hybrid-infer export``: write each TensorRT segment as a checked ONNX file plus a manifest,
+for trtexec, Polygraphy or Netron."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import onnx
+
+from ..executor.engine_factory import segment_onnx
+from ..partition.partitioner import TENSORRT
+from ..report.partition_report import to_json
+from .common import add_model_options, open_net, require_weights, write_atomically
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write TensorRT segments as ONNX files with a manifest")
+    add_model_options(p)
+    p.add_argument("-o", "--output-dir", type=Path, required=True, help="folder for the .onnx files")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    require_weights(args)
+    net = open_net(args)
+    manifest = to_json(net.partition)
+    for entry, segment in zip(manifest["segments"], net.partition.segments):
+        if segment.backend != TENSORRT:
+            continue
+        model = segment_onnx(net.graph, net.model, segment)
+        onnx.checker.check_model(model, full_check=True)
+        name = f"segment{segment.id}.onnx"
+        data = model.SerializeToString()
+        write_atomically(args.output_dir / name, data)
+        entry["onnx"] = name
+        entry["onnx_bytes"] = len(data)
+        print(f"segment {segment.id}: {len(segment.layers)} layers -> {args.output_dir / name} "
+              f"({len(data) / 2**20:.1f} MiB)")
+    write_atomically(args.output_dir / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    print(f"wrote {args.output_dir / 'manifest.json'}")
+    return 0

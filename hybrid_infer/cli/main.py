@@ -1,0 +1,41 @@
+"""Entry point of ``hybrid-infer``: parse, dispatch, and turn user errors into one line."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from ..errors import HybridInferError
+from . import export_cmd, partition_cmd, run_cmd
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hybrid-infer",
+        description="Run Caffe models with TensorRT where it can and Caffe where it cannot.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and Caffe's log")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (partition_cmd, run_cmd, export_cmd):
+        module.register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="hybrid-infer: %(levelname)s: %(message)s")
+    try:
+        return args.func(args)
+    except HybridInferError as exc:
+        if args.debug:
+            raise
+        print(f"hybrid-infer: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hybrid-infer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

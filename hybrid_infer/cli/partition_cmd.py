@@ -1,0 +1,29 @@
+"""``hybrid-infer partition``: show how a model would be split."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..report.partition_report import FORMATS
+from .common import add_model_options, open_net, write_atomically
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("partition", help="show the TensorRT/Caffe partition of a model",
+                       description="Split a Caffe model into TensorRT and Caffe segments and show it.")
+    add_model_options(p)
+    p.add_argument("--format", choices=sorted(FORMATS), default="text")
+    p.add_argument("-o", "--output", type=Path, help="write to FILE instead of stdout")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    net = open_net(args)
+    rendered = FORMATS[args.format](net.partition)
+    if args.output:
+        write_atomically(args.output, rendered.encode())
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(rendered)
+    return 0

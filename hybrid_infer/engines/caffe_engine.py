@@ -1,0 +1,96 @@
+"""pycaffe runs the segments TensorRT cannot take, as generated sub-nets.
+
+A segment becomes its own prototxt: one Input layer per boundary value, then the
+segment's layers with their parameters copied verbatim (so fork-specific fields and
+Python layers' ``param_str`` survive), and their weights copied by layer name. Blobs
+are renamed to value ids, which turns in-place chains into plain ones and lets a
+sub-net expose a value that a later in-place layer of the same segment overwrites.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..graph.layer_graph import LayerGraph
+from ..model.caffe_import import caffe, caffe_pb2
+from ..model.protofile import write_prototxt
+
+
+def subnet_parameter(graph: LayerGraph, layer_names: Sequence[str], inputs: Sequence[str],
+                     name: str) -> Any:
+    """The NetParameter of a sub-net computing ``layer_names`` from ``inputs`` (value ids)."""
+    pb2 = caffe_pb2()
+    net = pb2.NetParameter(name=name)
+    taken = set(layer_names)
+    for value_id in inputs:
+        layer = net.layer.add(name=_unique(f"input/{value_id}", taken), type="Input", top=[value_id])
+        layer.input_param.shape.add().dim.extend(graph.values[value_id].shape)
+    for layer_name in layer_names:
+        layer = graph.layers[layer_name]
+        copy = net.layer.add()
+        copy.CopyFrom(layer.param)
+        del copy.bottom[:]
+        copy.bottom.extend(layer.bottoms)
+        del copy.top[:]
+        copy.top.extend(layer.tops)
+    return net
+
+
+def _unique(wanted: str, taken: set[str]) -> str:
+    name, n = wanted, 1
+    while name in taken:
+        n += 1
+        name = f"{wanted}#{n}"
+    taken.add(name)
+    return name
+
+
+class CaffeEngine:
+    """A pycaffe sub-net for one segment, CPU or GPU as Caffe's mode says."""
+
+    kind = "caffe"
+
+    def __init__(self, graph: LayerGraph, layer_names: Sequence[str], inputs: Sequence[str],
+                 outputs: Sequence[str], weights: Mapping[str, list[np.ndarray]], *, name: str = "segment"):
+        self.input_names = list(inputs)
+        self.output_names = list(outputs)
+        self._workdir = Path(tempfile.mkdtemp(prefix="hybrid_infer_caffe_"))
+        prototxt = self._workdir / f"{name}.prototxt"
+        write_prototxt(subnet_parameter(graph, layer_names, inputs, name), prototxt)
+        cf = caffe()
+        self._net = cf.Net(str(prototxt), cf.TEST)
+        for layer_name in layer_names:
+            if layer_name in self._net.params:
+                for blob, array in zip(self._net.params[layer_name], weights[layer_name]):
+                    blob.data[...] = array
+        self._blobs = self._net.blobs
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the sub-net; returned arrays are Caffe's blob memory, valid until the next run."""
+        reshaped = False
+        for name in self.input_names:
+            array = feeds[name]
+            blob = self._blobs[name]
+            if tuple(blob.shape) != array.shape:
+                blob.reshape(*array.shape)
+                reshaped = True
+        if reshaped:
+            self._net.reshape()
+        for name in self.input_names:
+            self._blobs[name].data[...] = feeds[name]
+        self._net._forward(0, len(self._net.layers) - 1)
+        return {name: self._blobs[name].data for name in self.output_names}
+
+    def close(self) -> None:
+        self._net = None
+        self._blobs = None
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def __del__(self) -> None:
+        if os.path.isdir(getattr(self, "_workdir", "")):
+            shutil.rmtree(self._workdir, ignore_errors=True)

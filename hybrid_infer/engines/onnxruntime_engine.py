@@ -1,0 +1,44 @@
+"""ONNX Runtime runs a TensorRT segment's ONNX: on the CPU here, or through ORT's
+CUDA/TensorRT execution providers where they are installed."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import onnx
+
+from ..errors import EngineRejected
+
+
+def _providers(preferred: str) -> list[str]:
+    import onnxruntime as ort
+    available = ort.get_available_providers()
+    order = ["TensorrtExecutionProvider", "CUDAExecutionProvider"] if preferred == "gpu" else []
+    return [p for p in order if p in available] + ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeEngine:
+    """One ORT session per segment, created once and reused for every run."""
+
+    kind = "onnxruntime"
+
+    def __init__(self, model: onnx.ModelProto, *, threads: int = 0, device: str = "cpu"):
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(model.SerializeToString(), options,
+                                                 providers=_providers(device))
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
+            raise EngineRejected(f"ONNX Runtime rejected the segment: {str(exc).splitlines()[0]}") from exc
+        self.input_names = [i.name for i in self._session.get_inputs()]
+        self.output_names = [o.name for o in self._session.get_outputs()]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self._session.run(self.output_names, {name: feeds[name] for name in self.input_names})
+        return dict(zip(self.output_names, results))
+
+    def close(self) -> None:
+        self._session = None

@@ -1,0 +1,1 @@
+"""Running a partitioned model: engines per segment, tensors handed between them."""

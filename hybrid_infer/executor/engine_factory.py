@@ -1,0 +1,81 @@
+"""Build the engine for each segment, and fall back to Caffe when an engine refuses one.
+
+A segment that ONNX lowering, ONNX Runtime or TensorRT rejects runs in Caffe with a
+warning: the user gets Caffe's answer more slowly, never a wrong one.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import onnx
+
+from ..engines.base import Engine
+from ..engines.caffe_engine import CaffeEngine
+from ..errors import EngineRejected, LoweringError, OptionError
+from ..graph.layer_graph import LayerGraph
+from ..lowering.segment_to_onnx import lower_segment
+from ..model.caffe_model import CaffeModel
+from ..partition.partitioner import CAFFE, Segment
+
+log = logging.getLogger("hybrid_infer")
+
+ENGINES = ("auto", "onnxruntime", "tensorrt")
+
+TensorRTFactory = Callable[[onnx.ModelProto, Segment], Engine]
+
+
+@dataclass
+class SegmentEngine:
+    """A segment with the engine that runs it and, if it fell back, why."""
+    segment: Segment
+    engine: Engine
+    fallback_note: Optional[str] = None
+
+
+def segment_onnx(graph: LayerGraph, model: CaffeModel, segment: Segment) -> onnx.ModelProto:
+    return lower_segment(graph, segment.layers, segment.inputs, segment.outputs, model.weights,
+                         name=f"segment{segment.id}")
+
+
+def resolve_engine(engine: str) -> str:
+    """Turn "auto" into the engine that can execute here: TensorRT if it can run, else ORT."""
+    if engine not in ENGINES:
+        raise OptionError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINES)}")
+    if engine == "onnxruntime":
+        return engine
+    from ..engines.tensorrt_engine import runtime_available
+    ok, reason = runtime_available()
+    if ok:
+        return "tensorrt"
+    if engine == "tensorrt":
+        raise OptionError(f"--engine tensorrt cannot run here: {reason}; use --engine onnxruntime "
+                          "(runs the same segments' ONNX on the CPU)")
+    return "onnxruntime"
+
+
+def build_engines(graph: LayerGraph, model: CaffeModel, segments: list[Segment], engine: str,
+                  tensorrt_factory: Optional[TensorRTFactory] = None) -> list[SegmentEngine]:
+    """One engine per segment; ``engine`` is "onnxruntime" or "tensorrt" (already resolved)."""
+    built: list[SegmentEngine] = []
+    for segment in segments:
+        caffe_engine = lambda: CaffeEngine(graph, segment.layers, segment.inputs, segment.outputs,
+                                           model.weights, name=f"segment{segment.id}")
+        if segment.backend == CAFFE:
+            built.append(SegmentEngine(segment, caffe_engine()))
+            continue
+        try:
+            onnx_model = segment_onnx(graph, model, segment)
+            if engine == "tensorrt":
+                assert tensorrt_factory is not None
+                runner: Engine = tensorrt_factory(onnx_model, segment)
+            else:
+                from ..engines.onnxruntime_engine import OnnxRuntimeEngine
+                runner = OnnxRuntimeEngine(onnx_model)
+            built.append(SegmentEngine(segment, runner))
+        except (EngineRejected, LoweringError) as exc:
+            note = f"segment {segment.id} runs in Caffe instead: {exc}"
+            log.warning(note)
+            built.append(SegmentEngine(segment, caffe_engine(), note))
+    return built

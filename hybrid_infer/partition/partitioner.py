@@ -1,0 +1,194 @@
+"""Cut the layer graph into maximal same-backend segments whose graph stays acyclic.
+
+Layers are visited in Caffe's order (a topological order). A layer joins the segments
+of its producers that share its backend, merged into one, unless that merge would put
+a segment on both ends of a path through another segment: contracting it would then
+create a cycle (a branch leaving a TensorRT region through Caffe and coming back).
+TensorRT segments with fewer compute layers than ``min_segment_size`` are handed to
+Caffe and the cut is redone, because each boundary costs a hand-off.
+
+The algorithm only asks a ``Capability`` which layers may go to TensorRT; it knows
+nothing about layer types itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import networkx as nx
+
+from ..graph.layer_graph import LayerGraph
+from .capability import NON_COMPUTE_TYPES, Capability
+
+TENSORRT = "tensorrt"
+CAFFE = "caffe"
+
+
+@dataclass
+class Segment:
+    """Consecutive work for one engine: layers in execution order and the values at its edges."""
+    id: int
+    backend: str
+    layers: list[str]
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+
+    def compute_layer_count(self, graph: LayerGraph) -> int:
+        return sum(graph.layers[name].type not in NON_COMPUTE_TYPES for name in self.layers)
+
+
+@dataclass
+class Partition:
+    """The segments of one model in execution order, and why layers stayed in Caffe."""
+    graph: LayerGraph
+    segments: list[Segment]
+    fallback_reasons: dict[str, str]
+    profile: str
+    min_segment_size: int
+
+    def segment_of(self, layer: str) -> Segment:
+        for segment in self.segments:
+            if layer in segment.layers:
+                return segment
+        raise KeyError(layer)
+
+    def boundary_values(self) -> list[str]:
+        """Values that cross from one segment to another (net inputs excluded)."""
+        seen: list[str] = []
+        for segment in self.segments:
+            for value in segment.inputs:
+                if value not in self.graph.inputs and value not in seen:
+                    seen.append(value)
+        return seen
+
+
+class _Cutter:
+    """One pass of the greedy merge for a fixed backend assignment."""
+
+    def __init__(self, graph: LayerGraph, backend_of: dict[str, str]):
+        self.graph = graph
+        self.backend_of = backend_of
+        self.segment_of: dict[str, int] = {}
+        self.members: dict[int, list[str]] = {}
+        self.backend: dict[int, str] = {}
+        self.preds: dict[int, set[int]] = {}
+        self.succs: dict[int, set[int]] = {}
+        self._next_id = 0
+
+    def _ancestors_inclusive(self, roots: Iterable[int]) -> set[int]:
+        seen: set[int] = set()
+        stack = list(roots)
+        while stack:
+            sid = stack.pop()
+            if sid not in seen:
+                seen.add(sid)
+                stack.extend(self.preds[sid])
+        return seen
+
+    def _merge_is_acyclic(self, merged: set[int], pred_segments: set[int]) -> bool:
+        """No segment outside ``merged`` may lie on a path from a member to the new layer.
+
+        Every segment on such a path is an ancestor of the new layer, and the first one
+        after the members is a direct successor of a member, so one look suffices.
+        """
+        region = self._ancestors_inclusive(pred_segments)
+        return not any(s in region and s not in merged for m in merged for s in self.succs[m])
+
+    def _merge(self, ids: list[int], layer: str) -> int:
+        target = min(ids)
+        for sid in ids:
+            if sid == target:
+                continue
+            for name in self.members.pop(sid):
+                self.segment_of[name] = target
+                self.members[target].append(name)
+            for p in self.preds.pop(sid):
+                self.succs[p].discard(sid)
+                if p != target:
+                    self.preds[target].add(p)
+                    self.succs[p].add(target)
+            for s in self.succs.pop(sid):
+                self.preds[s].discard(sid)
+                if s != target:
+                    self.succs[target].add(s)
+                    self.preds[s].add(target)
+            del self.backend[sid]
+        self.preds[target].discard(target)
+        self.succs[target].discard(target)
+        self.members[target].append(layer)
+        self.segment_of[layer] = target
+        return target
+
+    def add(self, layer_name: str) -> None:
+        backend = self.backend_of[layer_name]
+        pred_segments = {self.segment_of[p] for p in self.graph.graph.predecessors(layer_name)
+                         if p in self.segment_of}
+        merged: set[int] = set()
+        for sid in sorted(s for s in pred_segments if self.backend[s] == backend):
+            if self._merge_is_acyclic(merged | {sid}, pred_segments):
+                merged.add(sid)
+        if merged:
+            sid = self._merge(sorted(merged), layer_name)
+        else:
+            sid = self._next_id
+            self._next_id += 1
+            self.members[sid] = [layer_name]
+            self.backend[sid] = backend
+            self.preds[sid] = set()
+            self.succs[sid] = set()
+            self.segment_of[layer_name] = sid
+        for p in {self.segment_of[p] for p in self.graph.graph.predecessors(layer_name)
+                  if p in self.segment_of} - {sid}:
+            self.preds[sid].add(p)
+            self.succs[p].add(sid)
+
+    def segments(self, keep_outputs: set[str]) -> list[Segment]:
+        dag = nx.DiGraph()
+        order = {sid: min(self.graph.layers[n].index for n in names) for sid, names in self.members.items()}
+        dag.add_nodes_from(self.members)
+        dag.add_edges_from((p, s) for s, ps in self.preds.items() for p in ps)
+        ordered = list(nx.lexicographical_topological_sort(dag, key=lambda sid: order[sid]))
+        segments = []
+        net_outputs = set(self.graph.outputs) | keep_outputs
+        for new_id, sid in enumerate(ordered):
+            names = sorted(self.members[sid], key=lambda n: self.graph.layers[n].index)
+            inside = set(names)
+            produced = [v for n in names for v in self.graph.layers[n].tops]
+            inputs: list[str] = []
+            for n in names:
+                for v in self.graph.layers[n].bottoms:
+                    if self.graph.values[v].producer not in inside and v not in inputs:
+                        inputs.append(v)
+            outputs = [v for v in produced
+                       if v in net_outputs or any(c not in inside for c in self.graph.consumers[v])]
+            segments.append(Segment(new_id, self.backend[sid], names, inputs, outputs))
+        return segments
+
+
+def partition(graph: LayerGraph, capability: Capability, min_segment_size: int = 3,
+              keep_outputs: Iterable[str] = ()) -> Partition:
+    """Partition ``graph``; ``keep_outputs`` are value ids the user wants to see (segment outputs)."""
+    capability.check_fallback_names(graph)
+    reasons: dict[str, str] = {}
+    backend_of: dict[str, str] = {}
+    for layer in graph.compute_layers():
+        verdict = capability.judge(layer, graph)
+        backend_of[layer.name] = TENSORRT if verdict.supported else CAFFE
+        if not verdict.supported:
+            reasons[layer.name] = verdict.reason or "not supported"
+    keep = set(keep_outputs)
+    while True:
+        cutter = _Cutter(graph, backend_of)
+        for layer in graph.compute_layers():
+            cutter.add(layer.name)
+        segments = cutter.segments(keep)
+        small = [s for s in segments
+                 if s.backend == TENSORRT and s.compute_layer_count(graph) < min_segment_size]
+        if not small:
+            return Partition(graph, segments, reasons, capability.profile, min_segment_size)
+        for segment in small:
+            count = segment.compute_layer_count(graph)
+            for name in segment.layers:
+                backend_of[name] = CAFFE
+                reasons[name] = (f"TensorRT segment of {count} compute layer(s) is below "
+                                 f"--min-segment-size {min_segment_size}")

@@ -1,0 +1,1 @@
+"""Showing a partition to people (text, picture) and programs (JSON)."""
