@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import os
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from .errors import InputError
-from .executor.engine_factory import SegmentEngine, build_engines, resolve_engine
-from .executor.hybrid_executor import HybridExecutor
 from .graph.layer_graph import LayerGraph
 from .model.caffe_model import CaffeModel
 from .partition.capability import Capability
 from .partition.partitioner import Partition, partition
+
+if TYPE_CHECKING:  # the engines pull in ONNX and ONNX Runtime: loaded when a run needs them
+    from .executor.engine_factory import SegmentEngine
+    from .executor.hybrid_executor import HybridExecutor
 
 PathLike = str | os.PathLike[str]
 
@@ -33,7 +35,7 @@ class HybridNet:
         self._output_values = [self.graph.value_of_blob(b) for b in self.output_blobs]
         self.partition: Partition = partition(self.graph, Capability(profile, fallback), min_segment_size,
                                               keep_outputs=self._output_values)
-        self._executor: Optional[HybridExecutor] = None
+        self._executor: Optional["HybridExecutor"] = None
 
     @property
     def input_blobs(self) -> list[str]:
@@ -43,11 +45,13 @@ class HybridNet:
         return {self.graph.values[v].blob: self.graph.values[v].shape for v in self.graph.inputs}
 
     @property
-    def segment_engines(self) -> list[SegmentEngine]:
+    def segment_engines(self) -> list["SegmentEngine"]:
         return self._ensure_executor().segment_engines
 
-    def _ensure_executor(self) -> HybridExecutor:
+    def _ensure_executor(self) -> "HybridExecutor":
         if self._executor is None:
+            from .executor.engine_factory import build_engines, resolve_engine
+            from .executor.hybrid_executor import HybridExecutor
             engine = resolve_engine(self.requested_engine)
             factory = None
             if engine == "tensorrt":

@@ -7,6 +7,8 @@ hybrid_infer and keeps its traceback.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 
 class HybridInferError(Exception):
     """A problem with the user's model, inputs or options, explained in the message."""
@@ -42,3 +44,16 @@ class LoweringError(HybridInferError):
         super().__init__(f"layer '{layer}' ({layer_type}): {reason}")
         self.layer = layer
         self.layer_type = layer_type
+
+
+class EngineBuildError(EngineRejected):
+    """TensorRT could not build a segment's engine.
+
+    ``caffe_layers`` names the Caffe layers TensorRT's ONNX parser rejected (taken from the
+    failing ONNX nodes' doc_string), so the partitioner can move exactly those to Caffe;
+    it is empty when the failure is not tied to layers (workspace, builder errors).
+    """
+
+    def __init__(self, message: str, caffe_layers: Sequence[str] = ()):
+        super().__init__(message)
+        self.caffe_layers = list(caffe_layers)

@@ -37,18 +37,19 @@ def load_image(path: Path, shape: Sequence[int], prep: Preprocessing) -> np.ndar
             height, width = prep.resize or (shape[2], shape[3])
             if img.size != (width, height):
                 img = img.resize((width, height), Image.BILINEAR)
-            pixels = np.asarray(img, dtype=np.float32)
+            pixels = np.asarray(img, dtype=np.float64)
     except (UnidentifiedImageError, OSError) as exc:
         raise InputError(f"{path}: cannot read this image ({exc})") from None
     chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
     if shape[1] == 3 and prep.channel_order == "bgr":
         chw = chw[::-1]
     if prep.mean:
-        mean = np.asarray(prep.mean, dtype=np.float32)
+        mean = np.asarray(prep.mean, dtype=np.float64)
         if mean.size not in (1, chw.shape[0]):
             raise InputError(f"--mean has {mean.size} values; the input has {chw.shape[0]} channels")
         chw = chw - mean.reshape(-1, 1, 1)
-    return np.ascontiguousarray(chw * np.float32(prep.scale), dtype=np.float32)[None]
+    # In float64 so that e.g. --scale 0.00392156862745098 gives exactly uint8 / 255.
+    return np.ascontiguousarray(chw * prep.scale, dtype=np.float32)[None]
 
 
 def load_input(path: Path, shape: Sequence[int], prep: Preprocessing) -> np.ndarray:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import networkx as nx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -12,6 +11,8 @@ from hybrid_infer.graph.layer_graph import LayerGraph
 from hybrid_infer.model.caffe_model import CaffeModel
 from hybrid_infer.partition.capability import Capability
 from hybrid_infer.partition.partitioner import CAFFE, TENSORRT, partition
+
+from partition_checks import check_partition_invariants
 
 HEADER = 'name: "random"\nlayer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 3 dim: 3 } } }\n'
 
@@ -49,26 +50,6 @@ def random_nets(draw):
     forced = draw(st.lists(st.sampled_from(names), unique=True, max_size=n))
     min_size = draw(st.integers(0, 4))
     return HEADER + "\n".join(lines) + "\n", forced, min_size
-
-
-def check_partition_invariants(graph: LayerGraph, p, min_size: int) -> None:
-    placed = [name for s in p.segments for name in s.layers]
-    assert sorted(placed) == sorted(layer.name for layer in graph.compute_layers())
-    assert len(placed) == len(set(placed))
-    seg_of = {name: s.id for s in p.segments for name in s.layers}
-    dag = nx.DiGraph()
-    dag.add_nodes_from(s.id for s in p.segments)
-    dag.add_edges_from((seg_of[u], seg_of[v]) for u, v in graph.graph.edges
-                       if u in seg_of and v in seg_of and seg_of[u] != seg_of[v])
-    assert nx.is_directed_acyclic_graph(dag)
-    available = set(graph.inputs)
-    for s in p.segments:
-        assert set(s.inputs) <= available, f"segment {s.id} reads a value not produced earlier"
-        available |= set(s.outputs)
-        if s.backend == TENSORRT:
-            assert s.compute_layer_count(graph) >= min_size
-    for v in graph.outputs:
-        assert v in available
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

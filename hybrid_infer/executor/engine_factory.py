@@ -9,13 +9,15 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import onnx
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import onnx
 
 from ..engines.base import Engine
 from ..engines.caffe_engine import CaffeEngine
 from ..errors import EngineRejected, LoweringError, OptionError
 from ..graph.layer_graph import LayerGraph
-from ..lowering.segment_to_onnx import lower_segment
 from ..model.caffe_model import CaffeModel
 from ..partition.partitioner import CAFFE, Segment
 
@@ -23,7 +25,7 @@ log = logging.getLogger("hybrid_infer")
 
 ENGINES = ("auto", "onnxruntime", "tensorrt")
 
-TensorRTFactory = Callable[[onnx.ModelProto, Segment], Engine]
+TensorRTFactory = Callable[["onnx.ModelProto", Segment], Engine]
 
 
 @dataclass
@@ -34,7 +36,8 @@ class SegmentEngine:
     fallback_note: Optional[str] = None
 
 
-def segment_onnx(graph: LayerGraph, model: CaffeModel, segment: Segment) -> onnx.ModelProto:
+def segment_onnx(graph: LayerGraph, model: CaffeModel, segment: Segment) -> "onnx.ModelProto":
+    from ..lowering.segment_to_onnx import lower_segment  # keeps `partition` free of the lowering
     return lower_segment(graph, segment.layers, segment.inputs, segment.outputs, model.weights,
                          name=f"segment{segment.id}")
 

@@ -28,8 +28,8 @@ def layer_flops(layer: Layer, graph: LayerGraph) -> int:
         p = layer.param.pooling_param
         if p.global_pooling:
             return prod(graph.values[layer.bottoms[0]].shape[1:])
-        kh = p.kernel_h or (p.kernel_size[0] if len(p.kernel_size) else 1)
-        kw = p.kernel_w or (p.kernel_size[-1] if len(p.kernel_size) else 1)
+        kh = p.kernel_h or p.kernel_size or 1
+        kw = p.kernel_w or p.kernel_size or 1
         return out_items * kh * kw
     if layer.type == "LRN":
         return out_items * (layer.param.lrn_param.local_size + 3)

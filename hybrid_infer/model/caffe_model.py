@@ -51,11 +51,7 @@ def _check_layers(net: NetParameter, source: str) -> None:
     """Catch what Caffe would abort on, before Caffe sees the net."""
     known = registered_layer_types()
     produced: set[str] = set()
-    names: set[str] = set()
     for layer in net.layer:
-        if layer.name in names:
-            raise ModelError(f"{source}: two layers are named '{layer.name}'; layer names must be unique")
-        names.add(layer.name)
         if layer.type not in known:
             raise ModelError(
                 f"{source}: layer '{layer.name}' has type '{layer.type}', which this Caffe build does "
@@ -88,7 +84,7 @@ class CaffeModel:
     def __init__(self, prototxt: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None):
         self.prototxt = Path(prototxt)
         self.weights_path = Path(weights) if weights is not None else None
-        self.net: NetParameter = normalise(read_prototxt(self.prototxt), str(self.prototxt))
+        self.net, self.renamed_layers = normalise(read_prototxt(self.prototxt), str(self.prototxt))
         if not len(self.net.layer):
             raise ModelError(f"{self.prototxt}: no layers in the TEST phase")
         _check_layers(self.net, str(self.prototxt))
@@ -108,7 +104,8 @@ class CaffeModel:
                 and "param" in str(exc) else f"{self.prototxt}: Caffe cannot set this net up"
             raise ModelError(f"{where}: {exc}") from None
         if stored_layers is not None:
-            missing = [name for name in self.info.param_shapes if name not in stored_layers]
+            missing = [name for name in self.info.param_shapes
+                       if self.renamed_layers.get(name, name) not in stored_layers]
             if missing:
                 raise ModelError(f"{self.weights_path} has no weights for layer(s) {', '.join(missing)} "
                                  f"of {self.prototxt}; pass the caffemodel trained for this prototxt")
@@ -133,6 +130,11 @@ class CaffeModel:
             net = self.reference_net()
             self._weights = {name: [np.array(b.data, dtype=np.float32, copy=True) for b in blobs]
                              for name, blobs in net.params.items()}
+            # A repeated layer name shares the stored weights of the name it repeats.
+            for new, original in self.renamed_layers.items():
+                if new in self._weights and original in self._weights:
+                    self._weights[new] = self._weights[original]
+                    self._push_weights(net, only=new)
         return self._weights
 
     def set_random_weights(self, seed: int) -> None:
@@ -142,9 +144,11 @@ class CaffeModel:
         if self._reference is not None:
             self._push_weights(self._reference)
 
-    def _push_weights(self, net: Any) -> None:
+    def _push_weights(self, net: Any, only: str | None = None) -> None:
         assert self._weights is not None
         for name, arrays in self._weights.items():
+            if only is not None and name != only:
+                continue
             for blob, array in zip(net.params[name], arrays):
                 blob.data[...] = array
 

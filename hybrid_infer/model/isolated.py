@@ -6,6 +6,7 @@ user's model in a child turns such an abort into an exception carrying Caffe's m
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import pickle
 import re
@@ -41,6 +42,7 @@ def call_isolated(fn: Callable[..., Any], *args: Any) -> Any:
             os.close(result_r)
             os.close(err_r)
             os.dup2(err_w, 2)
+            faulthandler.disable()  # Caffe's abort is expected here; its message is in stderr
             try:
                 payload = pickle.dumps(("ok", fn(*args)))
             except BaseException as exc:  # report everything, the parent decides

@@ -135,8 +135,13 @@ def _input_layers(net: NetParameter, source: str) -> list[LayerParameter]:
     return layers
 
 
-def normalise(net: NetParameter, source: str) -> NetParameter:
-    """Return a copy of ``net`` holding the TEST-phase layers with inputs as Input layers."""
+def normalise(net: NetParameter, source: str) -> tuple[NetParameter, dict[str, str]]:
+    """Return a copy of ``net`` holding the TEST-phase layers with inputs as Input layers.
+
+    Caffe tolerates two layers of one name (weights then go by name to both); the graph
+    needs unique names, so repeats become ``name#2``, ``name#3``. The returned dict maps
+    each such new name to the original one.
+    """
     pb2 = caffe_pb2()
     state = pb2.NetState()
     state.CopyFrom(net.state)
@@ -152,7 +157,17 @@ def normalise(net: NetParameter, source: str) -> NetParameter:
             kept.CopyFrom(layer)
             del kept.include[:]
             del kept.exclude[:]
-    return out
+    renamed: dict[str, str] = {}
+    seen: set[str] = set()
+    for layer in out.layer:
+        if layer.name in seen:
+            n = 2
+            while f"{layer.name}#{n}" in seen:
+                n += 1
+            renamed[f"{layer.name}#{n}"] = layer.name
+            layer.name = f"{layer.name}#{n}"
+        seen.add(layer.name)
+    return out, renamed
 
 
 def write_prototxt(net: NetParameter, path: Path) -> None:

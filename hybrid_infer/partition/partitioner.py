@@ -4,6 +4,7 @@ Layers are visited in Caffe's order (a topological order). A layer joins the seg
 of its producers that share its backend, merged into one, unless that merge would put
 a segment on both ends of a path through another segment: contracting it would then
 create a cycle (a branch leaving a TensorRT region through Caffe and coming back).
+Afterwards, independent same-backend branches that read a common tensor are merged.
 TensorRT segments with fewer compute layers than ``min_segment_size`` are handed to
 Caffe and the cut is redone, because each boundary costs a hand-off.
 
@@ -142,6 +143,50 @@ class _Cutter:
             self.preds[sid].add(p)
             self.succs[p].add(sid)
 
+    def merge_sibling_branches(self) -> None:
+        """Merge same-backend segments that read a common value and do not depend on each other.
+
+        Inception-style branches separated by a Caffe-only Concat would otherwise become one
+        small engine each; merged, they are one engine with one launch and no extra hand-off.
+        """
+        changed = True
+        while changed:
+            changed = False
+            readers: dict[str, list[int]] = {}
+            for sid in sorted(self.members):
+                inside = set(self.members[sid])
+                for name in self.members[sid]:
+                    for v in self.graph.layers[name].bottoms:
+                        if self.graph.values[v].producer not in inside:
+                            readers.setdefault(v, [])
+                            if sid not in readers[v]:
+                                readers[v].append(sid)
+            for sids in readers.values():
+                for i, a in enumerate(sids):
+                    for b in sids[i + 1:]:
+                        if a in self.members and b in self.members and a != b \
+                                and self.backend[a] == self.backend[b] and self._independent(a, b):
+                            self._merge_segments(a, b)
+                            changed = True
+
+    def _independent(self, a: int, b: int) -> bool:
+        return a not in self._ancestors_inclusive([b]) and b not in self._ancestors_inclusive([a])
+
+    def _merge_segments(self, a: int, b: int) -> None:
+        keep, gone = min(a, b), max(a, b)
+        for name in self.members.pop(gone):
+            self.segment_of[name] = keep
+            self.members[keep].append(name)
+        for p in self.preds.pop(gone):
+            self.succs[p].discard(gone)
+            self.preds[keep].add(p)
+            self.succs[p].add(keep)
+        for s in self.succs.pop(gone):
+            self.preds[s].discard(gone)
+            self.succs[keep].add(s)
+            self.preds[s].add(keep)
+        del self.backend[gone]
+
     def segments(self, keep_outputs: set[str]) -> list[Segment]:
         dag = nx.DiGraph()
         order = {sid: min(self.graph.layers[n].index for n in names) for sid, names in self.members.items()}
@@ -181,6 +226,7 @@ def partition(graph: LayerGraph, capability: Capability, min_segment_size: int =
         cutter = _Cutter(graph, backend_of)
         for layer in graph.compute_layers():
             cutter.add(layer.name)
+        cutter.merge_sibling_branches()
         segments = cutter.segments(keep)
         small = [s for s in segments
                  if s.backend == TENSORRT and s.compute_layer_count(graph) < min_segment_size]

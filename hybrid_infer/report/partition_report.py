@@ -92,10 +92,6 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
-def _shorten(items: list[str], limit: int = 3) -> str:
-    return ", ".join(items[:limit]) + (f", ... (+{len(items) - limit})" if len(items) > limit else "")
-
-
 def to_text(p: Partition) -> str:
     cov = coverage(p)
     bounds = boundaries(p)
@@ -106,9 +102,9 @@ def to_text(p: Partition) -> str:
            f"{len(p.segments)} segment(s), {len(bounds)} boundary tensor(s), "
            f"{_human_bytes(sum(b['bytes_per_image'] for b in bounds))} per image across boundaries", ""]
     rows = [[str(s.id), s.backend, str(len(s.layers)), str(s.compute_layer_count(p.graph)),
-             f"{s.layers[0]} .. {s.layers[-1]}" if len(s.layers) > 1 else s.layers[0],
-             _shorten(s.inputs), _shorten(s.outputs)] for s in p.segments]
-    out += _table(["seg", "backend", "layers", "compute", "layers (first .. last)", "inputs", "outputs"], rows)
+             str(len(s.inputs)), str(len(s.outputs)),
+             f"{s.layers[0]} .. {s.layers[-1]}" if len(s.layers) > 1 else s.layers[0]] for s in p.segments]
+    out += _table(["seg", "backend", "layers", "compute", "in", "out", "layers (first .. last)"], rows)
     if bounds:
         out += ["", "boundary tensors (per image)"]
         out += _table(["value", "shape", "bytes", "from -> to"],

@@ -1,0 +1,136 @@
+"""BatchNorm, Scale, Bias, LRN, Normalize and Softmax.
+
+Scale and Bias apply a tensor (learned, or a second bottom) whose axes line up with
+the input's from ``axis`` on; in ONNX that is plain broadcasting once the tensor has
+trailing unit axes. LRN WITHIN_CHANNEL has no ONNX op and is composed exactly as
+Caffe composes it internally: square, AVE pool, power, product.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..graph.layer_graph import Layer
+from .activations import emit_power
+from .context import LoweringContext
+from .conv_pool import emit_pool
+
+
+def _channel_shaped(array: np.ndarray, rank: int) -> np.ndarray:
+    """A per-channel vector shaped (C, 1, ...) to broadcast over an N-first blob of ``rank`` axes."""
+    return array.reshape((-1,) + (1,) * (rank - 2))
+
+
+def lower_batch_norm(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
+    """Global statistics only: (x - mean * s) / sqrt(var * s + eps) with s = 1 / factor
+    (0 when the factor is 0), computed in float32 like Caffe, then Sub and Div."""
+    p = layer.param.batch_norm_param
+    if p.HasField("use_global_stats") and not p.use_global_stats:
+        raise ctx.error(layer.name, "use_global_stats: false normalises by batch statistics")
+    mean, var, factor = ctx.weights(layer.name)[:3]
+    scale = np.float32(0) if factor.flat[0] == 0 else np.float32(1) / factor.flat[0]
+    std = np.sqrt(var * scale + np.float32(p.eps))
+    rank = len(ctx.shape(inputs[0]))
+    centred = ctx.node("Sub", [inputs[0], ctx.const(_channel_shaped(mean * scale, rank),
+                                                    f"{layer.name}/mean")], layer=layer.name)[0]
+    ctx.node("Div", [centred, ctx.const(_channel_shaped(std, rank), f"{layer.name}/std")], outputs,
+             layer=layer.name)
+
+
+def _broadcast_operand(ctx: LoweringContext, layer: Layer, operand: "str | np.ndarray",
+                       shape: tuple[int, ...], axis: int, x_shape: tuple[int, ...], hint: str) -> str:
+    """Give a Scale/Bias operand trailing unit axes so it lines up with ``x`` from ``axis`` on.
+
+    Caffe (Bias, and BVLC Scale) requires the operand's dims to equal the input's there;
+    this fork's Scale dropped that check but still indexes as if they were equal.
+    """
+    if shape != x_shape[axis:axis + len(shape)]:
+        raise ctx.error(layer.name, f"operand of shape {shape} does not match input dims "
+                                    f"{x_shape[axis:axis + len(shape)]} from axis {axis}")
+    trailing = len(x_shape) - axis - len(shape)
+    if isinstance(operand, np.ndarray):
+        return ctx.const(operand.reshape(shape + (1,) * trailing), hint)
+    if trailing == 0:
+        return operand
+    axes = ctx.const(np.arange(len(shape), len(shape) + trailing), f"{hint}_axes")
+    return ctx.node("Unsqueeze", [operand, axes], layer=layer.name)[0]
+
+
+def _operand_axis(ctx: LoweringContext, layer: Layer, axis: int, operand_rank: int, x_rank: int) -> int:
+    """Caffe applies a scalar operand from axis 0, whatever ``axis`` says."""
+    return 0 if operand_rank == 0 else ctx.canonical_axis(layer.name, axis, x_rank)
+
+
+def lower_scale(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
+    """The bias of ``bias_term`` has the scale's shape; it is blob 1, or blob 0 when the
+    scale comes from a second bottom."""
+    p = layer.param.scale_param
+    x_shape = ctx.shape(inputs[0])
+    blobs = ctx.weights(layer.name) if len(inputs) == 1 or p.bias_term else []
+    factor = inputs[1] if len(inputs) > 1 else blobs.pop(0)
+    shape = ctx.shape(factor) if isinstance(factor, str) else factor.shape
+    axis = _operand_axis(ctx, layer, p.axis, len(shape), len(x_shape))
+    factor_name = _broadcast_operand(ctx, layer, factor, shape, axis, x_shape, f"{layer.name}/scale")
+    scaled = ctx.node("Mul", [inputs[0], factor_name], None if p.bias_term else outputs,
+                      layer=layer.name)[0]
+    if p.bias_term:
+        bias = _broadcast_operand(ctx, layer, blobs[0], shape, axis, x_shape, f"{layer.name}/bias")
+        ctx.node("Add", [scaled, bias], outputs, layer=layer.name)
+
+
+def lower_bias(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
+    p = layer.param.bias_param
+    x_shape = ctx.shape(inputs[0])
+    bias = inputs[1] if len(inputs) > 1 else ctx.weights(layer.name)[0]
+    shape = ctx.shape(bias) if isinstance(bias, str) else bias.shape
+    axis = _operand_axis(ctx, layer, p.axis, len(shape), len(x_shape))
+    bias_name = _broadcast_operand(ctx, layer, bias, shape, axis, x_shape, f"{layer.name}/bias")
+    ctx.node("Add", [inputs[0], bias_name], outputs, layer=layer.name)
+
+
+def lower_softmax(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
+    """Opset-13 Softmax normalises along one axis, exactly Caffe's, trailing dims or not."""
+    axis = ctx.canonical_axis(layer.name, layer.param.softmax_param.axis, len(ctx.shape(inputs[0])))
+    ctx.node("Softmax", inputs, outputs, layer=layer.name, axis=axis)
+
+
+def lower_lrn(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
+    """ACROSS_CHANNELS is ONNX LRN (same window, alpha/size, k as bias). WITHIN_CHANNEL is
+    x * (1 + alpha * avgpool(x^2))^-beta over size x size windows padded by (size-1)/2; its
+    k is ignored and the pooling divides by size^2 everywhere, as in Caffe."""
+    p = layer.param.lrn_param
+    size = int(p.local_size)
+    if size % 2 != 1:
+        raise ctx.error(layer.name, f"local_size {size} is even; Caffe's LRN takes odd sizes only")
+    shape = ctx.shape(inputs[0])
+    if len(shape) != 4:
+        raise ctx.error(layer.name, "Caffe's LRN takes 4-D blobs only")
+    if p.norm_region == p.ACROSS_CHANNELS:
+        ctx.node("LRN", inputs, outputs, layer=layer.name, size=size, alpha=float(p.alpha),
+                 beta=float(p.beta), bias=float(p.k))
+        return
+    name, x = layer.name, inputs[0]
+    square = ctx.node("Mul", [x, x], layer=name)[0]
+    mean = ctx.fresh(f"{name}/window_mean")
+    pad = (size - 1) // 2
+    emit_pool(ctx, name, "AVE", square, mean, [size, size], [1, 1], [pad, pad], shape[2:], shape[2:])
+    denominator = ctx.fresh(f"{name}/inverse_denominator")
+    emit_power(ctx, name, mean, denominator, power=-p.beta, scale=p.alpha, shift=1.0)
+    ctx.node("Mul", [x, denominator], outputs, layer=name)
+
+
+def lower_normalize(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
+    """SSD's L2 normalisation: x / sqrt(sum(x^2) + eps) over all of an item (across_spatial)
+    or over channels per position, then times the learned scale (one, or one per channel)."""
+    p = layer.param.norm_param
+    name, x = layer.name, inputs[0]
+    rank = len(ctx.shape(x))
+    axes = list(range(1, rank)) if p.across_spatial else [1]
+    square = ctx.node("Mul", [x, x], layer=name)[0]
+    total = ctx.node("ReduceSum", [square, ctx.const(np.array(axes), f"{name}/axes")], layer=name,
+                     keepdims=1)[0]
+    with_eps = ctx.node("Add", [total, ctx.const(np.float32(p.eps), f"{name}/eps")], layer=name)[0]
+    norm = ctx.node("Sqrt", [with_eps], layer=name)[0]
+    normalised = ctx.node("Div", [x, norm], layer=name)[0]
+    scale = ctx.weights(name)[0]
+    scale = scale.reshape(()) if p.channel_shared else _channel_shaped(scale, rank)
+    ctx.node("Mul", [normalised, ctx.const(scale, f"{name}/scale")], outputs, layer=name)
