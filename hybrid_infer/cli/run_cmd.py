@@ -20,9 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a model (TensorRT/ONNX Runtime + Caffe) on inputs",
                        description="Run a Caffe model through hybrid_infer and print its outputs.")
     add_model_options(p)
-    p.add_argument("--input", action="append", default=[], metavar="NAME=FILE",
-                   help="input blob from a .npy array or an image (repeat for several inputs or "
-                        "several images of one input; FILE alone feeds the only input)")
+    p.add_argument("--input", action="extend", nargs="+", default=[], metavar="[NAME=]FILE",
+                   help="input blob from .npy arrays or images; several files of one input form a "
+                        "batch; FILE alone feeds the only input")
     p.add_argument("--batch", type=int, help="repeat the inputs to this batch size")
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="engine for supported segments (auto: TensorRT if it can run here, else ONNX Runtime)")
