@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -23,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.debug:
+        os.environ["GLOG_minloglevel"] = "0"  # read by Caffe when it is first imported
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="hybrid-infer: %(levelname)s: %(message)s")
     try:

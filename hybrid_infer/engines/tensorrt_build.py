@@ -237,7 +237,9 @@ def _parse(api: TrtApi, network: Any, model: onnx.ModelProto, label: str) -> Any
             where = f"Caffe layer '{node.doc_string}' ({op})"
             if node.doc_string not in layers:
                 layers.append(node.doc_string)
-        problems.append(f"{where}: {error.desc()}")
+        code = str(error.code()).rsplit(".", 1)[-1]  # e.g. UNSUPPORTED_NODE
+        desc = error.desc().strip()
+        problems.append(f"{where}: {code}" + (f" ({desc})" if desc not in ("", "false") else ""))
     detail = "; ".join(problems) or said.summary() or "no reason given"
     if layers:
         raise EngineBuildError(
