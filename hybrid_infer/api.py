@@ -131,13 +131,16 @@ class HybridNet:
 
 def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str = "auto",
          profile: str = "tensorrt", min_segment_size: int = 3, fallback: Iterable[str] = (),
-         outputs: Sequence[str] = (), random_weights: Optional[int] = None) -> HybridNet:
+         outputs: Sequence[str] = (), random_weights: Optional[int] = None,
+         input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> HybridNet:
     """Load a Caffe model and partition it.
 
     ``random_weights=SEED`` fills every parameter with random values instead of reading a
     caffemodel (for models shipped without weights; benchmarks and tests).
+    ``input_shapes={"data": (1, 3, 720, 1280)}`` replaces the prototxt's input sizes; the
+    batch axis stays free either way.
     """
-    model = CaffeModel(prototxt, weights)
+    model = CaffeModel(prototxt, weights, input_shapes)
     if random_weights is not None:
         model.set_random_weights(random_weights)
     return HybridNet(model, engine=engine, profile=profile, min_segment_size=min_segment_size,

@@ -25,6 +25,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, weights: bool = True) 
                         help="TensorRT segments with fewer compute layers run in Caffe (default 3)")
     parser.add_argument("--fallback", nargs="+", default=[], metavar="NAME_OR_TYPE",
                         help="force these layers (by name or type) to Caffe")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=DxDxDxD",
+                        help="replace an input's size from the prototxt, e.g. data=1x3x720x1280")
     parser.add_argument("--require-full", action="store_true",
                         help="fail, listing the unsupported layers, if anything would run in Caffe")
 
@@ -34,7 +36,8 @@ def open_net(args: argparse.Namespace, *, outputs: tuple[str, ...] = (), engine:
         raise OptionError("--min-segment-size must be 0 or more")
     net = load(args.model, getattr(args, "weights", None), engine=engine, profile=args.profile,
                min_segment_size=args.min_segment_size, fallback=args.fallback, outputs=outputs,
-               random_weights=getattr(args, "random_weights", None))
+               random_weights=getattr(args, "random_weights", None),
+               input_shapes=parse_input_shapes(args.input_shape))
     if args.require_full:
         in_caffe = [n for s in net.partition.segments if s.backend == CAFFE for n in s.layers]
         if in_caffe:
@@ -44,6 +47,20 @@ def open_net(args: argparse.Namespace, *, outputs: tuple[str, ...] = (), engine:
             raise ModelError(f"--require-full: {len(in_caffe)} layer(s) of {args.model} would run in "
                              f"Caffe: {listing}")
     return net
+
+
+def parse_input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for spec in specs:
+        name, sep, dims = spec.partition("=")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or min(shape) < 1:
+            raise OptionError(f"--input-shape {spec}: expected NAME=DxDx..., e.g. data=1x3x720x1280")
+        shapes[name] = shape
+    return shapes
 
 
 def require_weights(args: argparse.Namespace) -> None:

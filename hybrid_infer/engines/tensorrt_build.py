@@ -364,17 +364,23 @@ def build_engine(onnx_model: Union[onnx.ModelProto, bytes], settings: BuildSetti
     started = time.perf_counter()
     builder = api.module.Builder(api.logger)
     network = builder.create_network(api.network_flags(fp16_onnx or api.always_strongly_typed))
-    parser = _parse(api, network, model, label)  # keep: the network refers to parser-owned weights
+    parser = _parse(api, network, model, label)
     if settings.mark_all_outputs:
         _mark_all_outputs(network, value_names)
     config = _configure(api, builder, network, settings, label)
+    layers = _network_layers(api, network, docs)
+    input_names = [network.get_input(i).name for i in range(network.num_inputs)]
+    output_names = [network.get_output(i).name for i in range(network.num_outputs)]
     monitor = None
     if api.has_progress_monitor:
-        monitor = _progress_monitor(api, label)  # keep: TensorRT holds a raw pointer to it
+        monitor = _progress_monitor(api, label)
         config.progress_monitor = monitor
     with api.logger.capture() as said:
         serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - started
+    # Only now may these go: the network uses weights the parser owns, and TensorRT holds a
+    # raw pointer to the monitor.
+    del parser, monitor
     if serialized is None:
         detail = said.summary() or "no reason given"
         if "workspace" in detail.lower():
@@ -383,14 +389,10 @@ def build_engine(onnx_model: Union[onnx.ModelProto, bytes], settings: BuildSetti
                 f"{settings.workspace_bytes / MIB:g} MiB ({detail}); raise the workspace limit")
         raise EngineBuildError(f"TensorRT ({api.describe()}) could not build {label}: {detail}")
     plan = bytes(serialized)
-
-    layers = _network_layers(api, network, docs)
     engine_layers, note = _inspect(api, plan, docs)
     log.info("%s: built in %.1f s, plan %.1f MiB, %d network layers", label, seconds,
              len(plan) / MIB, len(layers))
     return BuiltEngine(
         plan=plan, build_seconds=seconds,
-        input_names=[network.get_input(i).name for i in range(network.num_inputs)],
-        output_names=[network.get_output(i).name for i in range(network.num_outputs)],
-        network_layers=layers, engine_layers=engine_layers, engine_layers_note=note,
+        input_names=input_names, output_names=output_names, network_layers=layers, engine_layers=engine_layers, engine_layers_note=note,
         module=api.name, module_version=api.version, fp16_onnx=fp16_onnx)

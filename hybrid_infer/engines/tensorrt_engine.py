@@ -316,7 +316,7 @@ class TensorRTEngine:
             self._cuda.dtoh(out, self._buffers[name].ptr, self._stream)
             outputs[name] = out
         self._cuda.synchronize(self._stream)
-        del uploads
+        del uploads  # the copies from these host arrays are done only now
         return {n: a.astype(np.float32, copy=False) for n, a in outputs.items()}
 
     def run_device(self, feeds: Mapping[str, Union[np.ndarray, DeviceTensor]]) -> dict[str, DeviceTensor]:
@@ -327,7 +327,7 @@ class TensorRTEngine:
         """
         uploads = self._enqueue(feeds)
         self._cuda.synchronize(self._stream)
-        del uploads
+        del uploads  # the copies from these host arrays are done only now
         return {n: DeviceTensor(self._buffers[n].ptr, self._bound_output_shape(n), self._dtypes[n])
                 for n in self.output_names}
 

@@ -177,7 +177,11 @@ def _load(name: str) -> TrtApi:
         raise EnvironmentProblem(
             f"the TensorRT module '{name}' cannot be imported ({exc}); install it "
             f"(pip install {name.replace('_', '-')}) or choose the other one") from exc
-    return _inspect(module, name)
+    api = _inspect(module, name)
+    if not api.is_rtx and api.major < 10:
+        raise EnvironmentProblem(f"hybrid_infer needs TensorRT 10 or newer (name-based I/O and "
+                                 f"execute_async_v3); found {api.describe()}: pip install -U tensorrt")
+    return api
 
 
 def load(name: str | None = None) -> TrtApi:

@@ -13,7 +13,7 @@ import numpy as np
 from onnx import numpy_helper
 
 from ..graph.layer_graph import Layer
-from .context import LoweringContext
+from .context import LoweringContext, channel_shaped
 
 Step = tuple[str, Optional[float]]  # (ONNX op, scalar second operand or None for unary ops)
 
@@ -24,7 +24,9 @@ def _chain(ctx: LoweringContext, layer: str, x: str, out: str, steps: Sequence[S
         ctx.node("Identity", [x], [out], layer=layer)
         return
     for i, (op, operand) in enumerate(steps):
-        operands = [x] if operand is None else [x, ctx.const(np.float32(operand), f"{layer}/{op.lower()}_c")]
+        operands = [x]
+        if operand is not None:
+            operands.append(ctx.const(np.float32(operand), f"{layer}/{op.lower()}_operand"))
         x = ctx.node(op, operands, [out] if i == len(steps) - 1 else None, layer=layer)[0]
 
 
@@ -71,9 +73,8 @@ def lower_relu6(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: 
 def lower_prelu(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Slopes are per channel (axis 1), so they are shaped (C, 1, ...) for broadcasting."""
     slope = ctx.weights(layer.name)[0]
-    rank = len(ctx.shape(inputs[0]))
     if not layer.param.prelu_param.channel_shared:
-        slope = slope.reshape((-1,) + (1,) * (rank - 2))
+        slope = channel_shaped(slope, len(ctx.shape(inputs[0])))
     ctx.node("PRelu", [inputs[0], ctx.const(slope, f"{layer.name}/slope")], outputs, layer=layer.name)
 
 

@@ -19,6 +19,11 @@ from ..graph.layer_graph import LayerGraph
 Shape = tuple[int, ...]
 
 
+def channel_shaped(array: np.ndarray, rank: int) -> np.ndarray:
+    """A per-channel vector shaped (C, 1, ...) to broadcast over an N-first blob of ``rank`` axes."""
+    return array.reshape((-1,) + (1,) * (rank - 2))
+
+
 class LoweringContext:
     """Collects the nodes and initializers of one ONNX graph while layers are lowered."""
 

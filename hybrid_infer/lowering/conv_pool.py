@@ -52,6 +52,8 @@ def _conv_geometry(ctx: LoweringContext, layer: Layer, rank: int) -> dict[str, l
 def _lower_conv_like(op_type: str, ctx: LoweringContext, layer: Layer, inputs: list[str],
                      outputs: list[str]) -> None:
     p = layer.param.convolution_param
+    if len(inputs) != 1:
+        raise ctx.error(layer.name, "a convolution with several bottoms (shared weights) is not lowered")
     if ctx.canonical_axis(layer.name, p.axis, len(ctx.shape(inputs[0]))) != 1:
         raise ctx.error(layer.name, f"convolution over axis {p.axis}; only the channel axis 1 is lowered")
     rank = len(ctx.shape(inputs[0])) - 2
@@ -89,6 +91,9 @@ def emit_pool(ctx: LoweringContext, layer: str, method: str, x: str, out: str,
     exceed Caffe's pad, which is harmless because MAX ignores pads and AVE's sum counts them
     as zeros while the divisor is corrected to Caffe's anyway.
     """
+    if any((o - 1) * s - p >= i for i, o, s, p in zip(in_hw, out_hw, stride, pad)):
+        raise ctx.error(layer, "the last pooling window starts past the input (stride larger than "
+                               "kernel, no padding); Caffe fills it with -FLT_MAX or 0/0")
     end = [max(0, (o - 1) * s + k - i - p) for i, o, k, s, p in zip(in_hw, out_hw, kernel, stride, pad)]
     attrs = dict(kernel_shape=list(kernel), strides=list(stride), pads=list(pad) + end, ceil_mode=0)
     if method == "MAX":

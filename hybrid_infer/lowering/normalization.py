@@ -11,13 +11,8 @@ import numpy as np
 
 from ..graph.layer_graph import Layer
 from .activations import emit_power
-from .context import LoweringContext
+from .context import LoweringContext, channel_shaped
 from .conv_pool import emit_pool
-
-
-def _channel_shaped(array: np.ndarray, rank: int) -> np.ndarray:
-    """A per-channel vector shaped (C, 1, ...) to broadcast over an N-first blob of ``rank`` axes."""
-    return array.reshape((-1,) + (1,) * (rank - 2))
 
 
 def lower_batch_norm(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
@@ -30,9 +25,9 @@ def lower_batch_norm(ctx: LoweringContext, layer: Layer, inputs: list[str], outp
     scale = np.float32(0) if factor.flat[0] == 0 else np.float32(1) / factor.flat[0]
     std = np.sqrt(var * scale + np.float32(p.eps))
     rank = len(ctx.shape(inputs[0]))
-    centred = ctx.node("Sub", [inputs[0], ctx.const(_channel_shaped(mean * scale, rank),
+    centred = ctx.node("Sub", [inputs[0], ctx.const(channel_shaped(mean * scale, rank),
                                                     f"{layer.name}/mean")], layer=layer.name)[0]
-    ctx.node("Div", [centred, ctx.const(_channel_shaped(std, rank), f"{layer.name}/std")], outputs,
+    ctx.node("Div", [centred, ctx.const(channel_shaped(std, rank), f"{layer.name}/std")], outputs,
              layer=layer.name)
 
 
@@ -55,36 +50,35 @@ def _broadcast_operand(ctx: LoweringContext, layer: Layer, operand: "str | np.nd
     return ctx.node("Unsqueeze", [operand, axes], layer=layer.name)[0]
 
 
-def _operand_axis(ctx: LoweringContext, layer: Layer, axis: int, operand_rank: int, x_rank: int) -> int:
-    """Caffe applies a scalar operand from axis 0, whatever ``axis`` says."""
-    return 0 if operand_rank == 0 else ctx.canonical_axis(layer.name, axis, x_rank)
+def _apply(ctx: LoweringContext, layer: Layer, op: str, x: str, x_shape: tuple[int, ...],
+           operand: "str | np.ndarray", axis: int, outputs: "list[str] | None", hint: str) -> str:
+    """``x op operand`` with the operand applied from ``axis`` (from 0 if it is a scalar, as in
+    Caffe, whatever ``axis`` says)."""
+    shape = ctx.shape(operand) if isinstance(operand, str) else operand.shape
+    start = 0 if not shape else ctx.canonical_axis(layer.name, axis, len(x_shape))
+    operand_name = _broadcast_operand(ctx, layer, operand, shape, start, x_shape, f"{layer.name}/{hint}")
+    return ctx.node(op, [x, operand_name], outputs, layer=layer.name)[0]
 
 
 def lower_scale(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
-    """The bias of ``bias_term`` has the scale's shape; it is blob 1, or blob 0 when the
-    scale comes from a second bottom."""
+    """The bias of ``bias_term`` has the scale's shape and axis; it is blob 1, or blob 0 when
+    the scale comes from a second bottom."""
     p = layer.param.scale_param
     x_shape = ctx.shape(inputs[0])
-    blobs = ctx.weights(layer.name) if len(inputs) == 1 or p.bias_term else []
-    factor = inputs[1] if len(inputs) > 1 else blobs.pop(0)
-    shape = ctx.shape(factor) if isinstance(factor, str) else factor.shape
-    axis = _operand_axis(ctx, layer, p.axis, len(shape), len(x_shape))
-    factor_name = _broadcast_operand(ctx, layer, factor, shape, axis, x_shape, f"{layer.name}/scale")
-    scaled = ctx.node("Mul", [inputs[0], factor_name], None if p.bias_term else outputs,
-                      layer=layer.name)[0]
-    if p.bias_term:
-        bias = _broadcast_operand(ctx, layer, blobs[0], shape, axis, x_shape, f"{layer.name}/bias")
-        ctx.node("Add", [scaled, bias], outputs, layer=layer.name)
+    from_bottom = len(inputs) > 1
+    blobs = ctx.weights(layer.name) if p.bias_term or not from_bottom else []
+    factor = inputs[1] if from_bottom else blobs[0]
+    if not p.bias_term:
+        _apply(ctx, layer, "Mul", inputs[0], x_shape, factor, p.axis, outputs, "scale")
+        return
+    scaled = _apply(ctx, layer, "Mul", inputs[0], x_shape, factor, p.axis, None, "scale")
+    _apply(ctx, layer, "Add", scaled, x_shape, blobs[0 if from_bottom else 1], p.axis, outputs, "bias")
 
 
 def lower_bias(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
-    p = layer.param.bias_param
-    x_shape = ctx.shape(inputs[0])
     bias = inputs[1] if len(inputs) > 1 else ctx.weights(layer.name)[0]
-    shape = ctx.shape(bias) if isinstance(bias, str) else bias.shape
-    axis = _operand_axis(ctx, layer, p.axis, len(shape), len(x_shape))
-    bias_name = _broadcast_operand(ctx, layer, bias, shape, axis, x_shape, f"{layer.name}/bias")
-    ctx.node("Add", [inputs[0], bias_name], outputs, layer=layer.name)
+    _apply(ctx, layer, "Add", inputs[0], ctx.shape(inputs[0]), bias, layer.param.bias_param.axis,
+           outputs, "bias")
 
 
 def lower_softmax(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
@@ -132,5 +126,5 @@ def lower_normalize(ctx: LoweringContext, layer: Layer, inputs: list[str], outpu
     norm = ctx.node("Sqrt", [with_eps], layer=name)[0]
     normalised = ctx.node("Div", [x, norm], layer=name)[0]
     scale = ctx.weights(name)[0]
-    scale = scale.reshape(()) if p.channel_shared else _channel_shaped(scale, rank)
+    scale = scale.reshape(()) if p.channel_shared else channel_shaped(scale, rank)
     ctx.node("Mul", [normalised, ctx.const(scale, f"{name}/scale")], outputs, layer=name)

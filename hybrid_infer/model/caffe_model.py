@@ -13,7 +13,7 @@ import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -78,15 +78,36 @@ def _check_layers(net: NetParameter, source: str) -> None:
                     "imported; add its folder to PYTHONPATH")
 
 
+def _override_input_shapes(net: NetParameter, shapes: Mapping[str, Sequence[int]], source: str) -> None:
+    inputs = {top: layer for layer in net.layer if layer.type == "Input" for top in layer.top}
+    for blob, dims in shapes.items():
+        if blob not in inputs:
+            raise ModelError(f"{source}: cannot set the shape of '{blob}': not an input "
+                             f"(inputs: {', '.join(inputs)})")
+        layer = inputs[blob]
+        index = list(layer.top).index(blob)
+        params = layer.input_param.shape
+        shape = params[index] if len(params) > 1 else params[0]
+        if len(params) == 1 and len(layer.top) > 1:
+            raise ModelError(f"{source}: inputs {list(layer.top)} share one shape; set them together")
+        del shape.dim[:]
+        shape.dim.extend(int(d) for d in dims)
+
+
 class CaffeModel:
     """A loaded model. ``weights`` maps layer name to its parameter arrays (FP32)."""
 
-    def __init__(self, prototxt: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None):
+    def __init__(self, prototxt: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None,
+                 input_shapes: Mapping[str, Sequence[int]] | None = None):
+        """``input_shapes`` replaces the prototxt's input sizes (e.g. a fully convolutional
+        net fed a larger image); shapes of every blob are then inferred for those."""
         self.prototxt = Path(prototxt)
         self.weights_path = Path(weights) if weights is not None else None
         self.net, self.renamed_layers = normalise(read_prototxt(self.prototxt), str(self.prototxt))
         if not len(self.net.layer):
             raise ModelError(f"{self.prototxt}: no layers in the TEST phase")
+        if input_shapes:
+            _override_input_shapes(self.net, input_shapes, str(self.prototxt))
         _check_layers(self.net, str(self.prototxt))
         self._workdir = Path(tempfile.mkdtemp(prefix="hybrid_infer_model_"))
         weakref.finalize(self, shutil.rmtree, self._workdir, True)

@@ -1,0 +1,152 @@
+"""Whole models: the hybrid (ONNX Runtime + pycaffe) against pure Caffe, within 1e-4.
+
+Real weights where the model ships them, random weights with a fixed seed otherwise. For
+classifiers the pre-softmax blob is compared too: softmax of random logits saturates and
+would hide errors.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import hybrid_infer
+from hybrid_infer.inputs import Preprocessing, load_input
+from hybrid_infer.metrics import relative_l2
+from hybrid_infer.partition.partitioner import CAFFE, TENSORRT
+
+from conftest import GRAPHS
+
+TOLERANCE = 1e-4
+
+
+def _outputs_with_logits(prototxt: Path, **kwargs) -> list[str]:
+    """Net outputs plus the input blob of each final Softmax."""
+    probe = hybrid_infer.load(prototxt, **kwargs)
+    blobs = list(probe.output_blobs)
+    for value in probe.graph.outputs:
+        layer = probe.graph.layers[probe.graph.values[value].producer]
+        if layer.type == "Softmax":
+            blobs.append(probe.graph.values[layer.bottoms[0]].blob)
+    return blobs
+
+
+def assert_matches_caffe(net, inputs: dict[str, np.ndarray]) -> dict[str, float]:
+    got, want = net.run(inputs), net.run_caffe(inputs)
+    errors = {blob: relative_l2(got[blob], want[blob]) for blob in want}
+    assert all(e <= TOLERANCE for e in errors.values()), errors
+    for se in net.segment_engines:
+        assert se.fallback_note is None, se.fallback_note
+    return errors
+
+
+def _random_inputs(net, batch: int | None = None) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng()
+    return {name: rng.standard_normal(((batch or shape[0]), *shape[1:])).astype(np.float32)
+            for name, shape in net.input_shapes().items()}
+
+
+RANDOM_WEIGHT_MODELS = [
+    "bvlc_googlenet/deploy.prototxt",
+    "bvlc_alexnet/deploy.prototxt",
+    "bvlc_caffenet/deploy.prototxt",
+    "resnet_50/ResNet-50-deploy.prototxt",
+    "squeezenet_v1.1/deploy.prototxt",
+    "mobilenet_v1/mobilenet_deploy.prototxt",
+    "cifar10_full/cifar10_full.bvlc_master.prototxt",
+]
+
+
+@pytest.mark.parametrize("relpath", RANDOM_WEIGHT_MODELS)
+def test_random_weight_models(shared_models, relpath):
+    path = shared_models / relpath
+    blobs = _outputs_with_logits(path)
+    net = hybrid_infer.load(path, random_weights=2026, engine="onnxruntime", outputs=blobs)
+    assert [s.backend for s in net.partition.segments] == [TENSORRT]
+    inputs = _random_inputs(net, batch=1)
+    errors = assert_matches_caffe(net, inputs)
+    print(relpath, errors)
+
+
+TRAINED = [
+    ("cifar10_full/cifar10_full.prototxt", "cifar10_full/cifar10_full_iter_70000.caffemodel"),
+    ("fsrcnn/FSRCNN_mat.prototxt", "fsrcnn/snapshot_iter_2546000.caffemodel"),
+    ("mtcnn/det1.prototxt", "mtcnn/det1.caffemodel"),
+    ("mtcnn/det2.prototxt", "mtcnn/det2.caffemodel"),
+    ("mtcnn/det3.prototxt", "mtcnn/det3.caffemodel"),
+    ("mtcnn/det4.prototxt", "mtcnn/det4.caffemodel"),
+]
+
+
+@pytest.mark.parametrize("prototxt,weights", TRAINED)
+def test_trained_models(shared_models, prototxt, weights):
+    blobs = _outputs_with_logits(shared_models / prototxt)
+    net = hybrid_infer.load(shared_models / prototxt, shared_models / weights, engine="onnxruntime",
+                            outputs=blobs)
+    errors = assert_matches_caffe(net, _random_inputs(net))
+    print(prototxt, errors)
+
+
+def test_lenet_mnist_classifies_its_samples(shared_models):
+    folder = shared_models / "lenet_mnist"
+    net = hybrid_infer.load(folder / "mnist_deploy.prototxt", folder / "lenet_iter_10000.caffemodel",
+                            engine="onnxruntime")
+    samples = sorted((folder / "samples").glob("img_*.png"))
+    assert len(samples) == 10
+    shape = net.input_shapes()["data"]
+    batch = np.concatenate([load_input(p, shape, Preprocessing(scale=1 / 256)) for p in samples])
+    labels = [int(p.stem.split("_")[1]) for p in samples]
+    assert_matches_caffe(net, {"data": batch})
+    predicted = np.argmax(net.run({"data": batch})["loss"].reshape(10, -1), axis=1)
+    assert predicted.tolist() == labels
+
+
+def test_bundled_lenet_digits_classifies_its_samples():
+    folder = GRAPHS / "lenet_digits"
+    net = hybrid_infer.load(folder / "deploy.prototxt", folder / "lenet_digits.caffemodel",
+                            engine="onnxruntime", outputs=["prob", "ip2"])
+    for suffix, prep in ((".npy", Preprocessing()), (".png", Preprocessing(scale=1 / 255))):
+        samples = sorted((folder / "samples").glob(f"digit_*{suffix}"))
+        batch = np.concatenate([load_input(p, (1, 1, 16, 16), prep) for p in samples])
+        labels = [int(p.stem.split("_")[1]) for p in samples]
+        assert_matches_caffe(net, {"data": batch})
+        assert np.argmax(net.run({"data": batch})["prob"], axis=1).tolist() == labels
+
+
+def test_hyperlpr_ssd_detects_like_caffe(shared_models):
+    # HyperLPR feeds the photo at its own size, RGB, ImageNet mean and (about) std.
+    folder = shared_models / "hyperlpr_mininet_ssd"
+    net = hybrid_infer.load(folder / "mininet_ssd_v1.prototxt", folder / "mininet_ssd_v1.caffemodel",
+                            engine="onnxruntime", input_shapes={"data": (1, 3, 720, 1280)})
+    assert [s.backend for s in net.partition.segments] == [TENSORRT, CAFFE]
+    image = load_input(folder / "images/test.jpg", (1, 3, 720, 1280),
+                       Preprocessing(scale=1 / (255 * 0.226), mean=(123.7, 116.3, 103.5), channel_order="rgb"))
+    got, want = net.run({"data": image}), net.run_caffe({"data": image})
+    (blob,) = want
+    assert got[blob].shape == want[blob].shape
+    assert relative_l2(got[blob], want[blob]) <= TOLERANCE
+    detections = want[blob].reshape(-1, 7)
+    assert (detections[:, 2] > 0.5).any(), "the sample photo's plate should be detected"
+
+
+def test_mobilenet_ssd_random_weights(shared_models):
+    path = shared_models / "mobilenet_ssd/MobileNetSSD_deploy.prototxt"
+    net = hybrid_infer.load(path, random_weights=11, engine="onnxruntime",
+                            outputs=["detection_out", "mbox_conf_flatten", "mbox_loc"])
+    assert [s.backend for s in net.partition.segments] == [TENSORRT, CAFFE]
+    assert_matches_caffe(net, _random_inputs(net))
+
+
+@pytest.mark.parametrize("graph", ["python_layer_net/deploy.prototxt",
+                                   "python_layer_positions/python_layer_start.prototxt",
+                                   "python_layer_positions/python_layer_branch.prototxt",
+                                   "python_layer_positions/python_layer_end.prototxt"])
+def test_python_layer_graphs(monkeypatch, graph):
+    monkeypatch.syspath_prepend(str(GRAPHS / "python_layers"))
+    path = GRAPHS / graph
+    net = hybrid_infer.load(path, random_weights=5, engine="onnxruntime", min_segment_size=1,
+                            outputs=_outputs_with_logits(path))
+    assert {s.backend for s in net.partition.segments} == {TENSORRT, CAFFE}
+    assert_matches_caffe(net, _random_inputs(net))
+    assert_matches_caffe(net, _random_inputs(net, batch=3))
