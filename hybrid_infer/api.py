@@ -13,6 +13,8 @@ from .partition.capability import Capability
 from .partition.partitioner import Partition, partition
 
 if TYPE_CHECKING:  # the engines pull in ONNX and ONNX Runtime: loaded when a run needs them
+    from .engines.engine_cache import EngineCache
+    from .engines.tensorrt_build import BuildSettings
     from .executor.engine_factory import SegmentEngine
     from .executor.hybrid_executor import HybridExecutor
 
@@ -27,8 +29,14 @@ class HybridNet:
 
     def __init__(self, model: CaffeModel, *, engine: str = "auto", profile: str = "tensorrt",
                  min_segment_size: int = 3, fallback: Iterable[str] = (),
-                 outputs: Sequence[str] = ()):
+                 outputs: Sequence[str] = (), build_settings: Optional["BuildSettings"] = None,
+                 engine_cache: Optional["EngineCache"] = None, tensorrt_module: Optional[str] = None):
         self.model = model
+        self.build_settings = build_settings
+        self.engine_cache = engine_cache
+        self.tensorrt_module = tensorrt_module
+        #: Why the engine for supported segments is what it is (set when engines are built).
+        self.engine_reason = ""
         self.graph = LayerGraph(model)
         self.requested_engine = engine
         self.output_blobs = list(outputs) or [self.graph.values[v].blob for v in self.graph.outputs]
@@ -52,11 +60,11 @@ class HybridNet:
         if self._executor is None:
             from .executor.engine_factory import build_engines, resolve_engine
             from .executor.hybrid_executor import HybridExecutor
-            engine = resolve_engine(self.requested_engine)
+            engine, self.engine_reason = resolve_engine(self.requested_engine, self.tensorrt_module)
             factory = None
             if engine == "tensorrt":
                 from .engines.tensorrt_segment import tensorrt_factory
-                factory = tensorrt_factory()
+                factory = tensorrt_factory(self.build_settings, self.engine_cache, self.tensorrt_module)
             self._executor = HybridExecutor(
                 build_engines(self.graph, self.model, self.partition.segments, engine, factory))
         return self._executor
@@ -132,16 +140,20 @@ class HybridNet:
 def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str = "auto",
          profile: str = "tensorrt", min_segment_size: int = 3, fallback: Iterable[str] = (),
          outputs: Sequence[str] = (), random_weights: Optional[int] = None,
-         input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> HybridNet:
+         input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+         build_settings: Optional["BuildSettings"] = None, engine_cache: Optional["EngineCache"] = None,
+         tensorrt_module: Optional[str] = None) -> HybridNet:
     """Load a Caffe model and partition it.
 
     ``random_weights=SEED`` fills every parameter with random values instead of reading a
     caffemodel (for models shipped without weights; benchmarks and tests).
     ``input_shapes={"data": (1, 3, 720, 1280)}`` replaces the prototxt's input sizes; the
-    batch axis stays free either way.
+    batch axis stays free either way. ``build_settings``, ``engine_cache`` and
+    ``tensorrt_module`` ("tensorrt" or "tensorrt_rtx") steer TensorRT engine builds.
     """
     model = CaffeModel(prototxt, weights, input_shapes)
     if random_weights is not None:
         model.set_random_weights(random_weights)
     return HybridNet(model, engine=engine, profile=profile, min_segment_size=min_segment_size,
-                     fallback=fallback, outputs=outputs)
+                     fallback=fallback, outputs=outputs, build_settings=build_settings,
+                     engine_cache=engine_cache, tensorrt_module=tensorrt_module)

@@ -5,11 +5,16 @@ import argparse
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..api import HybridNet, load
 from ..errors import ModelError, OptionError
 from ..partition.capability import PROFILES
 from ..partition.partitioner import CAFFE
+
+if TYPE_CHECKING:
+    from ..engines.engine_cache import EngineCache
+    from ..engines.tensorrt_build import BuildSettings
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, weights: bool = True) -> None:
@@ -31,13 +36,18 @@ def add_model_options(parser: argparse.ArgumentParser, *, weights: bool = True) 
                         help="fail, listing the unsupported layers, if anything would run in Caffe")
 
 
-def open_net(args: argparse.Namespace, *, outputs: tuple[str, ...] = (), engine: str = "auto") -> HybridNet:
+def open_net(args: argparse.Namespace, *, outputs: tuple[str, ...] = (), engine: str = "auto",
+             batch: int = 1) -> HybridNet:
     if args.min_segment_size < 0:
         raise OptionError("--min-segment-size must be 0 or more")
+    trt_options = {}
+    if hasattr(args, "workspace"):
+        trt_options = {"build_settings": build_settings(args, batch), "engine_cache": engine_cache(args),
+                       "tensorrt_module": args.tensorrt_module}
     net = load(args.model, getattr(args, "weights", None), engine=engine, profile=args.profile,
                min_segment_size=args.min_segment_size, fallback=args.fallback, outputs=outputs,
                random_weights=getattr(args, "random_weights", None),
-               input_shapes=parse_input_shapes(args.input_shape))
+               input_shapes=parse_input_shapes(args.input_shape), **trt_options)
     if args.require_full:
         in_caffe = [n for s in net.partition.segments if s.backend == CAFFE for n in s.layers]
         if in_caffe:
@@ -47,6 +57,42 @@ def open_net(args: argparse.Namespace, *, outputs: tuple[str, ...] = (), engine:
             raise ModelError(f"--require-full: {len(in_caffe)} layer(s) of {args.model} would run in "
                              f"Caffe: {listing}")
     return net
+
+
+def add_build_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("TensorRT builder")
+    g.add_argument("--workspace", type=float, default=1024, metavar="MIB",
+                   help="workspace memory pool limit in MiB (the old MaxWorkspaceSize; default 1024)")
+    g.add_argument("--max-batch", type=int, default=None, metavar="N",
+                   help="largest batch the engines accept (optimization profile max; the old MaxBatchSize)")
+    g.add_argument("--opt-batch", type=int, default=None, metavar="N", help="batch the engines are tuned for")
+    g.add_argument("--fp16", action="store_true", help="FP16 engines (FP32 inputs and outputs)")
+    g.add_argument("--tf32", action="store_true", help="allow TF32 matrix math (off: FP32 matches Caffe)")
+    g.add_argument("--opt-level", type=int, choices=range(6), metavar="0-5", help="builder optimization level")
+    g.add_argument("--timing-iterations", type=int, metavar="N", help="timing iterations where supported")
+    g.add_argument("--compute-capability", nargs="+", default=[], metavar="X.Y",
+                   help="TensorRT-RTX target GPUs, e.g. 8.6 12.0 (default: RTX's own set)")
+    g.add_argument("--mark-all-outputs", action="store_true",
+                   help="make every intermediate tensor an engine output (debugging; blocks fusions)")
+    g.add_argument("--engine-cache", type=Path, metavar="DIR", help="engine cache folder")
+    g.add_argument("--tensorrt-module", choices=("tensorrt", "tensorrt_rtx"),
+                   help="TensorRT Python module to use (default: whichever imports)")
+
+
+def build_settings(args: argparse.Namespace, batch: int = 1) -> "BuildSettings":
+    from ..engines.tensorrt_build import BuildSettings
+    batch_max = max(args.max_batch or batch, batch)
+    return BuildSettings(workspace_bytes=int(args.workspace * 2**20), batch_min=1,
+                         batch_opt=min(args.opt_batch or batch, batch_max), batch_max=batch_max,
+                         fp16=args.fp16, tf32=args.tf32, optimization_level=args.opt_level,
+                         timing_iterations=args.timing_iterations,
+                         compute_capabilities=tuple(args.compute_capability),
+                         mark_all_outputs=args.mark_all_outputs)
+
+
+def engine_cache(args: argparse.Namespace) -> "EngineCache":
+    from ..engines.engine_cache import EngineCache
+    return EngineCache(args.engine_cache)
 
 
 def parse_input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:

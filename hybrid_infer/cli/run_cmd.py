@@ -13,7 +13,8 @@ from ..errors import InputError, OptionError
 from ..executor.engine_factory import ENGINES
 from ..inputs import Preprocessing, load_input, random_input
 from ..metrics import compare_outputs
-from .common import add_model_options, open_net, require_weights, write_atomically
+from ..partition.partitioner import TENSORRT
+from .common import add_build_options, add_model_options, open_net, require_weights, write_atomically
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--channel-order", choices=("bgr", "rgb"), default="bgr",
                       help="channel order the model expects (Caffe models: usually bgr)")
     prep.add_argument("--resize", metavar="HxW", help="resize images to HxW (default: the input's size)")
+    add_build_options(p)
     p.set_defaults(func=run)
 
 
@@ -100,7 +102,7 @@ def _describe_output(name: str, array: np.ndarray, labels: list[str], names: lis
 
 def run(args: argparse.Namespace) -> int:
     require_weights(args)
-    net = open_net(args, outputs=tuple(args.output_blob), engine=args.engine)
+    net = open_net(args, outputs=tuple(args.output_blob), engine=args.engine, batch=args.batch or 1)
     inputs, labels = gather_inputs(net, args.input, _preprocessing(args), args.batch)
     class_names = args.labels.read_text().split("\n") if args.labels else []
     start = time.perf_counter()
@@ -113,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
         print(_describe_output(name, array, labels, [c.strip() for c in class_names], args.top))
     print(f"\n{len(net.partition.segments)} segment(s); first run {first * 1e3:.1f} ms "
           f"(includes engine set-up), second run {again * 1e3:.1f} ms")
+    trt_kinds = sorted({se.engine.kind for se in net.segment_engines if se.segment.backend == TENSORRT})
+    if trt_kinds:
+        print(f"  TensorRT segments ran with {', '.join(trt_kinds)} ({net.engine_reason})")
     times = net.segment_times()
     for se in net.segment_engines:
         note = f"  (fell back: {se.fallback_note})" if se.fallback_note else ""

@@ -42,20 +42,21 @@ def segment_onnx(graph: LayerGraph, model: CaffeModel, segment: Segment) -> "onn
                          name=f"segment{segment.id}")
 
 
-def resolve_engine(engine: str) -> str:
-    """Turn "auto" into the engine that can execute here: TensorRT if it can run, else ORT."""
+def resolve_engine(engine: str, tensorrt_module: Optional[str] = None) -> tuple[str, str]:
+    """Turn "auto" into the engine that can execute here (TensorRT if it can run, else ONNX
+    Runtime), and say why."""
     if engine not in ENGINES:
         raise OptionError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINES)}")
     if engine == "onnxruntime":
-        return engine
+        return engine, "asked for"
     from ..engines.tensorrt_engine import runtime_available
-    ok, reason = runtime_available()
+    ok, reason = runtime_available(tensorrt_module)
     if ok:
-        return "tensorrt"
+        return "tensorrt", reason
     if engine == "tensorrt":
         raise OptionError(f"--engine tensorrt cannot run here: {reason}; use --engine onnxruntime "
                           "(runs the same segments' ONNX on the CPU)")
-    return "onnxruntime"
+    return "onnxruntime", f"TensorRT cannot run here: {reason}"
 
 
 def build_engines(graph: LayerGraph, model: CaffeModel, segments: list[Segment], engine: str,
