@@ -6,6 +6,10 @@
 # The prefix is keyed by the source hash, this script, the patch script and the flavour,
 # so an edited recipe never reuses a stale build. A finished prefix holds a stamp file;
 # a build that stops halfway leaves only a temporary folder that the next run removes.
+# PREFIX/caffe-flags.env records the compiler and linker flags that code built against
+# this Caffe must use (CPU_ONLY changes Caffe's headers), for scripts/build-native.sh.
+# The CUDA flavour takes cuBLAS/cuRAND from PyPI wheels kept in a shared folder of the
+# cache (CUDA 13's toolkit here lacks them): libcaffe.so keeps an rpath to it.
 set -euo pipefail
 
 VERSION=9.0.2
@@ -50,8 +54,14 @@ log "1/5 build environment (numpy 2 headers)"
 "$python" -m venv "$work/buildenv"
 "$work/buildenv/bin/pip" install -q --disable-pip-version-check "numpy==2.4.6" "protobuf==7.36.2" six
 if [ "$cuda" = 1 ]; then
-  "$work/buildenv/bin/pip" install -q --disable-pip-version-check --target "$work/cudalibs" \
-    nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35
+  cudalibs="$cache/caffe/nvidia-cublas-13.0.2.14-curand-10.4.0.35"
+  if [ ! -f "$cudalibs/.complete" ]; then
+    log "   cuBLAS and cuRAND wheels into $cudalibs"
+    rm -rf "$cudalibs"
+    "$work/buildenv/bin/pip" install -q --disable-pip-version-check --target "$cudalibs" \
+      nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35
+    touch "$cudalibs/.complete"
+  fi
 fi
 
 log "2/5 source"
@@ -88,7 +98,7 @@ np_include=$("$work/buildenv/bin/python" -c 'import numpy; print(numpy.get_inclu
   echo "DISTRIBUTE_DIR := distribute"
   echo "Q ?= @"
   if [ "$cuda" = 1 ]; then
-    cu="$work/cudalibs/nvidia/cu13"
+    cu="$cudalibs/nvidia/cu13"
     mkdir -p "$work/cudalink"
     ln -sf "$(ls "$cu"/lib/libcublas.so.* | head -1)" "$work/cudalink/libcublas.so"
     ln -sf "$(ls "$cu"/lib/libcurand.so.* | head -1)" "$work/cudalink/libcurand.so"
@@ -134,6 +144,16 @@ find "$stage/python" -name __pycache__ -prune -exec rm -rf {} +
 # _caffe.so is a symlink into the build tree: replace it with the file itself.
 cp --remove-destination "$(readlink -f "$src/python/caffe/_caffe.so")" "$stage/python/caffe/_caffe.so"
 printf 'brocolli-caffe %s %s key %s\n' "$VERSION" "$flavour" "$key" > "$stage/BUILD_INFO"
+{
+  echo "CAFFE_FLAVOUR=$flavour"
+  if [ "$cuda" = 1 ]; then
+    echo "CAFFE_CXXFLAGS=\"-I/usr/local/cuda/include -I$cu/include\""
+    echo "CAFFE_LDFLAGS=\"-L/usr/local/cuda/lib64 -lcudart -Wl,-rpath,$cu/lib\""
+  else
+    echo "CAFFE_CXXFLAGS=-DCPU_ONLY"
+    echo "CAFFE_LDFLAGS="
+  fi
+} > "$stage/caffe-flags.env"
 
 PYTHONPATH="$stage/python" GLOG_minloglevel=2 "$work/buildenv/bin/python" -c \
   'import caffe; from caffe.proto import caffe_pb2; caffe.set_mode_cpu(); assert "Python" in caffe.layer_type_list()' >&2

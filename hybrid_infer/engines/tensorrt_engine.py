@@ -58,7 +58,11 @@ class _CudaPython:
         return values[0] if len(values) == 1 else values
 
     def device(self) -> GpuInfo:
-        count = self._check(self._rt.cudaGetDeviceCount(), "device query")
+        err, count = self._rt.cudaGetDeviceCount()
+        if err in (self._rt.cudaError_t.cudaErrorInsufficientDriver, self._rt.cudaError_t.cudaErrorNoDevice):
+            raise EnvironmentProblem("no NVIDIA GPU with a working driver is visible here "
+                                     f"(CUDA says: {self._rt.cudaGetErrorString(err)[1].decode()})")
+        count = self._check((err, count), "device query")
         if count == 0:
             raise EnvironmentProblem("CUDA reports no GPU")
         device = self._check(self._rt.cudaGetDevice(), "device query")
