@@ -30,14 +30,16 @@ def add_model_options(parser: argparse.ArgumentParser, *, weights: bool = True) 
                         help="TensorRT segments with fewer compute layers run in Caffe (default 3)")
     parser.add_argument("--fallback", nargs="+", default=[], metavar="NAME_OR_TYPE",
                         help="force these layers (by name or type) to Caffe")
+    parser.add_argument("--output-blob", action="append", default=[], metavar="BLOB",
+                        help="blob to return (run) or show as a segment output (partition) "
+                             "instead of the net's outputs; repeatable")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=DxDxDxD",
                         help="replace an input's size from the prototxt, e.g. data=1x3x720x1280")
     parser.add_argument("--require-full", action="store_true",
                         help="fail, listing the unsupported layers, if anything would run in Caffe")
 
 
-def open_net(args: argparse.Namespace, *, outputs: tuple[str, ...] = (), engine: str = "auto",
-             batch: int = 1) -> HybridNet:
+def open_net(args: argparse.Namespace, *, engine: str = "auto", batch: int = 1) -> HybridNet:
     if args.min_segment_size < 0:
         raise OptionError("--min-segment-size must be 0 or more")
     trt_options = {}
@@ -45,7 +47,7 @@ def open_net(args: argparse.Namespace, *, outputs: tuple[str, ...] = (), engine:
         trt_options = {"build_settings": build_settings(args, batch), "engine_cache": engine_cache(args),
                        "tensorrt_module": args.tensorrt_module}
     net = load(args.model, getattr(args, "weights", None), engine=engine, profile=args.profile,
-               min_segment_size=args.min_segment_size, fallback=args.fallback, outputs=outputs,
+               min_segment_size=args.min_segment_size, fallback=args.fallback, outputs=args.output_blob,
                random_weights=getattr(args, "random_weights", None),
                input_shapes=parse_input_shapes(args.input_shape), **trt_options)
     if args.require_full:

@@ -27,8 +27,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, help="repeat the inputs to this batch size")
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="engine for supported segments (auto: TensorRT if it can run here, else ONNX Runtime)")
-    p.add_argument("--output-blob", action="append", default=[], metavar="BLOB",
-                   help="blob to return (default: the net's outputs); repeatable")
     p.add_argument("-o", "--output", type=Path, help="save outputs to FILE.npz")
     p.add_argument("--check", action="store_true", help="also run pure Caffe and report the difference")
     p.add_argument("--tolerance", type=float, default=1e-4, help="relative L2 limit for --check (1e-4)")
@@ -102,7 +100,7 @@ def _describe_output(name: str, array: np.ndarray, labels: list[str], names: lis
 
 def run(args: argparse.Namespace) -> int:
     require_weights(args)
-    net = open_net(args, outputs=tuple(args.output_blob), engine=args.engine, batch=args.batch or 1)
+    net = open_net(args, engine=args.engine, batch=args.batch or 1)
     inputs, labels = gather_inputs(net, args.input, _preprocessing(args), args.batch)
     class_names = args.labels.read_text().split("\n") if args.labels else []
     start = time.perf_counter()

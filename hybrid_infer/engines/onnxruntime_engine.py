@@ -10,10 +10,11 @@ import onnx
 from ..errors import EngineRejected
 
 
-def _providers(preferred: str) -> list[str]:
+def _providers(device: str) -> list[str]:
+    """ORT's GPU providers where this ORT build has them (unless told "cpu"), then the CPU."""
     import onnxruntime as ort
     available = ort.get_available_providers()
-    order = ["TensorrtExecutionProvider", "CUDAExecutionProvider"] if preferred == "gpu" else []
+    order = [] if device == "cpu" else ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
     return [p for p in order if p in available] + ["CPUExecutionProvider"]
 
 
@@ -22,7 +23,7 @@ class OnnxRuntimeEngine:
 
     kind = "onnxruntime"
 
-    def __init__(self, model: onnx.ModelProto, *, threads: int = 0, device: str = "cpu"):
+    def __init__(self, model: onnx.ModelProto, *, threads: int = 0, device: str = "auto"):
         import onnxruntime as ort
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
