@@ -1,12 +1,13 @@
 """The Python entry point: ``hybrid_infer.load(...)`` returns a ``HybridNet``."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, OptionError
 from .graph.layer_graph import LayerGraph
 from .model.caffe_model import CaffeModel
 from .partition.capability import Capability
@@ -19,6 +20,7 @@ if TYPE_CHECKING:  # the engines pull in ONNX and ONNX Runtime: loaded when a ru
     from .executor.hybrid_executor import HybridExecutor
 
 PathLike = str | os.PathLike[str]
+log = logging.getLogger("hybrid_infer")
 
 
 class HybridNet:
@@ -41,7 +43,9 @@ class HybridNet:
         self.requested_engine = engine
         self.output_blobs = list(outputs) or [self.graph.values[v].blob for v in self.graph.outputs]
         self._output_values = [self.graph.value_of_blob(b) for b in self.output_blobs]
-        self.partition: Partition = partition(self.graph, Capability(profile, fallback), min_segment_size,
+        self._capability = Capability(profile, fallback)
+        self._min_segment_size = min_segment_size
+        self.partition: Partition = partition(self.graph, self._capability, min_segment_size,
                                               keep_outputs=self._output_values)
         self._executor: Optional["HybridExecutor"] = None
 
@@ -65,8 +69,26 @@ class HybridNet:
             if engine == "tensorrt":
                 from .engines.tensorrt_segment import tensorrt_factory
                 factory = tensorrt_factory(self.build_settings, self.engine_cache, self.tensorrt_module)
-            self._executor = HybridExecutor(
-                build_engines(self.graph, self.model, self.partition.segments, engine, factory))
+            rejected: dict[str, str] = {}
+            while True:
+                built = build_engines(self.graph, self.model, self.partition.segments, engine, factory)
+                named = {layer: f"{engine} refused it: {se.fallback_note}" for se in built
+                         for layer in se.rejected_layers if layer not in rejected}
+                if not named:
+                    break
+                # Move only the refused layers to Caffe and cut again, rather than giving
+                # Caffe a whole segment for one layer.
+                for se in built:
+                    se.engine.close()
+                rejected.update(named)
+                log.warning("moving %s to Caffe (refused by %s) and partitioning again",
+                            ", ".join(sorted(named)), engine)
+                self.partition = partition(self.graph, self._capability, self._min_segment_size,
+                                           keep_outputs=self._output_values, rejected=rejected)
+            for se in built:
+                if se.fallback_note:
+                    log.warning(se.fallback_note)
+            self._executor = HybridExecutor(built)
         return self._executor
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -120,6 +142,13 @@ class HybridNet:
             net.blobs[name].data[...] = array
         net._forward(0, len(net.layers) - 1)
         return {blob: np.array(net.blobs[blob].data, copy=True) for blob in self.output_blobs}
+
+    def partition_report(self, fmt: str = "text") -> str:
+        """The partition as the CLI shows it: "text", "json", "dot" or "svg"."""
+        from .report.partition_report import FORMATS
+        if fmt not in FORMATS:
+            raise OptionError(f"unknown report format '{fmt}'; choose one of {', '.join(sorted(FORMATS))}")
+        return FORMATS[fmt](self.partition)
 
     def segment_times(self) -> dict[int, float]:
         """Seconds each segment took in the last ``run``."""

@@ -1,15 +1,13 @@
 """Build the engine for each segment, and fall back to Caffe when an engine refuses one.
 
-A segment that ONNX lowering, ONNX Runtime or TensorRT rejects runs in Caffe with a
-warning: the user gets Caffe's answer more slowly, never a wrong one.
+A segment that ONNX lowering, ONNX Runtime or TensorRT rejects runs in Caffe: the user
+gets Caffe's answer more slowly, never a wrong one. Where the refusal names Caffe layers,
+the caller can move just those to Caffe and partition again.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from typing import Callable, Optional
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Optional
 
 if TYPE_CHECKING:
     import onnx
@@ -20,8 +18,6 @@ from ..errors import EngineRejected, LoweringError, OptionError
 from ..graph.layer_graph import LayerGraph
 from ..model.caffe_model import CaffeModel
 from ..partition.partitioner import CAFFE, Segment
-
-log = logging.getLogger("hybrid_infer")
 
 ENGINES = ("auto", "onnxruntime", "tensorrt")
 
@@ -34,6 +30,8 @@ class SegmentEngine:
     segment: Segment
     engine: Engine
     fallback_note: Optional[str] = None
+    #: The Caffe layers the refusing engine named (empty when it named none).
+    rejected_layers: tuple[str, ...] = ()
 
 
 def segment_onnx(graph: LayerGraph, model: CaffeModel, segment: Segment) -> "onnx.ModelProto":
@@ -79,7 +77,8 @@ def build_engines(graph: LayerGraph, model: CaffeModel, segments: list[Segment],
                 runner = OnnxRuntimeEngine(onnx_model)
             built.append(SegmentEngine(segment, runner))
         except (EngineRejected, LoweringError) as exc:
+            layers = ((exc.layer,) if isinstance(exc, LoweringError)
+                      else tuple(getattr(exc, "caffe_layers", ())))
             note = f"segment {segment.id} runs in Caffe instead: {exc}"
-            log.warning(note)
-            built.append(SegmentEngine(segment, caffe_engine(), note))
+            built.append(SegmentEngine(segment, caffe_engine(), note, layers))
     return built

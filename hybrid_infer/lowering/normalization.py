@@ -3,7 +3,8 @@
 Scale and Bias apply a tensor (learned, or a second bottom) whose axes line up with
 the input's from ``axis`` on; in ONNX that is plain broadcasting once the tensor has
 trailing unit axes. LRN WITHIN_CHANNEL has no ONNX op and is composed exactly as
-Caffe composes it internally: square, AVE pool, power, product.
+Caffe composes it internally: square, AVE pool, power, product; ACROSS_CHANNELS is composed
+the same way (over the channel axis) because ONNX Runtime's LRN kernel is slow.
 """
 from __future__ import annotations
 
@@ -16,19 +17,22 @@ from .conv_pool import emit_pool
 
 
 def lower_batch_norm(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
-    """Global statistics only: (x - mean * s) / sqrt(var * s + eps) with s = 1 / factor
-    (0 when the factor is 0), computed in float32 like Caffe, then Sub and Div."""
+    """Global statistics only. Caffe computes (x - mean * s) / sqrt(var * s + eps) with
+    s = 1 / factor (0 when the factor is 0); this is emitted as x * a + b with a = 1 / std and
+    b = -mean * s / std folded in float64, because a Mul and an Add of constants right after a
+    convolution are what ONNX Runtime and TensorRT fold into the convolution's weights (a Sub
+    and a Div are not). The result differs from Caffe's by float32 rounding only."""
     p = layer.param.batch_norm_param
     if p.HasField("use_global_stats") and not p.use_global_stats:
         raise ctx.error(layer.name, "use_global_stats: false normalises by batch statistics")
-    mean, var, factor = ctx.weights(layer.name)[:3]
-    scale = np.float32(0) if factor.flat[0] == 0 else np.float32(1) / factor.flat[0]
-    std = np.sqrt(var * scale + np.float32(p.eps))
+    mean, var, factor = (a.astype(np.float64) for a in ctx.weights(layer.name)[:3])
+    scale = 0.0 if factor.flat[0] == 0 else 1.0 / factor.flat[0]
+    inverse_std = 1.0 / np.sqrt(var * scale + np.float64(np.float32(p.eps)))
     rank = len(ctx.shape(inputs[0]))
-    centred = ctx.node("Sub", [inputs[0], ctx.const(channel_shaped(mean * scale, rank),
-                                                    f"{layer.name}/mean")], layer=layer.name)[0]
-    ctx.node("Div", [centred, ctx.const(channel_shaped(std, rank), f"{layer.name}/std")], outputs,
-             layer=layer.name)
+    scaled = ctx.node("Mul", [inputs[0], ctx.const(channel_shaped(inverse_std, rank),
+                                                   f"{layer.name}/inverse_std")], layer=layer.name)[0]
+    ctx.node("Add", [scaled, ctx.const(channel_shaped(-mean * scale * inverse_std, rank),
+                                       f"{layer.name}/shift")], outputs, layer=layer.name)
 
 
 def _broadcast_operand(ctx: LoweringContext, layer: Layer, operand: "str | np.ndarray",
@@ -87,8 +91,41 @@ def lower_softmax(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs
     ctx.node("Softmax", inputs, outputs, layer=layer.name, axis=axis)
 
 
+def _power_by_logarithm(ctx: LoweringContext, layer: str, base: str, exponent: float) -> str:
+    """base ^ exponent (base > 0) as exp(exponent * log(base)): ONNX Runtime's Pow calls powf
+    per element, its Exp and Log are vectorised (about twice as fast, within an ulp or two)."""
+    logarithm = ctx.node("Log", [base], layer=layer)[0]
+    scaled = ctx.node("Mul", [logarithm, ctx.const(np.float32(exponent), f"{layer}/exponent")], layer=layer)[0]
+    return ctx.node("Exp", [scaled], layer=layer)[0]
+
+
+def _lrn_across_channels(ctx: LoweringContext, layer: Layer, x: str, out: str, shape: tuple[int, ...]) -> None:
+    """x * (k + alpha/size * sum of x^2 over a window of ``size`` channels)^-beta.
+
+    Composed rather than ONNX's LRN node, whose CPU kernel in ONNX Runtime is a scalar loop
+    (a third of AlexNet's and GoogLeNet's time): the channel-window sum is an average pool
+    over the channel axis of the squares seen as (N, 1, C, H*W), zero-padded like Caffe's
+    padded square and divided by ``size`` everywhere (count_include_pad), as Caffe divides.
+    """
+    p = layer.param.lrn_param
+    name, size = layer.name, int(p.local_size)
+    channels, height, width = shape[1:]
+    pad = (size - 1) // 2
+    square = ctx.node("Mul", [x, x], layer=name)[0]
+    columns = ctx.node("Reshape", [square, ctx.const(np.array([0, 1, channels, height * width]),
+                                                     f"{name}/channel_rows")], layer=name)[0]
+    window_mean = ctx.node("AveragePool", [columns], layer=name, kernel_shape=[size, 1],
+                           strides=[1, 1], pads=[pad, 0, pad, 0], count_include_pad=1)[0]
+    scaled = ctx.node("Mul", [window_mean, ctx.const(np.float32(p.alpha), f"{name}/alpha")], layer=name)[0]
+    base = ctx.node("Add", [scaled, ctx.const(np.float32(p.k), f"{name}/k")], layer=name)[0]
+    factor = _power_by_logarithm(ctx, name, base, -p.beta)
+    unflat = ctx.node("Reshape", [factor, ctx.const(np.array([0, channels, height, width]),
+                                                    f"{name}/image_shape")], layer=name)[0]
+    ctx.node("Mul", [x, unflat], [out], layer=name)
+
+
 def lower_lrn(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
-    """ACROSS_CHANNELS is ONNX LRN (same window, alpha/size, k as bias). WITHIN_CHANNEL is
+    """ACROSS_CHANNELS: see ``_lrn_across_channels``. WITHIN_CHANNEL is
     x * (1 + alpha * avgpool(x^2))^-beta over size x size windows padded by (size-1)/2; its
     k is ignored and the pooling divides by size^2 everywhere, as in Caffe."""
     p = layer.param.lrn_param
@@ -99,8 +136,7 @@ def lower_lrn(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: li
     if len(shape) != 4:
         raise ctx.error(layer.name, "Caffe's LRN takes 4-D blobs only")
     if p.norm_region == p.ACROSS_CHANNELS:
-        ctx.node("LRN", inputs, outputs, layer=layer.name, size=size, alpha=float(p.alpha),
-                 beta=float(p.beta), bias=float(p.k))
+        _lrn_across_channels(ctx, layer, inputs[0], outputs[0], shape)
         return
     name, x = layer.name, inputs[0]
     square = ctx.node("Mul", [x, x], layer=name)[0]

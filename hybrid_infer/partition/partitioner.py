@@ -14,7 +14,7 @@ nothing about layer types itself.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import networkx as nx
 
@@ -211,12 +211,21 @@ class _Cutter:
 
 
 def partition(graph: LayerGraph, capability: Capability, min_segment_size: int = 3,
-              keep_outputs: Iterable[str] = ()) -> Partition:
-    """Partition ``graph``; ``keep_outputs`` are value ids the user wants to see (segment outputs)."""
+              keep_outputs: Iterable[str] = (), rejected: Mapping[str, str] | None = None) -> Partition:
+    """Partition ``graph``; ``keep_outputs`` are value ids the user wants to see (segment outputs).
+
+    ``rejected`` maps layers an engine refused (at lowering or build time) to the reason;
+    they go to Caffe even though the capability table accepts them.
+    """
     capability.check_fallback_names(graph)
+    rejected = rejected or {}
     reasons: dict[str, str] = {}
     backend_of: dict[str, str] = {}
     for layer in graph.compute_layers():
+        if layer.name in rejected:
+            backend_of[layer.name] = CAFFE
+            reasons[layer.name] = rejected[layer.name]
+            continue
         verdict = capability.judge(layer, graph)
         backend_of[layer.name] = TENSORRT if verdict.supported else CAFFE
         if not verdict.supported:

@@ -86,6 +86,13 @@ def _human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _human_flops(n: int) -> str:
+    for unit, scale in (("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} FLOP"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
@@ -98,7 +105,7 @@ def to_text(p: Partition) -> str:
     out = [f"model    {p.graph.model.prototxt}",
            f"profile  {p.profile}, min segment size {p.min_segment_size}",
            f"coverage {cov.layers_tensorrt}/{cov.layers_total} layers ({cov.layer_share:.1%}) and "
-           f"{cov.flop_share:.1%} of {cov.flops_total / 1e9:.3f} GFLOP per image on TensorRT; "
+           f"{cov.flop_share:.1%} of {_human_flops(cov.flops_total)} per image on TensorRT; "
            f"{len(p.segments)} segment(s), {len(bounds)} boundary tensor(s), "
            f"{_human_bytes(sum(b['bytes_per_image'] for b in bounds))} per image across boundaries", ""]
     rows = [[str(s.id), s.backend, str(len(s.layers)), str(s.compute_layer_count(p.graph)),
