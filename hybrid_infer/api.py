@@ -9,15 +9,17 @@ import numpy as np
 
 from .errors import InputError, OptionError
 from .graph.layer_graph import LayerGraph
+from .model.caffe_import import caffe
 from .model.caffe_model import CaffeModel
 from .partition.capability import Capability
 from .partition.partitioner import Partition, partition
 
 if TYPE_CHECKING:  # the engines pull in ONNX and ONNX Runtime: loaded when a run needs them
+    from .engines.caffe_gpu_engine import GpuDevice
     from .engines.engine_cache import EngineCache
     from .engines.tensorrt_build import BuildSettings
     from .executor.engine_factory import SegmentEngine
-    from .executor.hybrid_executor import HybridExecutor
+    from .executor.hybrid_executor import Handoff, HybridExecutor
 
 PathLike = str | os.PathLike[str]
 log = logging.getLogger("hybrid_infer")
@@ -27,13 +29,23 @@ class HybridNet:
     """A Caffe model partitioned between TensorRT (or ONNX Runtime) and Caffe.
 
     Engines are built on the first ``run`` and reused; ``partition`` needs no weights.
+    ``device=N`` runs the Caffe segments on GPU N (checked here, so a wrong id fails
+    before any work); tensors then pass between GPU engines as device pointers, or
+    through the host with ``zero_copy=False`` (to measure the difference).
     """
 
     def __init__(self, model: CaffeModel, *, engine: str = "auto", profile: str = "tensorrt",
                  min_segment_size: int = 3, fallback: Iterable[str] = (),
                  outputs: Sequence[str] = (), build_settings: Optional["BuildSettings"] = None,
-                 engine_cache: Optional["EngineCache"] = None, tensorrt_module: Optional[str] = None):
+                 engine_cache: Optional["EngineCache"] = None, tensorrt_module: Optional[str] = None,
+                 device: Optional[int] = None, zero_copy: bool = True):
         self.model = model
+        self.zero_copy = zero_copy
+        #: The GPU Caffe segments run on, or None for the CPU.
+        self.gpu: Optional["GpuDevice"] = None
+        if device is not None:
+            from .engines.caffe_gpu_engine import use_gpu
+            self.gpu = use_gpu(device)
         self.build_settings = build_settings
         self.engine_cache = engine_cache
         self.tensorrt_module = tensorrt_module
@@ -71,7 +83,8 @@ class HybridNet:
                 factory = tensorrt_factory(self.build_settings, self.engine_cache, self.tensorrt_module)
             rejected: dict[str, str] = {}
             while True:
-                built = build_engines(self.graph, self.model, self.partition.segments, engine, factory)
+                built = build_engines(self.graph, self.model, self.partition.segments, engine, factory,
+                                      caffe_device=self.gpu)
                 named = {layer: f"{engine} refused it: {se.fallback_note}" for se in built
                          for layer in se.rejected_layers if layer not in rejected}
                 if not named:
@@ -88,7 +101,7 @@ class HybridNet:
             for se in built:
                 if se.fallback_note:
                     log.warning(se.fallback_note)
-            self._executor = HybridExecutor(built)
+            self._executor = HybridExecutor(built, zero_copy=self.zero_copy)
         return self._executor
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -127,10 +140,16 @@ class HybridNet:
         values = executor.run(feeds, self._output_values)
         return {blob: values[v] for blob, v in zip(self.output_blobs, self._output_values)}
 
-    def run_caffe(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The same model in pure Caffe (the reference hybrid_infer must reproduce)."""
+    def run_caffe(self, inputs: Mapping[str, np.ndarray], device: Optional[int] = None) -> dict[str, np.ndarray]:
+        """The same model in pure Caffe (the reference hybrid_infer must reproduce), on the
+        CPU or on GPU ``device``; outputs are copied to the host either way."""
         checked = self.check_inputs(inputs)
         net = self.model.reference_net()
+        if device is None:
+            caffe().set_mode_cpu()  # another engine may have left Caffe in GPU mode
+        else:
+            from .engines.caffe_gpu_engine import use_gpu
+            use_gpu(device)
         reshaped = False
         for name, array in checked.items():
             if tuple(net.blobs[name].shape) != array.shape:
@@ -154,6 +173,10 @@ class HybridNet:
         """Seconds each segment took in the last ``run``."""
         return dict(self._executor.last_times) if self._executor else {}
 
+    def handoffs(self) -> list["Handoff"]:
+        """How each tensor of the last ``run`` went from producer to consumer, and its bytes."""
+        return list(self._executor.last_handoffs) if self._executor else []
+
     def close(self) -> None:
         if self._executor is not None:
             self._executor.close()
@@ -171,7 +194,8 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
          outputs: Sequence[str] = (), random_weights: Optional[int] = None,
          input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
          build_settings: Optional["BuildSettings"] = None, engine_cache: Optional["EngineCache"] = None,
-         tensorrt_module: Optional[str] = None) -> HybridNet:
+         tensorrt_module: Optional[str] = None, device: Optional[int] = None,
+         zero_copy: bool = True) -> HybridNet:
     """Load a Caffe model and partition it.
 
     ``random_weights=SEED`` fills every parameter with random values instead of reading a
@@ -179,10 +203,12 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
     ``input_shapes={"data": (1, 3, 720, 1280)}`` replaces the prototxt's input sizes; the
     batch axis stays free either way. ``build_settings``, ``engine_cache`` and
     ``tensorrt_module`` ("tensorrt" or "tensorrt_rtx") steer TensorRT engine builds.
+    ``device=N`` runs Caffe segments on GPU N (see ``HybridNet``).
     """
     model = CaffeModel(prototxt, weights, input_shapes)
     if random_weights is not None:
         model.set_random_weights(random_weights)
     return HybridNet(model, engine=engine, profile=profile, min_segment_size=min_segment_size,
                      fallback=fallback, outputs=outputs, build_settings=build_settings,
-                     engine_cache=engine_cache, tensorrt_module=tensorrt_module)
+                     engine_cache=engine_cache, tensorrt_module=tensorrt_module, device=device,
+                     zero_copy=zero_copy)

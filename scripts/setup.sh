@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One-command set-up: Debian packages, pycaffe (cached build), and .venv with hybrid_infer.
+# One-command set-up: Debian packages, pycaffe (cached build), hybrid_infer's native
+# extension compiled against that Caffe (cached), and .venv with hybrid_infer.
 # Safe to re-run: every step skips what is already in place.
 #
 # Usage: scripts/setup.sh [--cuda [--cuda-arch "90"]]   (CUDA Caffe: see scripts/build-caffe.sh)
+# With --cuda, .venv switches to the CUDA Caffe (cuDNN off); without, to the CPU one.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -48,8 +50,10 @@ if [ ! -x "$root/.venv/bin/python" ]; then
 fi
 log "installing hybrid_infer and its Python dependencies into .venv"
 "$root/.venv/bin/pip" install -q --disable-pip-version-check -e "$root[test]"
+native=$("$root/scripts/build-native.sh" "$prefix" --python "$root/.venv/bin/python" | tail -1)
 site=$("$root/.venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-echo "$prefix/python" > "$site/pycaffe.pth"
-GLOG_minloglevel=2 "$root/.venv/bin/python" -c 'import caffe, hybrid_infer' \
-  || { echo "setup.sh: .venv cannot import caffe from $prefix" >&2; exit 1; }
+printf '%s\n%s\n' "$prefix/python" "$native" > "$site/pycaffe.pth"
+GLOG_minloglevel=2 "$root/.venv/bin/python" -c \
+  'import hybrid_infer; from hybrid_infer.native import blob_access; blob_access()' \
+  || { echo "setup.sh: .venv cannot import caffe and the native extension from $prefix, $native" >&2; exit 1; }
 log "ready: pycaffe from $prefix; activate with 'source .venv/bin/activate'"

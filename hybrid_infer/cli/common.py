@@ -5,7 +5,9 @@ import argparse
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
 
 from ..api import HybridNet, load
 from ..errors import ModelError, OptionError
@@ -17,7 +19,24 @@ if TYPE_CHECKING:
     from ..engines.tensorrt_build import BuildSettings
 
 
-def add_model_options(parser: argparse.ArgumentParser, *, weights: bool = True) -> None:
+AUTO = "auto"
+DEFAULT_MIN_SEGMENT_SIZE = 3
+
+
+def parse_min_segment_size(text: str) -> int | str:
+    if text == AUTO:
+        return AUTO
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of layers or 'auto', not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, weights: bool = True, auto_min: bool = False) -> None:
+    """``auto_min`` lets --min-segment-size be "auto" (commands that run the model on inputs)."""
     parser.add_argument("model", type=Path, help="deploy.prototxt of the Caffe model")
     if weights:
         group = parser.add_mutually_exclusive_group()
@@ -26,8 +45,11 @@ def add_model_options(parser: argparse.ArgumentParser, *, weights: bool = True) 
                            help="fill all parameters with random values (models without weights)")
     parser.add_argument("--profile", choices=PROFILES, default="tensorrt",
                         help="which layers TensorRT may take (default: tensorrt)")
-    parser.add_argument("--min-segment-size", type=int, default=3, metavar="N",
-                        help="TensorRT segments with fewer compute layers run in Caffe (default 3)")
+    parser.add_argument("--min-segment-size", type=parse_min_segment_size if auto_min else int,
+                        default=DEFAULT_MIN_SEGMENT_SIZE, metavar="N|auto" if auto_min else "N",
+                        help="TensorRT segments with fewer compute layers run in Caffe (default 3)"
+                             + ("; auto: time every distinct partition on the inputs and take the fastest"
+                                if auto_min else ""))
     parser.add_argument("--fallback", nargs="+", default=[], metavar="NAME_OR_TYPE",
                         help="force these layers (by name or type) to Caffe")
     parser.add_argument("--output-blob", action="append", default=[], metavar="BLOB",
@@ -39,17 +61,26 @@ def add_model_options(parser: argparse.ArgumentParser, *, weights: bool = True) 
                         help="fail, listing the unsupported layers, if anything would run in Caffe")
 
 
-def open_net(args: argparse.Namespace, *, engine: str = "auto", batch: int = 1) -> HybridNet:
-    if args.min_segment_size < 0:
-        raise OptionError("--min-segment-size must be 0 or more")
-    trt_options = {}
+def _net_options(args: argparse.Namespace, engine: str, batch: int, min_segment_size: int) -> dict[str, Any]:
+    """HybridNet's keyword arguments from the command line."""
+    options: dict[str, Any] = {"engine": engine, "profile": args.profile, "min_segment_size": min_segment_size,
+                               "fallback": args.fallback, "outputs": args.output_blob}
     if hasattr(args, "workspace"):
-        trt_options = {"build_settings": build_settings(args, batch), "engine_cache": engine_cache(args),
-                       "tensorrt_module": args.tensorrt_module}
-    net = load(args.model, getattr(args, "weights", None), engine=engine, profile=args.profile,
-               min_segment_size=args.min_segment_size, fallback=args.fallback, outputs=args.output_blob,
-               random_weights=getattr(args, "random_weights", None),
-               input_shapes=parse_input_shapes(args.input_shape), **trt_options)
+        options.update(build_settings=build_settings(args, batch), engine_cache=engine_cache(args),
+                       tensorrt_module=args.tensorrt_module)
+    if getattr(args, "device", None) is not None:
+        options["device"] = args.device
+    return options
+
+
+def open_net(args: argparse.Namespace, *, engine: str = "auto", batch: int = 1) -> HybridNet:
+    """The model partitioned as the options say; with ``--min-segment-size auto`` at the default
+    minimum until ``auto_min_segment_size`` has measured the alternatives on the inputs."""
+    if not isinstance(args.min_segment_size, str) and args.min_segment_size < 0:
+        raise OptionError("--min-segment-size must be 0 or more")
+    min_size = DEFAULT_MIN_SEGMENT_SIZE if args.min_segment_size == AUTO else args.min_segment_size
+    net = load(args.model, getattr(args, "weights", None), random_weights=getattr(args, "random_weights", None),
+               input_shapes=parse_input_shapes(args.input_shape), **_net_options(args, engine, batch, min_size))
     if args.require_full:
         in_caffe = [n for s in net.partition.segments if s.backend == CAFFE for n in s.layers]
         if in_caffe:
@@ -59,6 +90,20 @@ def open_net(args: argparse.Namespace, *, engine: str = "auto", batch: int = 1) 
             raise ModelError(f"--require-full: {len(in_caffe)} layer(s) of {args.model} would run in "
                              f"Caffe: {listing}")
     return net
+
+
+def auto_min_segment_size(net: HybridNet, args: argparse.Namespace, inputs: Mapping[str, np.ndarray], *,
+                          engine: str = "auto", batch: int = 1) -> HybridNet:
+    """For ``--min-segment-size auto``: the fastest partition of ``net``'s model on ``inputs``
+    (engines built), after printing what was chosen and why; ``net`` itself otherwise."""
+    if args.min_segment_size != AUTO:
+        return net
+    from ..analysis.auto_min import choose_min_segment_size
+    net.close()
+    choice = choose_min_segment_size(
+        lambda size: HybridNet(net.model, **_net_options(args, engine, batch, size)), inputs)
+    print(choice.reason)
+    return choice.net
 
 
 def add_build_options(parser: argparse.ArgumentParser) -> None:

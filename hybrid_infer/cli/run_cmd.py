@@ -8,81 +8,33 @@ from pathlib import Path
 
 import numpy as np
 
-from ..api import HybridNet
-from ..errors import InputError, OptionError
 from ..executor.engine_factory import ENGINES
-from ..inputs import Preprocessing, load_input, random_input
 from ..metrics import compare_outputs
 from ..partition.partitioner import TENSORRT
-from .common import add_build_options, add_model_options, open_net, require_weights, write_atomically
+from ..report import handoff_report
+from .common import (add_build_options, add_model_options, auto_min_segment_size, open_net, require_weights,
+                     write_atomically)
+from .input_options import add_input_options, gather_inputs, preprocessing
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a model (TensorRT/ONNX Runtime + Caffe) on inputs",
                        description="Run a Caffe model through hybrid_infer and print its outputs.")
-    add_model_options(p)
-    p.add_argument("--input", action="extend", nargs="+", default=[], metavar="[NAME=]FILE",
-                   help="input blob from .npy arrays or images; several files of one input form a "
-                        "batch; FILE alone feeds the only input")
-    p.add_argument("--batch", type=int, help="repeat the inputs to this batch size")
+    add_model_options(p, auto_min=True)
+    add_input_options(p)
     p.add_argument("--engine", choices=ENGINES, default="auto",
-                   help="engine for supported segments (auto: TensorRT if it can run here, else ONNX Runtime)")
+                   help="engine for supported segments (auto: TensorRT if it can run here, else ONNX Runtime; "
+                        "caffe: Caffe too, on the same cut)")
+    p.add_argument("--device", type=int, metavar="N",
+                   help="run the Caffe segments on GPU N (needs the CUDA Caffe: scripts/setup.sh --cuda); "
+                        "tensors then stay on the GPU between GPU engines")
     p.add_argument("-o", "--output", type=Path, help="save outputs to FILE.npz")
     p.add_argument("--check", action="store_true", help="also run pure Caffe and report the difference")
     p.add_argument("--tolerance", type=float, default=1e-4, help="relative L2 limit for --check (1e-4)")
     p.add_argument("--labels", type=Path, help="class names, one per line, for classifier outputs")
     p.add_argument("--top", type=int, default=5, help="classes to show per image (5)")
-    prep = p.add_argument_group("image preprocessing: value = (pixel - mean[c]) * scale, pixels 0..255")
-    prep.add_argument("--scale", type=float, default=1.0)
-    prep.add_argument("--mean", type=float, nargs="+", default=[], help="one value, or one per channel")
-    prep.add_argument("--channel-order", choices=("bgr", "rgb"), default="bgr",
-                      help="channel order the model expects (Caffe models: usually bgr)")
-    prep.add_argument("--resize", metavar="HxW", help="resize images to HxW (default: the input's size)")
     add_build_options(p)
     p.set_defaults(func=run)
-
-
-def _preprocessing(args: argparse.Namespace) -> Preprocessing:
-    resize = None
-    if args.resize:
-        try:
-            h, w = (int(x) for x in args.resize.lower().split("x"))
-        except ValueError:
-            raise OptionError(f"--resize {args.resize}: expected HxW, e.g. 224x224") from None
-        resize = (h, w)
-    return Preprocessing(args.scale, tuple(args.mean), args.channel_order, resize)
-
-
-def gather_inputs(net: HybridNet, specs: list[str], prep: Preprocessing,
-                  batch: int | None) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Inputs by blob name, plus the file names per batch item (for printing)."""
-    shapes = net.input_shapes()
-    files: dict[str, list[Path]] = {}
-    for spec in specs:
-        name, sep, file = spec.partition("=")
-        if not sep:
-            if len(shapes) != 1:
-                raise OptionError(f"--input {spec}: this model has inputs {', '.join(shapes)}; write NAME=FILE")
-            name, file = next(iter(shapes)), spec
-        if name not in shapes:
-            raise InputError(f"--input {spec}: '{name}' is not an input of {net.model.prototxt}; "
-                             f"its inputs are {', '.join(shapes)}")
-        files.setdefault(name, []).append(Path(file))
-    inputs: dict[str, np.ndarray] = {}
-    labels: list[str] = []
-    for name, shape in shapes.items():
-        if name in files:
-            inputs[name] = np.concatenate([load_input(f, shape, prep) for f in files[name]])
-            labels = labels or [f.name for f in files[name]]
-        else:
-            inputs[name] = random_input(shape)
-            print(f"note: no --input for '{name}': using random normal values of shape {shape}")
-    if batch:
-        for name, array in inputs.items():
-            reps = -(-batch // array.shape[0])
-            inputs[name] = np.concatenate([array] * reps)[:batch]
-        labels = (labels * batch)[:batch] if labels else []
-    return inputs, labels
 
 
 def _describe_output(name: str, array: np.ndarray, labels: list[str], names: list[str], top: int) -> str:
@@ -101,7 +53,8 @@ def _describe_output(name: str, array: np.ndarray, labels: list[str], names: lis
 def run(args: argparse.Namespace) -> int:
     require_weights(args)
     net = open_net(args, engine=args.engine, batch=args.batch or 1)
-    inputs, labels = gather_inputs(net, args.input, _preprocessing(args), args.batch)
+    inputs, labels = gather_inputs(net, args.input, preprocessing(args), args.batch)
+    net = auto_min_segment_size(net, args, inputs, engine=args.engine, batch=args.batch or 1)
     class_names = args.labels.read_text().split("\n") if args.labels else []
     start = time.perf_counter()
     outputs = net.run(inputs)
@@ -121,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
         note = f"  (fell back: {se.fallback_note})" if se.fallback_note else ""
         print(f"  segment {se.segment.id}: {se.engine.kind:<11} {len(se.segment.layers):4d} layers "
               f"{times.get(se.segment.id, 0) * 1e3:8.2f} ms{note}")
+    if net.gpu is not None:
+        print(f"  Caffe segments ran on GPU {net.gpu.index} ({net.gpu.name})")
+    print("\nhand-offs of the second run:\n" + handoff_report.to_text(net.handoffs()), end="")
     status = 0
     if args.check:
         reference = net.run_caffe(inputs)

@@ -51,7 +51,7 @@ def _unique(wanted: str, taken: set[str]) -> str:
 
 
 class CaffeEngine:
-    """A pycaffe sub-net for one segment, CPU or GPU as Caffe's mode says."""
+    """A pycaffe sub-net for one segment, on the CPU (``CaffeGpuEngine`` runs it on a GPU)."""
 
     kind = "caffe"
 
@@ -63,6 +63,7 @@ class CaffeEngine:
         prototxt = self._workdir / f"{name}.prototxt"
         write_prototxt(subnet_parameter(graph, layer_names, inputs, name), prototxt)
         cf = caffe()
+        self._use_mode()
         self._net = cf.Net(str(prototxt), cf.TEST)
         for layer_name in layer_names:
             if layer_name in self._net.params:
@@ -70,20 +71,32 @@ class CaffeEngine:
                     blob.data[...] = array
         self._blobs = self._net.blobs
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the sub-net; returned arrays are Caffe's blob memory, valid until the next run."""
+    def _use_mode(self) -> None:
+        """Caffe's mode is one setting per thread, shared by every net: set this engine's
+        before it creates or runs its net, since another engine may have changed it."""
+        caffe().set_mode_cpu()
+
+    def _reshape(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Resize the input blobs (and, through Caffe, the rest) only when a shape changed."""
         reshaped = False
         for name in self.input_names:
-            array = feeds[name]
             blob = self._blobs[name]
-            if tuple(blob.shape) != array.shape:
-                blob.reshape(*array.shape)
+            if tuple(blob.shape) != shapes[name]:
+                blob.reshape(*shapes[name])
                 reshaped = True
         if reshaped:
             self._net.reshape()
+
+    def _forward(self) -> None:
+        self._net._forward(0, len(self._net.layers) - 1)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the sub-net; returned arrays are Caffe's blob memory, valid until the next run."""
+        self._use_mode()
+        self._reshape({name: tuple(feeds[name].shape) for name in self.input_names})
         for name in self.input_names:
             self._blobs[name].data[...] = feeds[name]
-        self._net._forward(0, len(self._net.layers) - 1)
+        self._forward()
         return {name: self._blobs[name].data for name in self.output_names}
 
     def close(self) -> None:

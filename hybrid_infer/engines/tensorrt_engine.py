@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import EngineRejected, EnvironmentProblem, InputError
 from . import trt_api
+from .device_tensor import DeviceTensor
 from .trt_api import TrtApi
 
 
@@ -195,19 +196,6 @@ def engine_layers(cuda_engine: Any, api: TrtApi) -> list[dict[str, Any]]:
     inspector = cuda_engine.create_engine_inspector()
     info = json.loads(inspector.get_engine_information(api.module.LayerInformationFormat.JSON))
     return [layer if isinstance(layer, dict) else {"Name": str(layer)} for layer in info.get("Layers", [])]
-
-
-@dataclass(frozen=True)
-class DeviceTensor:
-    """A tensor in GPU memory. Ones returned by ``run_device`` belong to the engine and
-    stay valid until its next run or ``close``."""
-    ptr: int
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
 
 class _Buffer:

@@ -14,12 +14,15 @@ if TYPE_CHECKING:
 
 from ..engines.base import Engine
 from ..engines.caffe_engine import CaffeEngine
+from ..engines.caffe_gpu_engine import CaffeGpuEngine, GpuDevice
 from ..errors import EngineRejected, LoweringError, OptionError
 from ..graph.layer_graph import LayerGraph
 from ..model.caffe_model import CaffeModel
 from ..partition.partitioner import CAFFE, Segment
 
-ENGINES = ("auto", "onnxruntime", "tensorrt")
+#: "caffe" runs every segment in Caffe, on the same cut: it isolates what the engines
+#: contribute from what the cut and the hand-offs cost.
+ENGINES = ("auto", "onnxruntime", "tensorrt", "caffe")
 
 TensorRTFactory = Callable[["onnx.ModelProto", Segment], Engine]
 
@@ -45,7 +48,7 @@ def resolve_engine(engine: str, tensorrt_module: Optional[str] = None) -> tuple[
     Runtime), and say why."""
     if engine not in ENGINES:
         raise OptionError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINES)}")
-    if engine == "onnxruntime":
+    if engine in ("onnxruntime", "caffe"):
         return engine, "asked for"
     from ..engines.tensorrt_engine import runtime_available
     ok, reason = runtime_available(tensorrt_module)
@@ -58,13 +61,18 @@ def resolve_engine(engine: str, tensorrt_module: Optional[str] = None) -> tuple[
 
 
 def build_engines(graph: LayerGraph, model: CaffeModel, segments: list[Segment], engine: str,
-                  tensorrt_factory: Optional[TensorRTFactory] = None) -> list[SegmentEngine]:
-    """One engine per segment; ``engine`` is "onnxruntime" or "tensorrt" (already resolved)."""
+                  tensorrt_factory: Optional[TensorRTFactory] = None,
+                  caffe_device: Optional[GpuDevice] = None) -> list[SegmentEngine]:
+    """One engine per segment; ``engine`` is "onnxruntime", "tensorrt" or "caffe" (already
+    resolved). Caffe segments run on ``caffe_device`` when given, else on the CPU."""
     built: list[SegmentEngine] = []
     for segment in segments:
-        caffe_engine = lambda: CaffeEngine(graph, segment.layers, segment.inputs, segment.outputs,
-                                           model.weights, name=f"segment{segment.id}")
-        if segment.backend == CAFFE:
+        def caffe_engine(segment: Segment = segment) -> Engine:
+            args = (graph, segment.layers, segment.inputs, segment.outputs, model.weights)
+            if caffe_device is not None:
+                return CaffeGpuEngine(*args, device=caffe_device, name=f"segment{segment.id}")
+            return CaffeEngine(*args, name=f"segment{segment.id}")
+        if segment.backend == CAFFE or engine == "caffe":
             built.append(SegmentEngine(segment, caffe_engine()))
             continue
         try:
@@ -74,7 +82,8 @@ def build_engines(graph: LayerGraph, model: CaffeModel, segments: list[Segment],
                 runner: Engine = tensorrt_factory(onnx_model, segment)
             else:
                 from ..engines.onnxruntime_engine import OnnxRuntimeEngine
-                runner = OnnxRuntimeEngine(onnx_model)
+                # Alone, its threads may spin between runs; beside other engines they must not.
+                runner = OnnxRuntimeEngine(onnx_model, spin=len(segments) == 1)
             built.append(SegmentEngine(segment, runner))
         except (EngineRejected, LoweringError) as exc:
             layers = ((exc.layer,) if isinstance(exc, LoweringError)

@@ -91,37 +91,43 @@ def lower_softmax(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs
     ctx.node("Softmax", inputs, outputs, layer=layer.name, axis=axis)
 
 
-def _power_by_logarithm(ctx: LoweringContext, layer: str, base: str, exponent: float) -> str:
-    """base ^ exponent (base > 0) as exp(exponent * log(base)): ONNX Runtime's Pow calls powf
-    per element, its Exp and Log are vectorised (about twice as fast, within an ulp or two)."""
+def _power(ctx: LoweringContext, layer: str, base: str, exponent: float) -> str:
+    """base ^ exponent for base > 0, with exponents 1/2 and 3/4 (LRN's usual beta) as square
+    roots: ONNX Runtime's Pow calls powf per element and its Log is not vectorised, while Sqrt
+    is. Other exponents go through exp(exponent * log(base)). Each form is within a few ulp of
+    Caffe's powf."""
+    if exponent in (0.5, 0.75):
+        root = ctx.node("Sqrt", [base], layer=layer)[0]
+        if exponent == 0.5:
+            return root
+        return ctx.node("Sqrt", [ctx.node("Mul", [base, root], layer=layer)[0]], layer=layer)[0]
     logarithm = ctx.node("Log", [base], layer=layer)[0]
     scaled = ctx.node("Mul", [logarithm, ctx.const(np.float32(exponent), f"{layer}/exponent")], layer=layer)[0]
     return ctx.node("Exp", [scaled], layer=layer)[0]
 
 
-def _lrn_across_channels(ctx: LoweringContext, layer: Layer, x: str, out: str, shape: tuple[int, ...]) -> None:
-    """x * (k + alpha/size * sum of x^2 over a window of ``size`` channels)^-beta.
+def _lrn_across_channels(ctx: LoweringContext, layer: Layer, x: str, out: str) -> None:
+    """x / (k + alpha/size * sum of x^2 over a window of ``size`` channels)^beta.
 
     Composed rather than ONNX's LRN node, whose CPU kernel in ONNX Runtime is a scalar loop
-    (a third of AlexNet's and GoogLeNet's time): the channel-window sum is an average pool
-    over the channel axis of the squares seen as (N, 1, C, H*W), zero-padded like Caffe's
-    padded square and divided by ``size`` everywhere (count_include_pad), as Caffe divides.
+    (a third of AlexNet's and GoogLeNet's time). The channel-window sum is an average pool
+    of the squares with the channel axis moved next to the width, (N, H, C, W): a (size x 1)
+    window, zero-padded like Caffe's padded square and divided by ``size`` everywhere
+    (count_include_pad), as Caffe divides; H stays a pooling channel, so the pool runs in
+    parallel. The element-wise rest is done in that layout, then moved back.
     """
     p = layer.param.lrn_param
     name, size = layer.name, int(p.local_size)
-    channels, height, width = shape[1:]
     pad = (size - 1) // 2
     square = ctx.node("Mul", [x, x], layer=name)[0]
-    columns = ctx.node("Reshape", [square, ctx.const(np.array([0, 1, channels, height * width]),
-                                                     f"{name}/channel_rows")], layer=name)[0]
-    window_mean = ctx.node("AveragePool", [columns], layer=name, kernel_shape=[size, 1],
+    rows = ctx.node("Transpose", [square], layer=name, perm=[0, 2, 1, 3])[0]
+    window_mean = ctx.node("AveragePool", [rows], layer=name, kernel_shape=[size, 1],
                            strides=[1, 1], pads=[pad, 0, pad, 0], count_include_pad=1)[0]
     scaled = ctx.node("Mul", [window_mean, ctx.const(np.float32(p.alpha), f"{name}/alpha")], layer=name)[0]
     base = ctx.node("Add", [scaled, ctx.const(np.float32(p.k), f"{name}/k")], layer=name)[0]
-    factor = _power_by_logarithm(ctx, name, base, -p.beta)
-    unflat = ctx.node("Reshape", [factor, ctx.const(np.array([0, channels, height, width]),
-                                                    f"{name}/image_shape")], layer=name)[0]
-    ctx.node("Mul", [x, unflat], [out], layer=name)
+    denominator = ctx.node("Transpose", [_power(ctx, name, base, float(np.float32(p.beta)))], layer=name,
+                           perm=[0, 2, 1, 3])[0]
+    ctx.node("Div", [x, denominator], [out], layer=name)
 
 
 def lower_lrn(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
@@ -136,7 +142,7 @@ def lower_lrn(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: li
     if len(shape) != 4:
         raise ctx.error(layer.name, "Caffe's LRN takes 4-D blobs only")
     if p.norm_region == p.ACROSS_CHANNELS:
-        _lrn_across_channels(ctx, layer, inputs[0], outputs[0], shape)
+        _lrn_across_channels(ctx, layer, inputs[0], outputs[0])
         return
     name, x = layer.name, inputs[0]
     square = ctx.node("Mul", [x, x], layer=name)[0]

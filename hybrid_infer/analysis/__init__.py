@@ -1,0 +1,1 @@
+"""Measuring partitions: timing, partition comparison, automatic choice, layer-wise diff."""

@@ -1,0 +1,93 @@
+"""Partition specs: how ``compare`` is told which partitions to measure.
+
+A spec is either ``caffe`` (the whole model in pure Caffe, the reference) or comma-separated
+``key=value`` settings of a hybrid partition, e.g. ``profile=tensorrt-2,min=1,fallback=LRN+Concat``:
+
+- ``profile``: ``tensorrt`` (default) or ``tensorrt-2``
+- ``min``: the minimum TensorRT segment size in compute layers (default 3)
+- ``fallback``: layer names or types forced to Caffe, joined by ``+``
+
+A spec's ``label`` is its canonical spelling, so any label printed by ``compare`` can be
+passed back as ``--partition``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from ..errors import OptionError
+from ..partition.capability import PROFILES
+
+CAFFE_SPEC = "caffe"
+DEFAULT_PROFILE = "tensorrt"
+DEFAULT_MIN_SEGMENT_SIZE = 3
+_KEYS = ("profile", "min", "fallback")
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """One partition to measure; ``pure_caffe`` ignores the other fields."""
+    pure_caffe: bool = False
+    profile: str = DEFAULT_PROFILE
+    min_segment_size: int = DEFAULT_MIN_SEGMENT_SIZE
+    fallback: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        if self.pure_caffe:
+            return CAFFE_SPEC
+        text = f"profile={self.profile},min={self.min_segment_size}"
+        return text + (f",fallback={'+'.join(self.fallback)}" if self.fallback else "")
+
+
+PURE_CAFFE = PartitionSpec(pure_caffe=True)
+
+
+def parse_spec(text: str) -> PartitionSpec:
+    """Parse one ``--partition`` value; every mistake names the spec and the valid spelling."""
+    spec = text.strip()
+    if spec == CAFFE_SPEC:
+        return PURE_CAFFE
+    usage = (f"--partition {text!r}: expected 'caffe' or key=value pairs joined by commas with keys "
+             f"{', '.join(_KEYS)}, e.g. profile=tensorrt-2,min=1,fallback=LRN+Concat")
+    if not spec:
+        raise OptionError(usage)
+    fields: dict[str, str] = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or key not in _KEYS or not value:
+            raise OptionError(f"{usage} (cannot read {part.strip()!r})")
+        if key in fields:
+            raise OptionError(f"--partition {text!r}: '{key}' is given twice")
+        fields[key] = value
+    profile = fields.get("profile", DEFAULT_PROFILE)
+    if profile not in PROFILES:
+        raise OptionError(f"--partition {text!r}: unknown profile '{profile}'; choose one of "
+                          f"{', '.join(PROFILES)}")
+    try:
+        min_size = int(fields.get("min", DEFAULT_MIN_SEGMENT_SIZE))
+    except ValueError:
+        raise OptionError(f"--partition {text!r}: min must be a whole number of layers, "
+                          f"not {fields['min']!r}") from None
+    if min_size < 0:
+        raise OptionError(f"--partition {text!r}: min must be 0 or more")
+    fallback = tuple(name for name in fields.get("fallback", "").split("+") if name)
+    return PartitionSpec(False, profile, min_size, fallback)
+
+
+def default_specs(fallback_lists: Iterable[Sequence[str]] = ()) -> list[PartitionSpec]:
+    """Pure Caffe, both profiles, minimum sizes 1, 3 and 10, then one per user fallback list."""
+    specs = [PURE_CAFFE, PartitionSpec(), PartitionSpec(profile="tensorrt-2"),
+             PartitionSpec(min_segment_size=1), PartitionSpec(min_segment_size=10)]
+    specs += [PartitionSpec(fallback=tuple(names)) for names in fallback_lists]
+    return specs
+
+
+def unique_with_caffe_first(specs: Iterable[PartitionSpec]) -> list[PartitionSpec]:
+    """Drop repeated specs; pure Caffe always comes first, since accuracy is measured against it."""
+    ordered = [PURE_CAFFE]
+    for spec in specs:
+        if spec not in ordered:
+            ordered.append(spec)
+    return ordered

@@ -1,0 +1,119 @@
+"""``hybrid-infer compare``: several partitions of one model, timed and checked against Caffe."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from ..analysis.compare import compare_partitions, plot, to_json, to_text
+from ..analysis.partition_spec import PartitionSpec, default_specs, parse_spec, unique_with_caffe_first
+from ..api import HybridNet
+from ..errors import OptionError
+from ..executor.engine_factory import ENGINES
+from ..model.caffe_model import CaffeModel
+from ..partition.capability import PROFILES
+from ..report.bar_chart import CHART_SUFFIXES, check_writable
+from ..report.progress import Progress
+from .common import AUTO, parse_min_segment_size, parse_input_shapes, require_weights, write_atomically
+from .input_options import add_input_options, gather_inputs, preprocessing
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare", help="time and check several partitions of a model against pure Caffe",
+        description="Run the same inputs through pure Caffe and several hybrid partitions; report "
+                    "segments, boundary traffic, TensorRT coverage, latency, throughput and error "
+                    "against Caffe. Default partitions: caffe; profile=tensorrt,min=3; "
+                    "profile=tensorrt-2,min=3; profile=tensorrt,min=1; profile=tensorrt,min=10; "
+                    "plus one per --fallback list.")
+    p.add_argument("model", type=Path, help="deploy.prototxt of the Caffe model")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--weights", type=Path, help="trained .caffemodel")
+    group.add_argument("--random-weights", type=int, metavar="SEED",
+                       help="fill all parameters with random values (models without weights)")
+    p.add_argument("--partition", action="append", default=[], metavar="SPEC",
+                   help="a partition to measure instead of the default set: 'caffe' or key=value pairs "
+                        "joined by commas, keys profile (tensorrt|tensorrt-2), min (N), fallback "
+                        "(NAME+TYPE+...), e.g. profile=tensorrt-2,min=1,fallback=LRN+Concat; repeatable")
+    p.add_argument("--fallback", action="append", nargs="+", default=[], metavar="NAME_OR_TYPE",
+                   help="also measure profile=tensorrt,min=3 with these layers (names or types) in Caffe; "
+                        "repeat the option for several lists")
+    p.add_argument("--min-segment-size", type=parse_min_segment_size, metavar="N|auto",
+                   help="also measure this minimum segment size; auto: time every distinct partition "
+                        "(--profile, first --fallback list) and add the fastest, saying why")
+    p.add_argument("--profile", choices=PROFILES, default="tensorrt",
+                   help="profile for --min-segment-size (default: tensorrt)")
+    p.add_argument("--output-blob", action="append", default=[], metavar="BLOB",
+                   help="compare these blobs instead of the net's outputs; repeatable")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=DxDxDxD",
+                   help="replace an input's size from the prototxt, e.g. data=1x3x720x1280")
+    add_input_options(p)
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="engine for supported segments (auto: TensorRT if it can run here, else ONNX Runtime)")
+    p.add_argument("--runs", type=int, default=20, help="timed runs per partition after warm-up (20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (3)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="relative L2 error against Caffe above which a partition is flagged (1e-4)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="draw median latencies as a bar chart")
+    p.set_defaults(func=run)
+
+
+def _specs(args: argparse.Namespace) -> list[PartitionSpec]:
+    specs = [parse_spec(text) for text in args.partition] or default_specs()
+    specs += [PartitionSpec(fallback=tuple(names)) for names in args.fallback]
+    if isinstance(args.min_segment_size, int):
+        specs.append(PartitionSpec(profile=args.profile, min_segment_size=args.min_segment_size))
+    return unique_with_caffe_first(specs)
+
+
+def _auto_spec(model: CaffeModel, args: argparse.Namespace, inputs: dict) -> PartitionSpec:
+    from ..analysis.auto_min import choose_min_segment_size
+    fallback = tuple(args.fallback[0]) if args.fallback else ()
+    choice = choose_min_segment_size(
+        lambda size: HybridNet(model, engine=args.engine, profile=args.profile, min_segment_size=size,
+                               fallback=fallback, outputs=args.output_blob), inputs)
+    choice.net.close()
+    print(choice.reason)
+    return PartitionSpec(profile=args.profile, min_segment_size=choice.min_segment_size, fallback=fallback)
+
+
+def run(args: argparse.Namespace) -> int:
+    require_weights(args)
+    if args.runs < 1 or args.warmup < 0:
+        raise OptionError("--runs must be 1 or more and --warmup 0 or more")
+    if args.plot:
+        check_writable(args.plot, "--plot", CHART_SUFFIXES)
+    if args.json:
+        check_writable(args.json, "--json")
+    specs = _specs(args)
+    model = CaffeModel(args.model, args.weights, parse_input_shapes(args.input_shape))
+    if args.random_weights is not None:
+        model.set_random_weights(args.random_weights)
+    probe = HybridNet(model, outputs=args.output_blob)
+    inputs, _ = gather_inputs(probe, args.input, preprocessing(args), args.batch)
+    if args.min_segment_size == AUTO:
+        specs = unique_with_caffe_first([*specs, _auto_spec(model, args, inputs)])
+    print(f"measuring {len(specs)} partition(s), {args.warmup} warm-up + {args.runs} timed run(s) each",
+          file=sys.stderr)
+    progress = Progress(len(specs) * (args.runs + args.warmup), "compare")
+    try:
+        results = compare_partitions(model, specs, inputs, engine=args.engine, outputs=args.output_blob,
+                                     runs=args.runs, warmup=args.warmup, tick=progress.tick)
+    finally:
+        progress.close()
+    sys.stdout.write(to_text(results, args.tolerance))
+    title = f"{args.model.name} ({args.model.parent.name}), batch {results[0].batch}"
+    if args.json:
+        meta = {"model": str(args.model), "weights": str(args.weights) if args.weights else None,
+                "random_weights": args.random_weights, "runs": args.runs, "warmup": args.warmup,
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s)"}
+        write_atomically(args.json, (json.dumps(to_json(results, args.tolerance, meta), indent=2) + "\n").encode())
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        plot(results, args.plot, title, args.tolerance)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0 if all(r.within(args.tolerance) for r in results) else 1

@@ -1,0 +1,58 @@
+"""``hybrid-infer diff``: every intermediate value of the hybrid against pure Caffe."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..analysis.bisect import bisect
+from ..analysis.layer_diff import Settings, caffe_values, layer_diff, to_json, to_text
+from ..executor.engine_factory import ENGINES
+from ..report.bar_chart import check_writable
+from .common import add_model_options, open_net, require_weights, write_atomically
+from .input_options import add_input_options, gather_inputs, preprocessing
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "diff", help="compare every intermediate value of the hybrid with pure Caffe",
+        description="Run the hybrid and pure Caffe on the same inputs and report, in execution order, "
+                    "each value's error; the first above --tolerance is flagged with its layer, backend "
+                    "and segment. --bisect then searches for the smallest set of lowered layers that "
+                    "causes a mismatch.")
+    add_model_options(p)
+    add_input_options(p)
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="engine for supported segments (auto: TensorRT if it can run here, else ONNX Runtime)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="relative L2 error per value above which it is flagged (1e-4; 0 flags any difference)")
+    p.add_argument("--bisect", action="store_true",
+                   help="on a mismatch, find the smallest set of TensorRT layers that still causes one "
+                        "(runs the hybrid repeatedly with layers forced to Caffe)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the per-value errors as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    require_weights(args)
+    if args.tolerance < 0:
+        args.tolerance = 0.0
+    if args.json:
+        check_writable(args.json, "--json")
+    net = open_net(args, engine=args.engine, batch=args.batch or 1)
+    inputs, _ = gather_inputs(net, args.input, preprocessing(args), args.batch)
+    settings = Settings(args.profile, args.min_segment_size, tuple(args.fallback), args.engine)
+    diff = layer_diff(net, settings, inputs, args.tolerance)
+    sys.stdout.write(to_text(diff))
+    report = to_json(diff)
+    status = 0 if diff.first_above is None else 1
+    if args.bisect and diff.first_above is not None:
+        print("\nbisecting over the layers on TensorRT (each step is one hybrid run) ...", file=sys.stderr)
+        found = bisect(net, settings, inputs, caffe_values(net, inputs), args.tolerance)
+        print(f"\nbisect: {found.explanation}")
+        report["bisect"] = {"culprits": found.culprits, "runs": found.runs, "explanation": found.explanation}
+    if args.json:
+        write_atomically(args.json, (json.dumps(report, indent=2) + "\n").encode())
+        print(f"wrote {args.json}", file=sys.stderr)
+    return status

@@ -1,0 +1,68 @@
+"""Where inputs come from, for every command that runs a model: ``.npy`` files or images
+(with explicit preprocessing), repeated to a batch, or random values when none are given."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from ..api import HybridNet
+from ..errors import InputError, OptionError
+from ..inputs import Preprocessing, load_input, random_input
+
+
+def add_input_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", action="extend", nargs="+", default=[], metavar="[NAME=]FILE",
+                   help="input blob from .npy arrays or images; several files of one input form a "
+                        "batch; FILE alone feeds the only input")
+    p.add_argument("--batch", type=int, help="repeat the inputs to this batch size")
+    prep = p.add_argument_group("image preprocessing: value = (pixel - mean[c]) * scale, pixels 0..255")
+    prep.add_argument("--scale", type=float, default=1.0)
+    prep.add_argument("--mean", type=float, nargs="+", default=[], help="one value, or one per channel")
+    prep.add_argument("--channel-order", choices=("bgr", "rgb"), default="bgr",
+                      help="channel order the model expects (Caffe models: usually bgr)")
+    prep.add_argument("--resize", metavar="HxW", help="resize images to HxW (default: the input's size)")
+
+
+def preprocessing(args: argparse.Namespace) -> Preprocessing:
+    resize = None
+    if args.resize:
+        try:
+            h, w = (int(x) for x in args.resize.lower().split("x"))
+        except ValueError:
+            raise OptionError(f"--resize {args.resize}: expected HxW, e.g. 224x224") from None
+        resize = (h, w)
+    return Preprocessing(args.scale, tuple(args.mean), args.channel_order, resize)
+
+
+def gather_inputs(net: HybridNet, specs: list[str], prep: Preprocessing,
+                  batch: int | None) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Inputs by blob name, plus the file names per batch item (for printing)."""
+    shapes = net.input_shapes()
+    files: dict[str, list[Path]] = {}
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        if not sep:
+            if len(shapes) != 1:
+                raise OptionError(f"--input {spec}: this model has inputs {', '.join(shapes)}; write NAME=FILE")
+            name, file = next(iter(shapes)), spec
+        if name not in shapes:
+            raise InputError(f"--input {spec}: '{name}' is not an input of {net.model.prototxt}; "
+                             f"its inputs are {', '.join(shapes)}")
+        files.setdefault(name, []).append(Path(file))
+    inputs: dict[str, np.ndarray] = {}
+    labels: list[str] = []
+    for name, shape in shapes.items():
+        if name in files:
+            inputs[name] = np.concatenate([load_input(f, shape, prep) for f in files[name]])
+            labels = labels or [f.name for f in files[name]]
+        else:
+            inputs[name] = random_input(shape)
+            print(f"note: no --input for '{name}': using random normal values of shape {shape}")
+    if batch:
+        for name, array in inputs.items():
+            reps = -(-batch // array.shape[0])
+            inputs[name] = np.concatenate([array] * reps)[:batch]
+        labels = (labels * batch)[:batch] if labels else []
+    return inputs, labels
