@@ -113,6 +113,15 @@ def patch_cuda13(src: Path) -> None:
         print(f"  added {cu.name}: GPU methods that run the CPU code")
 
 
+def patch_relu_gpu_host_copy(src: Path) -> None:
+    """The fork's ReLU Forward_gpu reads its bottom with cpu_data() into an unused variable:
+    a device-to-host copy of every ReLU input on every GPU forward, which also makes
+    activations that never need the host look copied there."""
+    replace_once(src / "src/caffe/layers/relu_layer.cu",
+                 "  const Dtype* bottom_data_output = bottom[0]->cpu_data();\n", "",
+                 "drop the stray host copy in ReLU's Forward_gpu")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("source", type=Path)
@@ -124,6 +133,7 @@ def main() -> None:
     patch_lazy_image_imports(args.source)
     if args.cuda:
         patch_cuda13(args.source)
+        patch_relu_gpu_host_copy(args.source)
 
 
 if __name__ == "__main__":

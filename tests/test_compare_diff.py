@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 
 import hybrid_infer
+import hybrid_infer.api
+from hybrid_infer.analysis.auto_min import choose_min_segment_size
 from hybrid_infer.analysis.bisect import bisect, ddmin
 from hybrid_infer.analysis.layer_diff import Settings, caffe_values, computed_values, layer_diff
 from hybrid_infer.analysis.partition_spec import PURE_CAFFE, PartitionSpec, default_specs, parse_spec
 from hybrid_infer.cli.main import main
 from hybrid_infer.errors import OptionError
+from hybrid_infer.partition.partitioner import CAFFE
 
 from conftest import GRAPHS
 
@@ -90,6 +93,32 @@ def test_auto_min_segment_size_says_what_it_chose_and_why(python_layers, capsys)
     out = capsys.readouterr().out
     assert "--min-segment-size auto chose" in out and "distinct partition(s) measured" in out
     assert "min 1:" in out and "OK" in out
+
+
+def test_partitions_beyond_tolerance_are_refused_not_timed(tmp_path, capsys):
+    """At tolerance 0 only bit-exact partitions qualify: pure Caffe, and a hybrid whose every
+    layer is in Caffe; every partition with a lowered convolution is refused."""
+    report = tmp_path / "refused.json"
+    status = main(["compare", *LENET, "--input", *LENET_SAMPLES, "--runs", "2", "--warmup", "0", "--tolerance", "0",
+                   "--partition", "caffe", "--partition", "min=1", "--partition", "min=11", "--json", str(report)])
+    assert status == 1
+    rows = {row["spec"]: row for row in json.loads(report.read_text())["partitions"]}
+    assert rows["profile=tensorrt,min=1"]["refused"] and rows["profile=tensorrt,min=1"]["latency_median_ms"] is None
+    assert not rows["caffe"]["refused"] and rows["caffe"]["latency_median_ms"] > 0
+    # min=11 hands lenet's only TensorRT segment (10 compute layers) to Caffe: exact, so timed.
+    assert not rows["profile=tensorrt,min=11"]["refused"]
+    assert "refused: outputs differ from Caffe's by relative L2" in capsys.readouterr().out
+
+
+def test_auto_never_chooses_a_partition_that_differs_from_caffe():
+    folder = GRAPHS / "lenet_digits"
+    net = hybrid_infer.load(folder / "deploy.prototxt", folder / "lenet_digits.caffemodel")
+    x = {"data": np.concatenate([np.load(p) for p in LENET_SAMPLES])}
+    make = lambda size: hybrid_infer.api.HybridNet(net.model, engine="onnxruntime", min_segment_size=size)
+    choice = choose_min_segment_size(make, x, net.run_caffe(x), tolerance=0.0, runs=1, warmup=0)
+    assert [s.backend for s in choice.net.partition.segments] == [CAFFE]
+    assert "refused: relative L2" in choice.reason
+    choice.net.close()
 
 
 def test_partition_command_refuses_auto(python_layers, capsys):

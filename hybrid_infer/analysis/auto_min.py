@@ -3,7 +3,7 @@
 A fixed minimum (what other tools offer) guesses how much a hand-off costs against what a
 small TensorRT segment saves; the answer depends on the model, the inputs' size and the
 machine. Here every minimum that gives a *different* partition is tried on the user's own
-inputs and the fastest wins. Those minimums are found without running anything: at
+inputs and the fastest of those that match Caffe (within the tolerance) wins. Those minimums are found without running anything: at
 minimum 1 each TensorRT segment has some number of compute layers c, and a minimum of c+1
 is the first that hands that segment to Caffe, so only those values can change the cut.
 """
@@ -15,6 +15,8 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 
 from ..api import HybridNet
+from ..errors import HybridInferError
+from ..metrics import compare_outputs
 from ..partition.partitioner import TENSORRT, Partition
 from .timing import Timing, time_calls
 
@@ -28,6 +30,7 @@ class Candidate:
     segments: int
     tensorrt_layers: int
     timing: Optional[Timing] = None
+    rel_l2: float = 0.0  # worst output's error against Caffe
 
 
 @dataclass
@@ -50,10 +53,12 @@ def candidate_sizes(make_net: Callable[[int], HybridNet]) -> list[int]:
     return sorted({1} | {c + 1 for c in counts})
 
 
-def choose_min_segment_size(make_net: Callable[[int], HybridNet], inputs: Mapping[str, np.ndarray], *,
-                            runs: int = 5, warmup: int = 1,
-                            tick: Optional[Callable[[], None]] = None) -> AutoChoice:
-    """Time each distinct partition on ``inputs``; return the fastest (ties: smaller minimum)."""
+def choose_min_segment_size(make_net: Callable[[int], HybridNet], inputs: Mapping[str, np.ndarray],
+                            reference: Mapping[str, np.ndarray], *, tolerance: float = 1e-4, runs: int = 5,
+                            warmup: int = 1, tick: Optional[Callable[[], None]] = None) -> AutoChoice:
+    """Time each distinct partition on ``inputs`` whose outputs are within ``tolerance`` of
+    ``reference`` (pure Caffe's); return the fastest (ties: smaller minimum). The largest
+    candidate puts every layer in Caffe, so at least one candidate always qualifies."""
     by_partition: dict[tuple, Candidate] = {}
     for size in candidate_sizes(make_net):
         net = make_net(size)
@@ -71,7 +76,11 @@ def choose_min_segment_size(make_net: Callable[[int], HybridNet], inputs: Mappin
     best: Optional[tuple[Candidate, HybridNet]] = None
     for candidate in candidates:
         net = make_net(candidate.min_sizes[0])
-        net.run(inputs)  # builds the engines: not part of the per-call latency
+        # The first run builds the engines, which is not part of the per-call latency.
+        candidate.rel_l2 = max(d.rel_l2 for d in compare_outputs(net.run(inputs), reference))
+        if candidate.rel_l2 > tolerance:
+            net.close()
+            continue
         candidate.timing = time_calls(lambda: net.run(inputs), runs, warmup, tick)
         if best is None or candidate.timing.median < best[0].timing.median:  # type: ignore[union-attr]
             if best is not None:
@@ -79,26 +88,26 @@ def choose_min_segment_size(make_net: Callable[[int], HybridNet], inputs: Mappin
             best = (candidate, net)
         else:
             net.close()
-    assert best is not None
+    if best is None:
+        raise HybridInferError(f"no partition matches Caffe within relative L2 {tolerance:g} on these inputs")
     chosen, net = best
-    return AutoChoice(chosen.min_sizes[0], net, candidates, _explain(chosen, candidates))
+    return AutoChoice(chosen.min_sizes[0], net, candidates, _explain(chosen, candidates, tolerance))
 
 
-def _describe(c: Candidate) -> str:
+def _describe(c: Candidate, tolerance: float) -> str:
     sizes = (f"{c.min_sizes[0]}" if len(c.min_sizes) == 1 else f"{c.min_sizes[0]}..{c.min_sizes[-1]}")
-    assert c.timing is not None
-    return (f"min {sizes}: {c.timing.median * 1e3:.2f} ms median, {c.segments} segment(s), "
-            f"{c.tensorrt_layers} layer(s) on TensorRT")
+    speed = (f"{c.timing.median * 1e3:.2f} ms median" if c.timing
+             else f"refused: relative L2 {c.rel_l2:.2g} against Caffe > {tolerance:g}")
+    return f"min {sizes}: {speed}, {c.segments} segment(s), {c.tensorrt_layers} layer(s) on TensorRT"
 
 
-def _explain(chosen: Candidate, candidates: list[Candidate]) -> str:
-    others = sorted((c for c in candidates if c is not chosen), key=lambda c: c.timing.median)  # type: ignore
+def _explain(chosen: Candidate, candidates: list[Candidate], tolerance: float) -> str:
     assert chosen.timing is not None
-    why = f"--min-segment-size auto chose {chosen.min_sizes[0]}: fastest of {len(candidates)} distinct partition(s) " \
-          f"measured on these inputs"
-    if others:
-        runner_up = others[0]
-        assert runner_up.timing is not None
-        gain = runner_up.timing.median / chosen.timing.median - 1
+    timed = sorted((c for c in candidates if c.timing and c is not chosen), key=lambda c: c.timing.median)  # type: ignore
+    why = (f"--min-segment-size auto chose {chosen.min_sizes[0]}: fastest of {len(candidates)} distinct "
+           "partition(s) measured on these inputs")
+    if timed:
+        runner_up = timed[0]
+        gain = runner_up.timing.median / chosen.timing.median - 1  # type: ignore[union-attr]
         why += f", {gain:.1%} faster than the next best (min {runner_up.min_sizes[0]})"
-    return why + "\n" + "\n".join(f"  {'*' if c is chosen else ' '} {_describe(c)}" for c in candidates)
+    return why + "\n" + "\n".join(f"  {'*' if c is chosen else ' '} {_describe(c, tolerance)}" for c in candidates)

@@ -35,13 +35,15 @@ class PartitionResult:
     layer_share: float
     flop_share: float
     setup_s: float
-    timing: Timing
     accuracy: list[OutputDifference]
+    tolerance: float
+    timing: Optional[Timing] = None  # None: refused, outputs beyond the tolerance
     notes: list[str] = field(default_factory=list)
 
-    def within(self, tolerance: float) -> bool:
-        """Every output within ``tolerance`` relative L2 of pure Caffe's."""
-        return all(a.rel_l2 <= tolerance for a in self.accuracy)
+    @property
+    def within(self) -> bool:
+        """Every output within the tolerance (relative L2) of pure Caffe's."""
+        return within(self.accuracy, self.tolerance)
 
     @property
     def max_abs(self) -> float:
@@ -57,6 +59,10 @@ class PartitionResult:
         return min(agreements) if agreements else None
 
 
+def within(accuracy: Sequence[OutputDifference], tolerance: float) -> bool:
+    return all(a.rel_l2 <= tolerance for a in accuracy)
+
+
 def open_partition(model: CaffeModel, spec: PartitionSpec, *, engine: str = "auto",
                    outputs: Sequence[str] = ()) -> HybridNet:
     """The hybrid for ``spec`` on an already loaded model; a bad fallback name names the spec."""
@@ -68,35 +74,40 @@ def open_partition(model: CaffeModel, spec: PartitionSpec, *, engine: str = "aut
 
 
 def measure_partition(net: HybridNet, spec: PartitionSpec, inputs: Mapping[str, np.ndarray],
-                      reference: Mapping[str, np.ndarray], *, runs: int, warmup: int,
+                      reference: Mapping[str, np.ndarray], *, tolerance: float, runs: int, warmup: int,
                       tick: Optional[Callable[[], None]] = None) -> PartitionResult:
-    """Build (first run), check against ``reference``, then time ``net`` on ``inputs``."""
+    """Build (first run), check against ``reference``, then, if within ``tolerance``, time
+    ``net`` on ``inputs``."""
     batch = next(iter(inputs.values())).shape[0]
     if spec.pure_caffe:
         run: Callable[[], dict[str, np.ndarray]] = lambda: net.run_caffe(inputs)
     else:
         run = lambda: net.run(inputs)
     start = time.perf_counter()
-    outputs = run()
+    accuracy = compare_outputs(run(), reference)
     setup = time.perf_counter() - start
-    timing = time_calls(run, runs, warmup, tick)
+    timing = time_calls(run, runs, warmup, tick) if within(accuracy, tolerance) else None
     if spec.pure_caffe:
         layers = len(net.graph.compute_layers())
-        return PartitionResult(spec, batch, 1, 0, 0, 0, 0.0, 0.0, setup, timing,
-                               compare_outputs(outputs, reference), [f"{layers} layers in one Caffe net"])
+        return PartitionResult(spec, batch, 1, 0, 0, 0, 0.0, 0.0, setup, accuracy, tolerance, timing,
+                               [f"{layers} layers in one Caffe net"])
     part = net.partition  # after the first run: engines that refused layers may have re-cut it
     cov = coverage(part)
     bounds = boundaries(part)
     notes = [se.fallback_note for se in net.segment_engines if se.fallback_note]
+    if timing is None:
+        notes.append(f"refused: outputs differ from Caffe's by relative L2 {max(a.rel_l2 for a in accuracy):.3g} "
+                     f"> {tolerance:g}; not timed")
     return PartitionResult(
         spec, batch, len(part.segments), sum(s.backend == TENSORRT for s in part.segments), len(bounds),
-        sum(b["bytes_per_image"] for b in bounds), cov.layer_share, cov.flop_share, setup, timing,
-        compare_outputs(outputs, reference), notes)
+        sum(b["bytes_per_image"] for b in bounds), cov.layer_share, cov.flop_share, setup, accuracy, tolerance,
+        timing, notes)
 
 
 def compare_partitions(model: CaffeModel, specs: Sequence[PartitionSpec], inputs: Mapping[str, np.ndarray],
-                       *, engine: str = "auto", outputs: Sequence[str] = (), runs: int = 20,
-                       warmup: int = 3, tick: Optional[Callable[[], None]] = None) -> list[PartitionResult]:
+                       *, engine: str = "auto", outputs: Sequence[str] = (), tolerance: float = 1e-4,
+                       runs: int = 20, warmup: int = 3,
+                       tick: Optional[Callable[[], None]] = None) -> list[PartitionResult]:
     """Every spec measured on ``inputs``; nets are opened one at a time (they hold engines and
     weights) and closed after their measurement. Specs are all checked before any is run."""
     nets = [open_partition(model, spec, engine=engine, outputs=outputs) for spec in specs]
@@ -104,28 +115,35 @@ def compare_partitions(model: CaffeModel, specs: Sequence[PartitionSpec], inputs
     results = []
     for spec, net in zip(specs, nets):
         with net:
-            results.append(measure_partition(net, spec, inputs, reference, runs=runs, warmup=warmup, tick=tick))
+            results.append(measure_partition(net, spec, inputs, reference, tolerance=tolerance, runs=runs,
+                                             warmup=warmup, tick=tick))
     return results
 
 
 def _caffe_median(results: Sequence[PartitionResult]) -> Optional[float]:
-    return next((r.timing.median for r in results if r.spec.pure_caffe), None)
+    return next((r.timing.median for r in results if r.spec.pure_caffe and r.timing), None)
 
 
-def to_json(results: Sequence[PartitionResult], tolerance: float, meta: Mapping[str, Any]) -> dict[str, Any]:
+def to_json(results: Sequence[PartitionResult], meta: Mapping[str, Any]) -> dict[str, Any]:
     caffe = _caffe_median(results)
-    return {**meta, "tolerance_rel_l2": tolerance, "partitions": [{
-        "spec": r.spec.label, "batch": r.batch, "segments": r.segments,
-        "tensorrt_segments": r.tensorrt_segments, "caffe_segments": r.segments - r.tensorrt_segments,
-        "boundaries": r.boundaries, "boundary_bytes_per_image": r.boundary_bytes_per_image,
-        "layer_share_tensorrt": round(r.layer_share, 4), "flop_share_tensorrt": round(r.flop_share, 4),
-        "setup_s": round(r.setup_s, 4), "latency_median_ms": r.timing.median * 1e3,
-        "latency_p90_ms": r.timing.p90 * 1e3, "throughput_items_per_s": r.timing.throughput(r.batch),
-        "speedup_vs_caffe": (caffe / r.timing.median) if caffe else None,
-        "samples_ms": [s * 1e3 for s in r.timing.samples],
-        "accuracy": [{"output": a.name, "max_abs": a.max_abs, "rel_l2": a.rel_l2,
-                      "top1_agreement": a.top1_agreement} for a in r.accuracy],
-        "within_tolerance": r.within(tolerance), "notes": r.notes} for r in results]}
+    rows = []
+    for r in results:
+        t = r.timing
+        rows.append({
+            "spec": r.spec.label, "batch": r.batch, "segments": r.segments,
+            "tensorrt_segments": r.tensorrt_segments, "caffe_segments": r.segments - r.tensorrt_segments,
+            "boundaries": r.boundaries, "boundary_bytes_per_image": r.boundary_bytes_per_image,
+            "layer_share_tensorrt": round(r.layer_share, 4), "flop_share_tensorrt": round(r.flop_share, 4),
+            "setup_s": round(r.setup_s, 4), "refused": t is None,
+            "latency_median_ms": t.median * 1e3 if t else None, "latency_p90_ms": t.p90 * 1e3 if t else None,
+            "throughput_items_per_s": t.throughput(r.batch) if t else None,
+            "speedup_vs_caffe": caffe / t.median if t and caffe else None,
+            "samples_ms": [x * 1e3 for x in t.samples] if t else [],
+            "accuracy": [{"output": a.name, "max_abs": a.max_abs, "rel_l2": a.rel_l2,
+                          "top1_agreement": a.top1_agreement} for a in r.accuracy],
+            "within_tolerance": r.within, "notes": r.notes})
+    tolerance = results[0].tolerance if results else None
+    return {**meta, "tolerance_rel_l2": tolerance, "partitions": rows}
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -134,35 +152,37 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)]
 
 
-def to_text(results: Sequence[PartitionResult], tolerance: float) -> str:
+def to_text(results: Sequence[PartitionResult]) -> str:
     caffe = _caffe_median(results)
     rows = []
     for r in results:
-        top1 = "-" if r.top1 is None else f"{r.top1:.0%}"
+        t = r.timing
+        speed = ([f"{t.median * 1e3:.2f}", f"{t.p90 * 1e3:.2f}", f"{t.throughput(r.batch):.1f}",
+                  f"{caffe / t.median:.2f}x" if caffe else "-"] if t else ["refused", "-", "-", "-"])
         rows.append([r.spec.label, f"{r.segments} ({r.tensorrt_segments} trt)", str(r.boundaries),
                      f"{r.boundary_bytes_per_image / 1024:.1f}", f"{r.layer_share:.0%}", f"{r.flop_share:.1%}",
-                     f"{r.timing.median * 1e3:.2f}", f"{r.timing.p90 * 1e3:.2f}",
-                     f"{r.timing.throughput(r.batch):.1f}",
-                     f"{caffe / r.timing.median:.2f}x" if caffe else "-",
-                     f"{r.max_abs:.2g}", f"{r.rel_l2:.2g}", top1,
-                     "ok" if r.within(tolerance) else "ABOVE"])
+                     *speed, f"{r.max_abs:.2g}", f"{r.rel_l2:.2g}", "-" if r.top1 is None else f"{r.top1:.0%}"])
     lines = _table(["partition", "segments", "bounds", "KiB/img", "layers", "FLOPs", "median ms", "p90 ms",
-                    "items/s", "vs Caffe", "max abs", "rel L2", "top-1", f"rel L2<={tolerance:g}"], rows)
+                    "items/s", "vs Caffe", "max abs", "rel L2", "top-1"], rows)
     notes = [f"  {r.spec.label}: {n}" for r in results for n in r.notes if not r.spec.pure_caffe]
     batch = results[0].batch if results else 0
-    lines += ["", f"batch {batch}; layers/FLOPs: share on TensorRT; bounds: tensors handed between "
-                  "segments; accuracy against pure Caffe on the same inputs (worst output)"]
+    tolerance = results[0].tolerance if results else 0
+    lines += ["", f"batch {batch}; layers/FLOPs: share on TensorRT; bounds: tensors handed between segments; "
+                  f"error against pure Caffe on the same inputs (worst output); partitions beyond relative L2 "
+                  f"{tolerance:g} are refused, not timed"]
     if notes:
         lines += ["notes:", *notes]
     return "\n".join(lines) + "\n"
 
 
-def plot(results: Sequence[PartitionResult], path: Any, title: str, tolerance: float) -> None:
-    """Median latency per partition with a whisker up to p90; partitions above tolerance are red."""
+def plot(results: Sequence[PartitionResult], path: Any, title: str) -> None:
+    """Median latency per partition with a whisker up to p90; refused partitions are drawn n/a."""
     from ..report.bar_chart import grouped_bar_chart
     labels = [r.spec.label.replace(",", "\n") for r in results]
-    grouped_bar_chart(path, labels, {"median latency (ms)": [r.timing.median * 1e3 for r in results]},
-                      errors={"median latency (ms)": [(r.timing.p90 - r.timing.median) * 1e3 for r in results]},
+    name = "median latency (ms)"
+    grouped_bar_chart(path, labels, {name: [r.timing.median * 1e3 if r.timing else None for r in results]},
+                      errors={name: [(r.timing.p90 - r.timing.median) * 1e3 if r.timing else None
+                                     for r in results]},
                       title=title, ylabel="ms per batch (whisker: p90)",
-                      note="; ".join(f"{r.spec.label}: above tolerance {tolerance:g}"
-                                     for r in results if not r.within(tolerance)))
+                      note="n/a: refused, outputs differ from Caffe's beyond the tolerance"
+                      if any(r.timing is None for r in results) else "")

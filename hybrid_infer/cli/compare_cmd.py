@@ -70,12 +70,12 @@ def _specs(args: argparse.Namespace) -> list[PartitionSpec]:
     return unique_with_caffe_first(specs)
 
 
-def _auto_spec(model: CaffeModel, args: argparse.Namespace, inputs: dict) -> PartitionSpec:
+def _auto_spec(probe: HybridNet, args: argparse.Namespace, inputs: dict) -> PartitionSpec:
     from ..analysis.auto_min import choose_min_segment_size
     fallback = tuple(args.fallback[0]) if args.fallback else ()
-    choice = choose_min_segment_size(
-        lambda size: HybridNet(model, engine=args.engine, profile=args.profile, min_segment_size=size,
-                               fallback=fallback, outputs=args.output_blob), inputs)
+    make_net = lambda size: HybridNet(probe.model, engine=args.engine, profile=args.profile, min_segment_size=size,
+                                      fallback=fallback, outputs=args.output_blob)
+    choice = choose_min_segment_size(make_net, inputs, probe.run_caffe(inputs), tolerance=args.tolerance)
     choice.net.close()
     print(choice.reason)
     return PartitionSpec(profile=args.profile, min_segment_size=choice.min_segment_size, fallback=fallback)
@@ -96,24 +96,25 @@ def run(args: argparse.Namespace) -> int:
     probe = HybridNet(model, outputs=args.output_blob)
     inputs, _ = gather_inputs(probe, args.input, preprocessing(args), args.batch)
     if args.min_segment_size == AUTO:
-        specs = unique_with_caffe_first([*specs, _auto_spec(model, args, inputs)])
+        specs = unique_with_caffe_first([*specs, _auto_spec(probe, args, inputs)])
     print(f"measuring {len(specs)} partition(s), {args.warmup} warm-up + {args.runs} timed run(s) each",
           file=sys.stderr)
     progress = Progress(len(specs) * (args.runs + args.warmup), "compare")
     try:
         results = compare_partitions(model, specs, inputs, engine=args.engine, outputs=args.output_blob,
-                                     runs=args.runs, warmup=args.warmup, tick=progress.tick)
+                                     tolerance=args.tolerance, runs=args.runs, warmup=args.warmup,
+                                     tick=progress.tick)
     finally:
         progress.close()
-    sys.stdout.write(to_text(results, args.tolerance))
+    sys.stdout.write(to_text(results))
     title = f"{args.model.name} ({args.model.parent.name}), batch {results[0].batch}"
     if args.json:
         meta = {"model": str(args.model), "weights": str(args.weights) if args.weights else None,
                 "random_weights": args.random_weights, "runs": args.runs, "warmup": args.warmup,
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s)"}
-        write_atomically(args.json, (json.dumps(to_json(results, args.tolerance, meta), indent=2) + "\n").encode())
+        write_atomically(args.json, (json.dumps(to_json(results, meta), indent=2) + "\n").encode())
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
-        plot(results, args.plot, title, args.tolerance)
+        plot(results, args.plot, title)
         print(f"wrote {args.plot}", file=sys.stderr)
-    return 0 if all(r.within(args.tolerance) for r in results) else 1
+    return 0 if all(r.within for r in results) else 1

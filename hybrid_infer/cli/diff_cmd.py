@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..analysis.bisect import bisect
 from ..analysis.layer_diff import Settings, caffe_values, layer_diff, to_json, to_text
+from ..errors import OptionError
 from ..executor.engine_factory import ENGINES
 from ..report.bar_chart import check_writable
 from .common import add_model_options, open_net, require_weights, write_atomically
@@ -37,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     require_weights(args)
     if args.tolerance < 0:
-        args.tolerance = 0.0
+        raise OptionError(f"--tolerance {args.tolerance:g}: a relative error cannot be negative")
     if args.json:
         check_writable(args.json, "--json")
     net = open_net(args, engine=args.engine, batch=args.batch or 1)

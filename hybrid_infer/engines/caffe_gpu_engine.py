@@ -16,6 +16,7 @@ streams before handing tensors over (TensorRT engines do).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Mapping, Sequence, Union
 
@@ -39,11 +40,22 @@ class GpuDevice:
 
 
 def use_gpu(index: int) -> GpuDevice:
-    """Make GPU ``index`` Caffe's device for this thread, after checking that it can be.
+    """Make GPU ``index`` Caffe's device (and GPU mode Caffe's mode) for this thread,
+    after checking that it can be."""
+    device = check_gpu(index)
+    cf = caffe()
+    cf.set_device(index)
+    cf.set_mode_gpu()
+    return device
+
+
+@functools.cache
+def check_gpu(index: int) -> GpuDevice:
+    """GPU ``index`` as Caffe would use it, or the reason it cannot.
 
     Caffe aborts the whole process on any CUDA error, so each way this could fail (a
     CPU-only Caffe, no driver or GPU, a device id out of range) is found out first and
-    raised as an error the user can act on.
+    raised as an error the user can act on. Cached: device properties are slow to query.
     """
     native = blob_access()
     if not native.cuda_enabled():
@@ -59,9 +71,6 @@ def use_gpu(index: int) -> GpuDevice:
         listing = ", ".join(f"{i}: {native.device_name(i)}" for i in range(count))
         raise OptionError(f"--device {index}: there is no GPU {index}; this machine has {count} "
                           f"({listing})")
-    cf = caffe()
-    cf.set_device(index)
-    cf.set_mode_gpu()
     return GpuDevice(index, native.device_name(index))
 
 

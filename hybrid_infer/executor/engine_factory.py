@@ -83,7 +83,7 @@ def build_engines(graph: LayerGraph, model: CaffeModel, segments: list[Segment],
             else:
                 from ..engines.onnxruntime_engine import OnnxRuntimeEngine
                 # Alone, its threads may spin between runs; beside other engines they must not.
-                runner = OnnxRuntimeEngine(onnx_model, spin=len(segments) == 1)
+                runner = OnnxRuntimeEngine(onnx_model, idle_spin=len(segments) == 1)
             built.append(SegmentEngine(segment, runner))
         except (EngineRejected, LoweringError) as exc:
             layers = ((exc.layer,) if isinstance(exc, LoweringError)

@@ -20,11 +20,6 @@ class Progress:
         self.start = time.monotonic()
         self.enabled = stream.isatty()
 
-    def describe(self, label: str) -> None:
-        """Say what is being measured now."""
-        self.label = label
-        self._draw()
-
     def tick(self, steps: int = 1) -> None:
         self.done = min(self.total, self.done + steps)
         self._draw()
