@@ -162,6 +162,19 @@ class HybridNet:
         net._forward(0, len(net.layers) - 1)
         return {blob: np.array(net.blobs[blob].data, copy=True) for blob in self.output_blobs}
 
+    def outputs_with_logits(self) -> list[str]:
+        """The output blobs plus the input blob of each final Softmax.
+
+        Accuracy checks compare those logits too: the softmax of random (or confident)
+        logits saturates to 0 and 1 and would hide errors.
+        """
+        blobs = list(self.output_blobs)
+        for value in self.graph.outputs:
+            layer = self.graph.layers[self.graph.values[value].producer]
+            if layer.type == "Softmax":
+                blobs.append(self.graph.values[layer.bottoms[0]].blob)
+        return blobs
+
     def partition_report(self, fmt: str = "text") -> str:
         """The partition as the CLI shows it: "text", "json", "dot" or "svg"."""
         from .report.partition_report import FORMATS

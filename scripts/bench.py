@@ -127,16 +127,6 @@ def wait_until_quiet(limit_s: float) -> bool:
     return True
 
 
-def logit_blobs(net: HybridNet) -> list[str]:
-    """Net outputs plus the input of each final Softmax."""
-    blobs = list(net.output_blobs)
-    for value in net.graph.outputs:
-        layer = net.graph.layers[net.graph.values[value].producer]
-        if layer.type == "Softmax":
-            blobs.append(net.graph.values[layer.bottoms[0]].blob)
-    return blobs
-
-
 def worst_error(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
     return max(relative_l2(got[name].reshape(want[name].shape), want[name]) for name in want)
 
@@ -192,7 +182,7 @@ def measure_case(case: Case, prototxt: Path, args: argparse.Namespace, workdir: 
     model = CaffeModel(prototxt, input_shapes={"data": _input_shape(prototxt, case.batch)})
     model.set_random_weights(args.seed)
     net = HybridNet(model, engine="onnxruntime")
-    blobs = logit_blobs(net)
+    blobs = net.outputs_with_logits()
     net = HybridNet(model, engine="onnxruntime", outputs=blobs)
     inputs = {name: np.random.default_rng(1).standard_normal(shape).astype(np.float32)
               for name, shape in net.input_shapes().items()}

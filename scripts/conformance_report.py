@@ -54,20 +54,10 @@ MODELS = [
 ]
 
 
-def compared_blobs(net) -> list[str]:
-    """Net outputs plus each final Softmax's input (softmax of random logits saturates)."""
-    blobs = list(net.output_blobs)
-    for value in net.graph.outputs:
-        layer = net.graph.layers[net.graph.values[value].producer]
-        if layer.type == "Softmax":
-            blobs.append(net.graph.values[layer.bottoms[0]].blob)
-    return blobs
-
-
 def measure(label: str, prototxt: Path, weights: Path | None, options: dict, cache_dir: str) -> dict:
     probe = hybrid_infer.load(prototxt, weights, random_weights=None if weights else 2026, **options)
     net = hybrid_infer.load(prototxt, weights, random_weights=None if weights else 2026, engine="onnxruntime",
-                            outputs=compared_blobs(probe), **options)
+                            outputs=probe.outputs_with_logits(), **options)
     rng = np.random.default_rng(0)
     inputs = {n: rng.standard_normal(s).astype(np.float32) for n, s in net.input_shapes().items()}
     got, want = net.run(inputs), net.run_caffe(inputs)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,12 +25,12 @@ def test_legacy_input_fields(make_prototxt):
 
 
 def test_phase_rules_and_multiple_tops(make_prototxt):
-    model = CaffeModel(make_prototxt(f'''
-layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 1 dim: 3 dim: 8 dim: 8 }} }} }}
-layer {{ name: "train_only" type: "Dropout" bottom: "data" top: "d" include {{ phase: TRAIN }} }}
-layer {{ name: "not_test" type: "ReLU" bottom: "data" top: "r" exclude {{ phase: TEST }} }}
-layer {{ name: "slice" type: "Slice" bottom: "data" top: "a" top: "b" slice_param {{ slice_point: 1 }} }}
-layer {{ name: "test_only" type: "TanH" bottom: "a" top: "a" include {{ phase: TEST }} }}
+    model = CaffeModel(make_prototxt('''
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "train_only" type: "Dropout" bottom: "data" top: "d" include { phase: TRAIN } }
+layer { name: "not_test" type: "ReLU" bottom: "data" top: "r" exclude { phase: TEST } }
+layer { name: "slice" type: "Slice" bottom: "data" top: "a" top: "b" slice_param { slice_point: 1 } }
+layer { name: "test_only" type: "TanH" bottom: "a" top: "a" include { phase: TEST } }
 '''))
     names = [layer.name for layer in model.layers]
     assert names == ["data", "slice", "test_only"]
@@ -95,7 +94,7 @@ def test_missing_files():
 
 def test_weights_from_caffemodel_and_missing_weights(make_prototxt, tmp_path):
     from hybrid_infer.model.caffe_import import caffe
-    text = f'input: "data" input_shape {{ dim: 1 dim: 3 dim: 8 dim: 8 }}\n' \
+    text = 'input: "data" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }\n' \
            f'layer {{ name: "c" type: "Convolution" bottom: "data" top: "c" {CONV} }}\n'
     model = CaffeModel(make_prototxt(text))
     model.set_random_weights(3)

@@ -22,14 +22,7 @@ TOLERANCE = 1e-4
 
 
 def _outputs_with_logits(prototxt: Path, **kwargs) -> list[str]:
-    """Net outputs plus the input blob of each final Softmax."""
-    probe = hybrid_infer.load(prototxt, **kwargs)
-    blobs = list(probe.output_blobs)
-    for value in probe.graph.outputs:
-        layer = probe.graph.layers[probe.graph.values[value].producer]
-        if layer.type == "Softmax":
-            blobs.append(probe.graph.values[layer.bottoms[0]].blob)
-    return blobs
+    return hybrid_infer.load(prototxt, **kwargs).outputs_with_logits()
 
 
 def assert_matches_caffe(net, inputs: dict[str, np.ndarray]) -> dict[str, float]:

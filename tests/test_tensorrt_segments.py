@@ -18,7 +18,7 @@ from hybrid_infer.executor.engine_factory import segment_onnx
 from hybrid_infer.metrics import relative_l2
 from hybrid_infer.partition.partitioner import TENSORRT
 
-from conftest import GRAPHS, REPO, SHARED_MODELS
+from conftest import GRAPHS, REPO
 
 RUNTIME_OK, RUNTIME_REASON = runtime_available()
 
