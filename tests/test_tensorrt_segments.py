@@ -57,7 +57,7 @@ def _build_all(net, rtx, cache_dir) -> int:
     for segment in net.partition.segments:
         if segment.backend != TENSORRT:
             continue
-        model = segment_onnx(net.graph, net.model, segment)
+        model = segment_onnx(net.graph, net.model, segment, check=True)
         built, lookup = cache.get_or_build(model, BuildSettings(batch_max=2), api=rtx, label=f"seg{segment.id}")
         assert built.plan_size > 0 and not lookup.hit
         assert sorted(built.input_names) == sorted(segment.inputs)

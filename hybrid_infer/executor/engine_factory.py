@@ -37,10 +37,11 @@ class SegmentEngine:
     rejected_layers: tuple[str, ...] = ()
 
 
-def segment_onnx(graph: LayerGraph, model: CaffeModel, segment: Segment) -> "onnx.ModelProto":
+def segment_onnx(graph: LayerGraph, model: CaffeModel, segment: Segment, *,
+                 check: bool = False) -> "onnx.ModelProto":
     from ..lowering.segment_to_onnx import lower_segment  # keeps `partition` free of the lowering
     return lower_segment(graph, segment.layers, segment.inputs, segment.outputs, model.weights,
-                         name=f"segment{segment.id}")
+                         name=f"segment{segment.id}", check=check)
 
 
 def resolve_engine(engine: str, tensorrt_module: Optional[str] = None) -> tuple[str, str]:
