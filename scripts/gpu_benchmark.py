@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 import hybrid_infer
+from hybrid_infer.analysis.timing import time_calls
 from hybrid_infer.executor.hybrid_executor import DEVICE_POINTER
 
 MODELS = {  # name: prototxt under --models-dir
@@ -39,14 +40,7 @@ MODELS = {  # name: prototxt under --models-dir
 
 
 def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return time_calls(fn, repeats, warmup).median * 1e3
 
 
 def random_inputs(net: hybrid_infer.HybridNet, batch: int) -> dict[str, np.ndarray]:
