@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import InputError, OptionError
 from .graph.layer_graph import LayerGraph
+from .lowering.plugins import LoweringModule, load_lowering_modules
 from .model.caffe_import import caffe
 from .model.caffe_model import CaffeModel
 from .partition.capability import Capability
@@ -230,8 +231,13 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
          input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
          build_settings: Optional["BuildSettings"] = None, engine_cache: Optional["EngineCache"] = None,
          tensorrt_module: Optional[str] = None, device: Optional[int] = None,
-         zero_copy: bool = True) -> HybridNet:
+         zero_copy: bool = True, lowerings: Sequence["LoweringModule"] = ()) -> HybridNet:
     """Load a Caffe model and partition it.
+
+    ``lowerings`` names modules (importable names, ``.py`` paths, or modules) whose
+    ``register_lowering`` calls add lowerings for the user's own layers; they are imported
+    before partitioning, and their registrations last for the process. Installed packages'
+    entry points (group ``hybrid_infer.lowerings``) are loaded without being named.
 
     ``random_weights=SEED`` fills every parameter with random values instead of reading a
     caffemodel (for models shipped without weights; benchmarks and tests).
@@ -240,6 +246,7 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
     ``tensorrt_module`` ("tensorrt" or "tensorrt_rtx") steer TensorRT engine builds.
     ``device=N`` runs Caffe segments on GPU N (see ``HybridNet``).
     """
+    load_lowering_modules(lowerings)
     model = CaffeModel(prototxt, weights, input_shapes)
     if random_weights is not None:
         model.set_random_weights(random_weights)
