@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .detections import DetectionComparison, Thresholds
 
 
 def relative_l2(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -23,16 +26,36 @@ def relative_l2(actual: np.ndarray, expected: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class OutputDifference:
+    """One output against Caffe's. For a DetectionOutput blob, ``detections`` compares rows as
+    detections and ``max_abs``/``rel_l2`` cover the matched detections only."""
     name: str
     max_abs: float
     rel_l2: float
     top1_agreement: Optional[float]
+    detections: Optional["DetectionComparison"] = None
+
+    def within(self, tolerance: float) -> bool:
+        """Relative L2 within ``tolerance``; for detections: no difference other than those
+        near-equal numbers explain (``tolerance`` then bounds scores and coordinates)."""
+        return self.detections.ok if self.detections is not None else self.rel_l2 <= tolerance
 
 
-def compare_outputs(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]) -> list[OutputDifference]:
+def compare_outputs(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], *,
+                    detections: Mapping[str, "Thresholds"] = {}, tolerance: float = 1e-4) -> list[OutputDifference]:
+    """Each of ``expected``'s outputs (Caffe's) against ``actual``'s. Outputs named in
+    ``detections`` (DetectionOutput blobs, see ``detections.detection_outputs``) are compared
+    as detections with ``tolerance``; an output of another shape than Caffe's is infinitely off."""
     rows = []
     for name, ref in expected.items():
         got = actual[name]
+        if name in detections:
+            from .detections import compare_detections
+            found = compare_detections(got, ref, detections[name], tolerance)
+            rows.append(OutputDifference(name, found.max_abs, found.rel_l2, None, found))
+            continue
+        if got.shape != ref.shape:
+            rows.append(OutputDifference(name, float("inf"), float("inf"), None))
+            continue
         diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
         finite = diff[np.isfinite(diff)]
         top1 = None

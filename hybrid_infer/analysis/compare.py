@@ -15,6 +15,7 @@ import numpy as np
 
 from ..api import HybridNet
 from ..errors import OptionError
+from ..detections import detection_outputs
 from ..metrics import OutputDifference, compare_outputs
 from ..model.caffe_model import CaffeModel
 from ..partition.partitioner import TENSORRT
@@ -60,7 +61,7 @@ class PartitionResult:
 
 
 def within(accuracy: Sequence[OutputDifference], tolerance: float) -> bool:
-    return all(a.rel_l2 <= tolerance for a in accuracy)
+    return all(a.within(tolerance) for a in accuracy)
 
 
 def open_partition(model: CaffeModel, spec: PartitionSpec, *, engine: str = "auto",
@@ -84,7 +85,7 @@ def measure_partition(net: HybridNet, spec: PartitionSpec, inputs: Mapping[str, 
     else:
         run = lambda: net.run(inputs)
     start = time.perf_counter()
-    accuracy = compare_outputs(run(), reference)
+    accuracy = compare_outputs(run(), reference, detections=detection_outputs(net.graph), tolerance=tolerance)
     setup = time.perf_counter() - start
     timing = time_calls(run, runs, warmup, tick) if within(accuracy, tolerance) else None
     if spec.pure_caffe:
@@ -95,9 +96,10 @@ def measure_partition(net: HybridNet, spec: PartitionSpec, inputs: Mapping[str, 
     cov = coverage(part)
     bounds = boundaries(part)
     notes = [se.fallback_note for se in net.segment_engines if se.fallback_note]
+    notes += [f"{a.name}: {a.detections.summary()}" for a in accuracy if a.detections and a.detections.diffs]
     if timing is None:
-        notes.append(f"refused: outputs differ from Caffe's by relative L2 {max(a.rel_l2 for a in accuracy):.3g} "
-                     f"> {tolerance:g}; not timed")
+        notes.append(f"refused: outputs differ from Caffe's beyond the tolerance {tolerance:g} (relative L2 "
+                     f"{max(a.rel_l2 for a in accuracy):.3g}, or detections that differ); not timed")
     return PartitionResult(
         spec, batch, len(part.segments), sum(s.backend == TENSORRT for s in part.segments), len(bounds),
         sum(b["bytes_per_image"] for b in bounds), cov.layer_share, cov.flop_share, setup, accuracy, tolerance,
@@ -140,7 +142,8 @@ def to_json(results: Sequence[PartitionResult], meta: Mapping[str, Any]) -> dict
             "speedup_vs_caffe": caffe / t.median if t and caffe else None,
             "samples_ms": [x * 1e3 for x in t.samples] if t else [],
             "accuracy": [{"output": a.name, "max_abs": a.max_abs, "rel_l2": a.rel_l2,
-                          "top1_agreement": a.top1_agreement} for a in r.accuracy],
+                          "top1_agreement": a.top1_agreement,
+                          **({"detections": a.detections.to_json()} if a.detections else {})} for a in r.accuracy],
             "within_tolerance": r.within, "notes": r.notes})
     tolerance = results[0].tolerance if results else None
     return {**meta, "tolerance_rel_l2": tolerance, "partitions": rows}

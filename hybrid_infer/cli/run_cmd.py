@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..executor.engine_factory import ENGINES
+from ..detections import DetectionComparison, detection_outputs, parse
 from ..metrics import compare_outputs
 from ..partition.partitioner import TENSORRT
 from ..report import handoff_report
@@ -30,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "tensors then stay on the GPU between GPU engines")
     p.add_argument("-o", "--output", type=Path, help="save outputs to FILE.npz")
     p.add_argument("--check", action="store_true", help="also run pure Caffe and report the difference")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="relative L2 limit for --check (1e-4)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="relative L2 limit for --check (1e-4); for DetectionOutput blobs the largest score or "
+                        "coordinate difference, and the margin within which scores and thresholds count as equal")
     p.add_argument("--labels", type=Path, help="class names, one per line, for classifier outputs")
     p.add_argument("--top", type=int, default=5, help="classes to show per image (5)")
     add_build_options(p)
@@ -50,6 +53,27 @@ def _describe_output(name: str, array: np.ndarray, labels: list[str], names: lis
     return out.getvalue().rstrip()
 
 
+def _describe_detections(name: str, array: np.ndarray, top: int) -> str:
+    """A DetectionOutput blob: its rows per image, the ``top`` highest-scoring of each."""
+    found = parse(array)
+    lines = [f"{name}: shape {tuple(array.shape)}, {len(found)} detection(s) [image, label, score, xmin, ymin, xmax, ymax]"]
+    for image in sorted({d.image for d in found}):
+        mine = sorted((d for d in found if d.image == image), key=lambda d: -d.score)
+        lines += [f"  [{image}] label {d.label} score {d.score:.4f} box ({', '.join(f'{v:.4f}' for v in d.box)})"
+                  for d in mine[:top]]
+        if len(mine) > top:
+            lines.append(f"  [{image}] ... {len(mine) - top} more")
+    return "\n".join(lines)
+
+
+def _print_detection_check(name: str, found: DetectionComparison, ok: bool, limit: int = 20) -> None:
+    print(f"  {name}: {found.summary()} {'OK' if ok else 'DIFFERENT'} (tolerance {found.tolerance:g})")
+    for diff in found.diffs[:limit]:
+        print(f"    {diff.describe()}")
+    if len(found.diffs) > limit:
+        print(f"    ... {len(found.diffs) - limit} more")
+
+
 def run(args: argparse.Namespace) -> int:
     require_weights(args)
     net = open_net(args, engine=args.engine, batch=args.batch or 1)
@@ -62,8 +86,10 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     outputs = net.run(inputs)
     again = time.perf_counter() - start
+    detections = detection_outputs(net.graph)
     for name, array in outputs.items():
-        print(_describe_output(name, array, labels, [c.strip() for c in class_names], args.top))
+        print(_describe_detections(name, array, args.top) if name in detections
+              else _describe_output(name, array, labels, [c.strip() for c in class_names], args.top))
     print(f"\n{len(net.partition.segments)} segment(s); first run {first * 1e3:.1f} ms "
           f"(includes engine set-up), second run {again * 1e3:.1f} ms")
     trt_kinds = sorted({se.engine.kind for se in net.segment_engines if se.segment.backend == TENSORRT})
@@ -81,9 +107,12 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         reference = net.run_caffe(inputs)
         print("\ncheck against pure Caffe:")
-        for row in compare_outputs(outputs, reference):
-            ok = row.rel_l2 <= args.tolerance
+        for row in compare_outputs(outputs, reference, detections=detections, tolerance=args.tolerance):
+            ok = row.within(args.tolerance)
             status |= 0 if ok else 1
+            if row.detections is not None:
+                _print_detection_check(row.name, row.detections, ok)
+                continue
             print(f"  {row.name}: max abs error {row.max_abs:.3g}, relative L2 {row.rel_l2:.3g} "
                   f"{'OK' if ok else 'ABOVE'} (tolerance {args.tolerance:g})"
                   + (f", top-1 agreement {row.top1_agreement:.0%}" if row.top1_agreement is not None else ""))
