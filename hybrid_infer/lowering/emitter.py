@@ -24,6 +24,7 @@ class Emitter:
     def __init__(self, ctx: LoweringContext, layer: str):
         self.ctx = ctx
         self.layer = layer
+        self._consts: dict[tuple, str] = {}
 
     def _emit(self, op: str, inputs: Sequence[str], outputs: list[str], attrs: dict[str, Any]) -> list[str]:
         return self.ctx.node(op, inputs, outputs, layer=self.layer, **attrs)
@@ -36,8 +37,13 @@ class Emitter:
         return self._emit(op, list(inputs), outputs, attrs)
 
     def const(self, value: Any, hint: str) -> str:
-        """An initializer (float as float32, integers as int64; see ``LoweringContext.const``)."""
-        return self.ctx.const(value, f"{self.layer}/{hint}")
+        """An initializer (float as float32, integers as int64; see ``LoweringContext.const``);
+        the same value under the same hint is added once."""
+        array = np.asarray(value)
+        key = (hint, array.dtype.str, array.shape, array.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.ctx.const(array, f"{self.layer}/{hint}")
+        return self._consts[key]
 
     def fill(self, like: str, value: float) -> str:
         """A float32 tensor shaped like ``like`` and filled with ``value``."""
