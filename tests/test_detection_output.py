@@ -242,6 +242,14 @@ def test_tensorrt_rtx_builds_the_lowering(rtx, params, share):
     assert any("det" in layer["caffe_layers"] for layer in built.network_layers)
 
 
+def test_tensorrt_rtx_builds_the_lowering_in_fp16(rtx):
+    """FP16 converts the casts inside the NMS Loop's body too (its MatMul needs equal types)."""
+    model, graph = load_text(detection_prototxt(RTX_BUILDS["ssd"][0]))
+    built = build_engine(lower_whole_net(model, graph, ["out"]), BuildSettings(fp16=True, batch_max=2), api=rtx,
+                         label="det")
+    assert built.plan_size > 0 and built.fp16_onnx
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not RUNTIME_OK, reason=RUNTIME_REASON)
 @pytest.mark.parametrize("params,share", list(RTX_BUILDS.values()), ids=list(RTX_BUILDS))
