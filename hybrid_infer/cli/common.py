@@ -70,6 +70,8 @@ def _net_options(args: argparse.Namespace, engine: str, batch: int, min_segment_
                        tensorrt_module=args.tensorrt_module)
     if getattr(args, "device", None) is not None:
         options["device"] = args.device
+    if getattr(args, "check", False):
+        options["keep_logits"] = True  # run --check compares them: keep them from the start
     return options
 
 
