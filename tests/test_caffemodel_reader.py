@@ -231,13 +231,6 @@ def test_errors_say_what_is_wrong(make_prototxt, tmp_path):
         CaffeModel(make_prototxt(wider), weights)
 
 
-def test_caffemodel_of_another_model_is_refused(shared_models):
-    with pytest.raises(ModelError, match=r"cifar10_full_iter_70000.caffemodel has no weights for layer\(s\) ip2 "
-                                         r"\(closest in the caffemodel: ip1\) of .*mnist_deploy.prototxt"):
-        CaffeModel(shared_models / "lenet_mnist/mnist_deploy.prototxt",
-                   shared_models / "cifar10_full/cifar10_full_iter_70000.caffemodel")
-
-
 def test_cli_error_for_a_damaged_caffemodel_is_one_line(make_prototxt, tmp_path):
     path, _, weights = _saved(make_prototxt, tmp_path)
     cut = tmp_path / "cut.caffemodel"
