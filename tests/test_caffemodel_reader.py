@@ -210,6 +210,8 @@ def test_errors_say_what_is_wrong(make_prototxt, tmp_path):
         "text.caffemodel": (path.read_bytes(), r"a text file, not a binary \.caffemodel \(is it a prototxt\?\)"),
         "png.caffemodel": (b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, r"not a valid binary \.caffemodel: the "
                                                                           r"protobuf encoding breaks at byte \d+"),
+        "weights.h5": (b"\x89HDF\r\n\x1a\n" + bytes(100), r"HDF5 weights, which hybrid_infer does not read"),
+        "onnx.caffemodel": (bytes([0x08, 0x07, 0x3A, 0x02, 0x10, 0x01]), r"holds no named layers"),
         "cut.caffemodel": (data[: len(data) - 100], rf"truncated: the file ends at byte {len(data) - 100}, inside "
                                                     r"a field that starts at byte \d+ \(after \d+ complete layer"),
     }
@@ -217,18 +219,17 @@ def test_errors_say_what_is_wrong(make_prototxt, tmp_path):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(ModelError, match=message):
             CaffeModel(path, tmp_path / name)
-    renamed = NET.replace('name: "fc"', 'name: "fc2"')
-    with pytest.raises(ModelError, match=r"w\.caffemodel has no weights for layer\(s\) fc2 \(closest in the "
-                                         r"caffemodel: fc\) of .*; pass the caffemodel trained for this prototxt"):
-        CaffeModel(make_prototxt(renamed), weights)
-    no_bias = NET.replace("num_output: 5 }", "num_output: 5 bias_term: false }")
-    with pytest.raises(ModelError, match=r"layer 'fc' has 1 parameter blob\(s\) in the prototxt but 2 in the "
-                                         r"caffemodel"):
-        CaffeModel(make_prototxt(no_bias), weights)
-    wider = NET.replace("num_output: 4 kernel_size: 3", "num_output: 6 kernel_size: 3")
-    with pytest.raises(ModelError, match=r"does not fit .*: layer 'conv' blob 0: shape mismatch: the caffemodel "
-                                         r"holds 4x3x3x3, the prototxt needs 6x3x3x3"):
-        CaffeModel(make_prototxt(wider), weights)
+    for text, message in (
+            (NET.replace('name: "fc"', 'name: "fc2"'),
+             r"w\.caffemodel has no weights for layer\(s\) fc2 \(closest in the caffemodel: fc\) of .*; pass the "
+             r"caffemodel trained for this prototxt"),
+            (NET.replace("num_output: 5 }", "num_output: 5 bias_term: false }"),
+             r"layer 'fc' has 1 parameter blob\(s\) in the prototxt but 2 in the caffemodel"),
+            (NET.replace("num_output: 4 kernel_size: 3", "num_output: 6 kernel_size: 3"),
+             r"does not fit .*: layer 'conv' blob 0: shape mismatch: the caffemodel holds 4x3x3x3, the prototxt "
+             r"needs 6x3x3x3")):
+        with pytest.raises(ModelError, match=message):
+            CaffeModel(make_prototxt(text), weights)
 
 
 def test_cli_error_for_a_damaged_caffemodel_is_one_line(make_prototxt, tmp_path):

@@ -44,6 +44,7 @@ _V0_NAME, _V0_BLOBS = 1, 50
 _BLOB_LEGACY = (1, 2, 3, 4)  # num, channels, height, width
 _BLOB_DATA, _BLOB_SHAPE, _BLOB_DOUBLE_DATA = 5, 7, 8
 _SHAPE_DIM = 1
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # Caffe also accepts .h5 weights (Net::CopyTrainedLayersFromHDF5)
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,9 @@ def read_caffemodel(path: str | os.PathLike[str]) -> list[StoredLayer]:
     with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if _looks_like_text(buf[:256]):
             raise ModelError(f"{p}: a text file, not a binary .caffemodel (is it a prototxt?)")
+        if buf[:8] == _HDF5_SIGNATURE:
+            raise ModelError(f"{p}: HDF5 weights, which hybrid_infer does not read; save them as a .caffemodel "
+                             "with pycaffe (caffe.Net(prototxt, caffe.TEST, weights=FILE).save(OUT))")
         try:
             for number, wire, a, b in _fields(buf, 0, size):
                 if wire == _LENGTH and number == _NET_LAYER:
@@ -227,9 +231,8 @@ def read_caffemodel(path: str | os.PathLike[str]) -> list[StoredLayer]:
                     layers.append(_layer(buf, a, b, _V1_NAME, _V1_BLOBS))
         except _Damaged as exc:
             raise _damage_error(p, size, exc, layers) from None
-    if not layers:
-        raise ModelError(f"{p}: holds no layers: not a Caffe model (.caffemodel) or written by "
-                         "something else")
+    if not any(layer.name for layer in layers):
+        raise ModelError(f"{p}: holds no named layers: not a Caffe model (.caffemodel)")
     return layers
 
 
