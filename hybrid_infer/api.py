@@ -12,6 +12,7 @@ import numpy as np
 
 from .errors import InputError, OptionError
 from .graph.layer_graph import LayerGraph
+from .lowering.plugins import LoweringModule, load_lowering_modules
 from .metrics import OutputDifference, compare_outputs
 from .model.caffe_import import caffe
 from .model.caffe_model import CaffeModel
@@ -300,8 +301,14 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
          input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
          build_settings: Optional["BuildSettings"] = None, engine_cache: Optional["EngineCache"] = None,
          tensorrt_module: Optional[str] = None, device: Optional[int] = None,
-         zero_copy: bool = True, keep_logits: bool = False) -> HybridNet:
+         zero_copy: bool = True, lowerings: Sequence["LoweringModule"] = (),
+         keep_logits: bool = False) -> HybridNet:
     """Load a Caffe model and partition it.
+
+    ``lowerings`` names modules (importable names, ``.py`` paths, or modules) whose
+    ``register_lowering`` calls add lowerings for the user's own layers; they are imported
+    before partitioning, and their registrations last for the process. Installed packages'
+    entry points (group ``hybrid_infer.lowerings``) are loaded without being named.
 
     ``random_weights=SEED`` fills every parameter with random values instead of reading a
     caffemodel (for models shipped without weights; benchmarks and tests).
@@ -311,6 +318,7 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
     ``device=N`` runs Caffe segments on GPU N and ``keep_logits=True`` prepares ``check``
     (see ``HybridNet``).
     """
+    load_lowering_modules(lowerings)
     model = CaffeModel(prototxt, weights, input_shapes)
     if random_weights is not None:
         model.set_random_weights(random_weights)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
-from onnx import numpy_helper
 
 from ..graph.layer_graph import Layer
 from .context import LoweringContext, channel_shaped
+from .registry import register_lowering
 
 Step = tuple[str, Optional[float]]  # (ONNX op, scalar second operand or None for unary ops)
 
@@ -38,7 +38,7 @@ def emit_power(ctx: LoweringContext, layer: str, x: str, out: str,
         value = np.float32(1) if power == 0 else np.float32(shift ** power)
         shape = ctx.node("Shape", [x], layer=layer)[0]
         ctx.node("ConstantOfShape", [shape], [out], layer=layer,
-                 value=numpy_helper.from_array(np.array([value], dtype=np.float32), "value"))
+                 value=ctx.tensor_attribute(np.array([value], dtype=np.float32)))
         return
     steps: list[Step] = []
     if scale != 1:
@@ -50,6 +50,7 @@ def emit_power(ctx: LoweringContext, layer: str, x: str, out: str,
     _chain(ctx, layer, x, out, steps)
 
 
+@register_lowering("ReLU")
 def lower_relu(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     slope = layer.param.relu_param.negative_slope
     if slope == 0:
@@ -58,6 +59,7 @@ def lower_relu(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: l
         ctx.node("LeakyRelu", inputs, outputs, layer=layer.name, alpha=float(slope))
 
 
+@register_lowering("ReLU6")
 def lower_relu6(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """The fork's ReLU6 also has a negative slope and a configurable threshold."""
     p = layer.param.relu6_param
@@ -70,6 +72,7 @@ def lower_relu6(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: 
     ctx.node("Min", [leaky, top], outputs, layer=layer.name)
 
 
+@register_lowering("PReLU")
 def lower_prelu(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Slopes are per channel (axis 1), so they are shaped (C, 1, ...) for broadcasting."""
     slope = ctx.weights(layer.name)[0]
@@ -78,22 +81,27 @@ def lower_prelu(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: 
     ctx.node("PRelu", [inputs[0], ctx.const(slope, f"{layer.name}/slope")], outputs, layer=layer.name)
 
 
+@register_lowering("Sigmoid")
 def lower_sigmoid(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     ctx.node("Sigmoid", inputs, outputs, layer=layer.name)
 
 
+@register_lowering("TanH")
 def lower_tanh(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     ctx.node("Tanh", inputs, outputs, layer=layer.name)
 
 
+@register_lowering("ELU")
 def lower_elu(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     ctx.node("Elu", inputs, outputs, layer=layer.name, alpha=float(layer.param.elu_param.alpha))
 
 
+@register_lowering("AbsVal")
 def lower_absval(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     ctx.node("Abs", inputs, outputs, layer=layer.name)
 
 
+@register_lowering("BNLL")
 def lower_bnll(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Caffe: x > 0 ? x + log(1 + exp(-x)) : log(1 + exp(x)), i.e. relu(x) + log(1 + exp(-|x|))."""
     name, x = layer.name, inputs[0]
@@ -103,6 +111,7 @@ def lower_bnll(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: l
     ctx.node("Add", [ctx.node("Relu", [x], layer=name)[0], log_term], outputs, layer=name)
 
 
+@register_lowering("Power")
 def lower_power(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     p = layer.param.power_param
     emit_power(ctx, layer.name, inputs[0], outputs[0], p.power, p.scale, p.shift)
@@ -117,6 +126,7 @@ def _log_base(ctx: LoweringContext, layer: Layer, base: float) -> np.float32:
     return np.log(np.float32(base))
 
 
+@register_lowering("Exp")
 def lower_exp(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Caffe rewrites base^(shift + scale*x) as base^shift * exp(log(base) * scale * x)."""
     p = layer.param.exp_param
@@ -133,6 +143,7 @@ def lower_exp(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: li
     _chain(ctx, layer.name, inputs[0], outputs[0], steps)
 
 
+@register_lowering("Log")
 def lower_log(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Caffe: log(shift + scale*x) / log(base), the division done as a float32 multiplication."""
     p = layer.param.log_param

@@ -8,12 +8,13 @@ ONNX's constant ``kernel_h * kernel_w`` divisor with a per-position factor where
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..graph.layer_graph import Layer
+from ..graph.layer_graph import Layer, LayerGraph
 from .context import LoweringContext
+from .registry import register_lowering
 
 
 def _per_axis(ctx: LoweringContext, layer: Layer, what: str, values: Sequence[int],
@@ -52,10 +53,6 @@ def _conv_geometry(ctx: LoweringContext, layer: Layer, rank: int) -> dict[str, l
 def _lower_conv_like(op_type: str, ctx: LoweringContext, layer: Layer, inputs: list[str],
                      outputs: list[str]) -> None:
     p = layer.param.convolution_param
-    if len(inputs) != 1:
-        raise ctx.error(layer.name, "a convolution with several bottoms (shared weights) is not lowered")
-    if ctx.canonical_axis(layer.name, p.axis, len(ctx.shape(inputs[0]))) != 1:
-        raise ctx.error(layer.name, f"convolution over axis {p.axis}; only the channel axis 1 is lowered")
     rank = len(ctx.shape(inputs[0])) - 2
     blobs = ctx.weights(layer.name)
     operands = [inputs[0], ctx.const(blobs[0], f"{layer.name}/weight")]
@@ -65,11 +62,27 @@ def _lower_conv_like(op_type: str, ctx: LoweringContext, layer: Layer, inputs: l
              **_conv_geometry(ctx, layer, rank))
 
 
+def check_convolution(layer: Layer, graph: LayerGraph) -> Optional[str]:
+    """Channel axis 1, 1-D to 3-D, one bottom (Caffe's shared-weight form with several bottoms
+    is not lowered)."""
+    p = layer.param.convolution_param
+    rank = len(graph.values[layer.bottoms[0]].shape)
+    if p.axis not in (1, 1 - rank):
+        return f"convolution over axis {p.axis}; only channel axis 1 is lowered"
+    if rank - 2 not in (1, 2, 3):
+        return "only 1-D, 2-D and 3-D convolutions are lowered"
+    if len(layer.bottoms) != 1:
+        return "a convolution with several bottoms (shared weights) is not lowered"
+    return None
+
+
+@register_lowering("Convolution", check=check_convolution)
 def lower_convolution(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Caffe's floor-rounded output size is ONNX Conv's with symmetric pads."""
     _lower_conv_like("Conv", ctx, layer, inputs, outputs)
 
 
+@register_lowering("Deconvolution", check=check_convolution)
 def lower_deconvolution(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Caffe stores deconvolution weights as (C_in, C_out/group, k...), which is ConvTranspose's
     layout, and its output size stride*(in-1) + extent - 2*pad is ConvTranspose's with those pads."""
@@ -117,11 +130,19 @@ def _pool_pair(p: Any, single: str, prefix: str) -> list[int]:
     return [getattr(p, single)] * 2
 
 
+def check_pooling(layer: Layer, graph: LayerGraph) -> Optional[str]:
+    p = layer.param.pooling_param
+    if p.pool not in (p.MAX, p.AVE):
+        return "stochastic pooling has no TensorRT equivalent"
+    if len(layer.tops) > 1:
+        return "max pooling with a mask top has no TensorRT equivalent"
+    return None
+
+
+@register_lowering("Pooling", check=check_pooling)
 def lower_pooling(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Takes the output size from Caffe's own shape computation rather than re-deriving it."""
     p = layer.param.pooling_param
-    if p.pool not in (p.MAX, p.AVE) or len(outputs) != 1:
-        raise ctx.error(layer.name, "only MAX and AVE pooling without a mask top are lowered")
     method = "MAX" if p.pool == p.MAX else "AVE"
     shape = ctx.shape(inputs[0])
     if len(shape) != 4:
@@ -139,6 +160,7 @@ def lower_pooling(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs
               shape[2:], ctx.shape(outputs[0])[2:])
 
 
+@register_lowering("InnerProduct")
 def lower_inner_product(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Axis 1 becomes Flatten + Gemm (what TensorRT maps onto its fully connected path);
     other axes flatten only the trailing dims and use MatMul, keeping the leading ones."""

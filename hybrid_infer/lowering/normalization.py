@@ -8,14 +8,25 @@ the same way (over the channel axis) because ONNX Runtime's LRN kernel is slow.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
-from ..graph.layer_graph import Layer
+from ..graph.layer_graph import Layer, LayerGraph
 from .activations import emit_power
 from .context import LoweringContext, channel_shaped
 from .conv_pool import emit_pool
+from .registry import register_lowering
 
 
+def check_batch_norm(layer: Layer, graph: LayerGraph) -> Optional[str]:
+    p = layer.param.batch_norm_param
+    if p.HasField("use_global_stats") and not p.use_global_stats:
+        return "BatchNorm with use_global_stats: false normalises by batch statistics"
+    return None
+
+
+@register_lowering("BatchNorm", check=check_batch_norm)
 def lower_batch_norm(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Global statistics only. Caffe computes (x - mean * s) / sqrt(var * s + eps) with
     s = 1 / factor (0 when the factor is 0); this is emitted as x * a + b with a = 1 / std and
@@ -23,8 +34,6 @@ def lower_batch_norm(ctx: LoweringContext, layer: Layer, inputs: list[str], outp
     convolution are what ONNX Runtime and TensorRT fold into the convolution's weights (a Sub
     and a Div are not). The result differs from Caffe's by float32 rounding only."""
     p = layer.param.batch_norm_param
-    if p.HasField("use_global_stats") and not p.use_global_stats:
-        raise ctx.error(layer.name, "use_global_stats: false normalises by batch statistics")
     mean, var, factor = (a.astype(np.float64) for a in ctx.weights(layer.name)[:3])
     scale = 0.0 if factor.flat[0] == 0 else 1.0 / factor.flat[0]
     inverse_std = 1.0 / np.sqrt(var * scale + np.float64(np.float32(p.eps)))
@@ -64,6 +73,7 @@ def _apply(ctx: LoweringContext, layer: Layer, op: str, x: str, x_shape: tuple[i
     return ctx.node(op, [x, operand_name], outputs, layer=layer.name)[0]
 
 
+@register_lowering("Scale")
 def lower_scale(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """The bias of ``bias_term`` has the scale's shape and axis; it is blob 1, or blob 0 when
     the scale comes from a second bottom."""
@@ -79,12 +89,14 @@ def lower_scale(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: 
     _apply(ctx, layer, "Add", scaled, x_shape, blobs[0 if from_bottom else 1], p.axis, outputs, "bias")
 
 
+@register_lowering("Bias")
 def lower_bias(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     bias = inputs[1] if len(inputs) > 1 else ctx.weights(layer.name)[0]
     _apply(ctx, layer, "Add", inputs[0], ctx.shape(inputs[0]), bias, layer.param.bias_param.axis,
            outputs, "bias")
 
 
+@register_lowering("Softmax")
 def lower_softmax(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Opset-13 Softmax normalises along one axis, exactly Caffe's, trailing dims or not."""
     axis = ctx.canonical_axis(layer.name, layer.param.softmax_param.axis, len(ctx.shape(inputs[0])))
@@ -130,6 +142,7 @@ def _lrn_across_channels(ctx: LoweringContext, layer: Layer, x: str, out: str) -
     ctx.node("Div", [x, denominator], [out], layer=name)
 
 
+@register_lowering("LRN")
 def lower_lrn(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """ACROSS_CHANNELS: see ``_lrn_across_channels``. WITHIN_CHANNEL is
     x * (1 + alpha * avgpool(x^2))^-beta over size x size windows padded by (size-1)/2; its
@@ -154,6 +167,13 @@ def lower_lrn(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: li
     ctx.node("Mul", [x, denominator], outputs, layer=name)
 
 
+def check_normalize(layer: Layer, graph: LayerGraph) -> Optional[str]:
+    if len(graph.values[layer.bottoms[0]].shape) != 4:
+        return "Normalize is lowered for 4-D blobs only"
+    return None
+
+
+@register_lowering("Normalize", check=check_normalize)
 def lower_normalize(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """SSD's L2 normalisation: x / sqrt(sum(x^2) + eps) over all of an item (across_spatial)
     or over channels per position, then times the learned scale (one, or one per channel)."""

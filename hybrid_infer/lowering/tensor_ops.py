@@ -7,14 +7,18 @@ along the batch axis run to the end instead of to the prototxt's batch.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
-from ..graph.layer_graph import Layer
+from ..graph.layer_graph import Layer, LayerGraph
 from .context import LoweringContext
+from .registry import register_lowering
 
 _TO_END = np.iinfo(np.int64).max
 
 
+@register_lowering("Input")
 def lower_input(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Input blobs are the ONNX graph's inputs: nothing to compute."""
 
@@ -24,21 +28,29 @@ def _identity(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: li
         ctx.node("Identity", [inputs[0]], [out], layer=layer.name)
 
 
+@register_lowering("Split")
 def lower_split(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Every top is the bottom itself; ONNX needs one Identity per distinct output name."""
     _identity(ctx, layer, inputs, outputs)
 
 
+@register_lowering("Dropout")
 def lower_dropout(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """At TEST Caffe's Dropout copies its input (training already scaled the kept units)."""
     _identity(ctx, layer, inputs, outputs)
 
 
+def check_eltwise(layer: Layer, graph: LayerGraph) -> Optional[str]:
+    p = layer.param.eltwise_param
+    if len(p.coeff) and (p.operation != p.SUM or len(p.coeff) != len(layer.bottoms)):
+        return "Eltwise coefficients need operation SUM and one value per bottom"
+    return None
+
+
+@register_lowering("Eltwise", check=check_eltwise)
 def lower_eltwise(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """SUM adds coeff_i * x_i in bottom order, as Caffe's axpy loop does."""
     p = layer.param.eltwise_param
-    if len(p.coeff) and (p.operation != p.SUM or len(p.coeff) != len(inputs)):
-        raise ctx.error(layer.name, "coefficients need operation SUM and one value per bottom")
     if p.operation == p.MAX:
         ctx.node("Max", inputs, outputs, layer=layer.name)
         return
@@ -56,6 +68,7 @@ def lower_eltwise(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs
         acc = ctx.node(op, [acc, term], outputs if i == len(terms) else None, layer=layer.name)[0]
 
 
+@register_lowering("Concat")
 def lower_concat(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     p = layer.param.concat_param
     rank = len(ctx.shape(inputs[0]))
@@ -64,6 +77,7 @@ def lower_concat(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs:
              axis=ctx.canonical_axis(layer.name, axis, rank))
 
 
+@register_lowering("Slice")
 def lower_slice(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Equal parts become one Split; slice points become one Slice per top, the last running
     to the end, so that slicing the batch axis still works at other batch sizes."""
@@ -91,6 +105,7 @@ def _reshape(ctx: LoweringContext, layer: Layer, x: str, out: str, target: list[
     ctx.node("Reshape", [x, ctx.const(np.array(target), f"{layer.name}/shape")], [out], layer=layer.name)
 
 
+@register_lowering("Flatten")
 def lower_flatten(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Axes before ``axis`` are copied (0), the flattened run is inferred (-1), later axes kept."""
     p = layer.param.flatten_param
@@ -102,6 +117,7 @@ def lower_flatten(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs
     _reshape(ctx, layer, inputs[0], outputs[0], [0] * start + [-1] + list(shape[end + 1:]))
 
 
+@register_lowering("Reshape")
 def lower_reshape(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Caffe's 0 copies the input dim at the same output position, as ONNX's 0 does, so the
     spec goes through unchanged; kept axes before it are copied, kept axes after it are static."""
@@ -117,6 +133,7 @@ def lower_reshape(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs
              [0] * start + [int(d) for d in p.shape.dim] + list(shape[end:]))
 
 
+@register_lowering("Crop")
 def lower_crop(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Axes from ``axis`` on take the second bottom's size at the given offsets. The batch
     axis can only be 'cropped' to itself, which every batch size allows."""
@@ -144,6 +161,7 @@ def lower_crop(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: l
                        ctx.const(np.array(axes), f"{layer.name}/axes")], outputs, layer=layer.name)
 
 
+@register_lowering("Permute")
 def lower_permute(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Unlisted axes follow the listed ones in their original order, as in SSD's Permute."""
     rank = len(ctx.shape(inputs[0]))
