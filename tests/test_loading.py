@@ -132,3 +132,13 @@ def test_cli_error_is_one_line_with_exit_code_2(make_prototxt):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "no earlier layer produces" in proc.stderr
+
+
+def test_v1_upgrade_leaves_no_log_files(make_prototxt, tmp_path, monkeypatch):
+    # glog writes its log files to $TMPDIR unless told to log to stderr.
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    monkeypatch.setenv("TMPDIR", str(logs))
+    CaffeModel(make_prototxt('input: "data" input_dim: 1 input_dim: 1 input_dim: 4 input_dim: 4\n'
+                             'layers { name: "relu" type: RELU bottom: "data" top: "r" }'))
+    assert list(logs.iterdir()) == []
