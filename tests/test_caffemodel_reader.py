@@ -164,6 +164,12 @@ def test_v1_and_v0_caffemodels_read_as_caffe_reads_them(make_prototxt, tmp_path)
         file = tmp_path / f"old{int(nested)}.caffemodel"
         file.write_bytes(old.SerializeToString())
         _assert_same_weights(CaffeModel(path, file), _caffe_params(path, file))
+    # The V1 prototxt too (upgraded by Caffe's tool), with the V1 caffemodel.
+    v1 = make_prototxt(NET.replace("input_shape { dim: 2 dim: 3 dim: 8 dim: 8 }",
+                                   "input_dim: 2 input_dim: 3 input_dim: 8 input_dim: 8")
+                       .replace("layer {", "layers {").replace('"Convolution"', "CONVOLUTION")
+                       .replace('"ReLU"', "RELU").replace('"InnerProduct"', "INNER_PRODUCT"))
+    _assert_same_weights(CaffeModel(v1, tmp_path / "old0.caffemodel"), _caffe_params(v1, tmp_path / "old0.caffemodel"))
 
 
 def test_double_data_and_legacy_shapes_in_the_current_format(make_prototxt, tmp_path):
