@@ -20,6 +20,7 @@ from hybrid_infer.errors import ModelError
 from hybrid_infer.metrics import relative_l2
 from hybrid_infer.model.caffe_import import caffe, caffe_pb2
 from hybrid_infer.model.caffe_model import CaffeModel
+from hybrid_infer.model.caffemodel import read_caffemodel
 from hybrid_infer.model.isolated import CaffeFailure, call_isolated
 
 from pycaffe_reference import REPRO, caffe_forward
@@ -121,10 +122,12 @@ def test_foreign_fields_of_any_kind_are_skipped(make_prototxt, tmp_path):
     forked = tmp_path / "fork.caffemodel"
     _fork_file(weights, forked)
     # Append, to the conv layer, a field 149 with the wrong wire type (a number instead of a
-    # message) and a field number no Caffe uses: a fork's parameters this Caffe cannot read.
+    # message), a field number no Caffe uses, and a (deprecated) group holding a fixed64:
+    # a fork's parameters this Caffe cannot read.
     net = caffe_pb2().NetParameter()
     net.ParseFromString(original)
-    conv = net.layer[1].SerializeToString() + bytes([0xA8, 0x09, 0x07]) + bytes([0xF8, 0xBF, 0x18, 0x01])
+    group = bytes([0xAB, 0x09]) + bytes([0x09]) + bytes(8) + bytes([0xAC, 0x09])  # field 149: start, 1, end
+    conv = net.layer[1].SerializeToString() + bytes([0xA8, 0x09, 0x07]) + bytes([0xF8, 0xBF, 0x18, 0x01]) + group
     odd = tmp_path / "odd.caffemodel"
     odd.write_bytes(b"".join(
         (bytes([0xA2, 0x06]) + _varint(len(raw)) + raw) for raw in
@@ -236,6 +239,29 @@ def test_errors_say_what_is_wrong(make_prototxt, tmp_path):
              r"needs 6x3x3x3")):
         with pytest.raises(ModelError, match=message):
             CaffeModel(make_prototxt(text), weights)
+
+
+def test_any_damage_is_a_model_error_or_a_readable_file(make_prototxt, tmp_path):
+    """Flipped bytes, truncations and noise: read_caffemodel raises ModelError or reads the
+    file, never anything else (which the CLI would show as a traceback)."""
+    _, _, weights = _saved(make_prototxt, tmp_path)
+    original = weights.read_bytes()
+    rng = np.random.default_rng()
+    damaged = tmp_path / "damaged.caffemodel"
+    for i in range(300):
+        data = bytearray(original)
+        if i % 3 == 0:
+            for where in rng.integers(len(data), size=rng.integers(1, 20)):
+                data[where] = int(rng.integers(256))
+        elif i % 3 == 1:
+            data = data[:rng.integers(1, len(data))]
+        else:
+            data = bytearray(rng.integers(256, size=rng.integers(1, 400), dtype=np.uint8).tobytes())
+        damaged.write_bytes(bytes(data))
+        try:
+            read_caffemodel(damaged)
+        except ModelError:
+            pass
 
 
 def test_cli_error_for_a_damaged_caffemodel_is_one_line(make_prototxt, tmp_path):

@@ -104,38 +104,53 @@ def _varint(buf: mmap.mmap, pos: int, end: int) -> tuple[int, int]:
             raise _Damaged(start, "a number longer than 10 bytes")
 
 
-def _fields(buf: mmap.mmap, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
-    """Every field of the message in ``buf[pos:end]``: (field number, wire type, start, stop).
+def _field(buf: mmap.mmap, pos: int, end: int) -> tuple[int, int, int, int, int]:
+    """The field at ``pos`` of a message ending at ``end``: (number, wire type, start, stop,
+    position after it).
 
-    For a length-delimited field, ``start:stop`` is its payload; for a varint, ``start``
-    is its value; fixed-size fields give their bytes' span. Groups (deprecated, unused by
-    Caffe) and unknown wire types mean the bytes are not a Caffe protobuf message.
+    For a length-delimited field, ``start:stop`` is its payload; for a varint, ``start`` is
+    its value; fixed-size fields and groups give their bytes' span.
     """
+    field_start = pos
+    key, pos = _varint(buf, pos, end)
+    number, wire = key >> 3, key & 7
+    if number == 0:
+        raise _Damaged(field_start, "field number 0")
+    if wire == _VARINT:
+        value, pos = _varint(buf, pos, end)
+        return number, wire, value, pos, pos
+    if wire == _LENGTH:
+        size, pos = _varint(buf, pos, end)
+    elif wire in (_FIXED64, _FIXED32):
+        size = 8 if wire == _FIXED64 else 4
+    elif wire == _GROUP_START:  # deprecated proto2 groups: skip to the matching end
+        inner = pos
+        while True:
+            if inner >= end:
+                raise _Damaged(field_start, f"group {number} has no end", truncated=end == len(buf))
+            n, w, _, _, after = _field(buf, inner, end)
+            if w == _GROUP_END:
+                if n != number:
+                    raise _Damaged(inner, f"group {number} ends as group {n}")
+                return number, wire, pos, inner, after
+            inner = after
+    elif wire == _GROUP_END:
+        return number, wire, pos, pos, pos
+    else:
+        raise _Damaged(field_start, f"wire type {wire}, which protobuf does not have")
+    if pos + size > end:
+        raise _Damaged(field_start, f"a field of {size} bytes runs past the end of its message",
+                       truncated=end == len(buf))
+    return number, wire, pos, pos + size, pos + size
+
+
+def _fields(buf: mmap.mmap, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """Every field of the message in ``buf[pos:end]``: (number, wire type, start, stop)."""
     while pos < end:
-        field_start = pos
-        key, pos = _varint(buf, pos, end)
-        number, wire = key >> 3, key & 7
-        if number == 0:
-            raise _Damaged(field_start, "field number 0")
-        if wire == _VARINT:
-            value, pos = _varint(buf, pos, end)
-            yield number, wire, value, pos
-        elif wire in (_FIXED64, _FIXED32):
-            size = 8 if wire == _FIXED64 else 4
-            if pos + size > end:
-                raise _Damaged(field_start, f"a {size}-byte field runs past the end of its message",
-                               truncated=end == len(buf))
-            yield number, wire, pos, pos + size
-            pos += size
-        elif wire == _LENGTH:
-            length, pos = _varint(buf, pos, end)
-            if pos + length > end:
-                raise _Damaged(field_start, f"a field of {length} bytes runs past the end of its message",
-                               truncated=end == len(buf))
-            yield number, wire, pos, pos + length
-            pos += length
-        else:
-            raise _Damaged(field_start, f"wire type {wire} (not used by Caffe's messages)")
+        number, wire, start, stop, pos = _field(buf, pos, end)
+        if wire == _GROUP_END:
+            raise _Damaged(start, f"an end of group {number} that no group started")
+        yield number, wire, start, stop
 
 
 def _packed(buf: mmap.mmap, fields: list[tuple[int, int, int]], dtype: str, item: int) -> np.ndarray:
@@ -231,6 +246,8 @@ def read_caffemodel(path: str | os.PathLike[str]) -> list[StoredLayer]:
                     layers.append(_layer(buf, a, b, _V1_NAME, _V1_BLOBS))
         except _Damaged as exc:
             raise _damage_error(p, size, exc, layers) from None
+        except RecursionError:
+            raise ModelError(f"{p}: not a valid binary .caffemodel: groups nested too deeply") from None
     if not any(layer.name for layer in layers):
         raise ModelError(f"{p}: holds no named layers: not a Caffe model (.caffemodel)")
     return layers
