@@ -197,7 +197,8 @@ class HybridNet:
                          device: Optional[int] = None) -> dict[str, np.ndarray]:
         """Pure Caffe on ``inputs``, returning ``values`` (value ids of ``graph``), each copied
         right after the layer that writes it: Caffe's blobs keep only their last write, and
-        in-place layers overwrite earlier ones (a net input rewritten in place included)."""
+        in-place layers overwrite earlier ones (a net input rewritten in place included).
+        Caffe runs only as far as the last of them."""
         checked = self.check_inputs(inputs)
         net = self.model.reference_net()
         if device is None:
@@ -224,8 +225,6 @@ class HybridNet:
                 net._forward(start, stop)
                 start = stop + 1
             got[value] = np.array(net.blobs[self.graph.values[value].blob].data, copy=True)
-        if start < len(net.layers):
-            net._forward(start, len(net.layers) - 1)
         return got
 
     def _logit_values(self) -> dict[str, str]:
