@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+import pytest
 
 from hybrid_infer.model.caffe_import import caffe
 
@@ -38,7 +39,6 @@ def caffe_forward(prototxt: str | os.PathLike[str], inputs: Mapping[str, np.ndar
 
 def repro_file(name: str) -> Path:
     """A file of ../shared/repro, or skip: those inputs live outside the repository."""
-    import pytest
     path = REPRO / name
     if not path.is_file():
         pytest.skip(f"{path} is absent: the shared repro inputs are not available here")

@@ -214,7 +214,13 @@ def test_repeated_layer_names_get_the_stored_blobs_with_a_shape_check(make_proto
 def test_errors_say_what_is_wrong(make_prototxt, tmp_path):
     path, _, weights = _saved(make_prototxt, tmp_path)
     data = weights.read_bytes()
+    short = caffe_pb2().NetParameter()
+    short.ParseFromString(data)
+    conv = next(layer for layer in short.layer if layer.name == "conv")
+    del conv.blobs[0].data[-1]
     cases = {
+        "short.caffemodel": (short.SerializeToString(), r"layer 'conv' \(at byte \d+\) blob 0 holds 107 values but its "
+                                                        r"shape 4x3x3x3 needs 108: the file is damaged"),
         "empty.caffemodel": (b"", r"the file is empty"),
         "text.caffemodel": (path.read_bytes(), r"a text file, not a binary \.caffemodel \(is it a prototxt\?\)"),
         "png.caffemodel": (b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, r"not a valid binary \.caffemodel: the "

@@ -153,21 +153,20 @@ def _fields(buf: mmap.mmap, pos: int, end: int) -> Iterator[tuple[int, int, int,
         yield number, wire, start, stop
 
 
-def _packed(buf: mmap.mmap, fields: list[tuple[int, int, int]], dtype: str, item: int) -> np.ndarray:
+def _packed(buf: mmap.mmap, spans: list[tuple[int, int]], dtype: str, item: int) -> np.ndarray:
     """Values of a repeated fixed-size field: packed chunks and single values, in order."""
-    for _, start, stop in fields:
+    for start, stop in spans:
         if (stop - start) % item:
             raise _Damaged(start, f"packed values of {item} bytes in a field of {stop - start} bytes")
-    parts = [np.frombuffer(buf, dtype, count=(stop - start) // item, offset=start)
-             for _, start, stop in fields]
+    parts = [np.frombuffer(buf, dtype, count=(stop - start) // item, offset=start) for start, stop in spans]
     return np.concatenate(parts) if len(parts) != 1 else parts[0].copy()
 
 
 def _blob(buf: mmap.mmap, start: int, stop: int) -> StoredBlob:
     legacy: dict[int, int] = {}
     shape: list[int] = []
-    floats: list[tuple[int, int, int]] = []
-    doubles: list[tuple[int, int, int]] = []
+    floats: list[tuple[int, int]] = []
+    doubles: list[tuple[int, int]] = []
     for number, wire, a, b in _fields(buf, start, stop):
         if number in _BLOB_LEGACY and wire == _VARINT:
             legacy[number] = a
@@ -181,9 +180,9 @@ def _blob(buf: mmap.mmap, start: int, stop: int) -> StoredBlob:
                         dim, pos = _varint(buf, pos, y)
                         shape.append(dim)
         elif number == _BLOB_DATA and wire in (_LENGTH, _FIXED32):
-            floats.append((wire, a, b))
+            floats.append((a, b))
         elif number == _BLOB_DOUBLE_DATA and wire in (_LENGTH, _FIXED64):
-            doubles.append((wire, a, b))
+            doubles.append((a, b))
     if doubles:  # Blob::FromProto prefers double_data when it holds values
         data = _packed(buf, doubles, "<f8", 8).astype(np.float32)
     elif floats:
@@ -304,8 +303,9 @@ def fit_weights(stored: list[StoredLayer], param_shapes: Mapping[str, list[Shape
                                  f"{blob.shape_text}, the prototxt needs {'x'.join(map(str, shape))}")
             count = int(np.prod(shape, dtype=np.int64))
             if blob.data.size != count:
-                raise ModelError(f"{weights_file}: layer '{source.name}' blob {index} holds {blob.data.size} "
-                                 f"values but its shape {blob.shape_text} needs {count}: the file is damaged")
+                raise ModelError(f"{weights_file}: layer '{source.name}' (at byte {source.offset}) blob {index} "
+                                 f"holds {blob.data.size} values but its shape {blob.shape_text} needs {count}: "
+                                 "the file is damaged")
             arrays.append(blob.data.reshape(shape))
         weights[name] = arrays
     return weights
