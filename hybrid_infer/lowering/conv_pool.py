@@ -1,4 +1,4 @@
-"""Convolution, Deconvolution, Pooling and InnerProduct: the layers that carry windows or weights.
+"""Convolution, Deconvolution, Im2col, Pooling and InnerProduct: the layers that carry windows or weights.
 
 Convolutions map one to one onto ONNX. Pooling does not: Caffe rounds its output size
 up (unless ``ceil_mode: false``), drops a last window that would start in the padding,
@@ -87,6 +87,21 @@ def lower_deconvolution(ctx: LoweringContext, layer: Layer, inputs: list[str], o
     """Caffe stores deconvolution weights as (C_in, C_out/group, k...), which is ConvTranspose's
     layout, and its output size stride*(in-1) + extent - 2*pad is ConvTranspose's with those pads."""
     _lower_conv_like("ConvTranspose", ctx, layer, inputs, outputs)
+
+
+@register_lowering("Im2col", check=check_convolution)
+def lower_im2col(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
+    """im2col_layer.cpp lays each window out along the channel axis, channel-major then kernel
+    offsets in row-major order: (N, C * prod(kernel), out...). That is a grouped convolution
+    (one group per input channel) whose kernels are one-hot, so each output is exactly one
+    input value (or a zero of the padding). Caffe's Im2col ignores ``group``; so does this."""
+    rank = len(ctx.shape(inputs[0])) - 2
+    geometry = _conv_geometry(ctx, layer, rank)
+    channels, taps = ctx.shape(inputs[0])[1], int(np.prod(geometry["kernel_shape"]))
+    one_hot = np.zeros((channels * taps, 1, *geometry["kernel_shape"]), dtype=np.float32)
+    one_hot.reshape(channels, taps, taps)[:, np.arange(taps), np.arange(taps)] = 1
+    ctx.node("Conv", [inputs[0], ctx.const(one_hot, f"{layer.name}/one_hot")], outputs, layer=layer.name,
+             group=int(channels), **geometry)
 
 
 def _ave_divisor(size: int, out: int, kernel: int, stride: int, pad: int) -> np.ndarray:
