@@ -274,6 +274,21 @@ def test_im2col(params: str, shape: tuple) -> None:
     check_lowering(one_layer("Im2col", f"convolution_param {{ {params} }}", data=shape))
 
 
+@pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
+def test_shared_weights_over_several_bottoms(layer_type: str) -> None:
+    """Caffe convolves every bottom with the same weights, top i from bottom i."""
+    check_lowering(net(f"""
+        layer {{ name: "op" type: "{layer_type}" bottom: "a" bottom: "b" bottom: "c" top: "x" top: "y" top: "z"
+                convolution_param {{ num_output: 4 kernel_size: 3 stride: 2 pad: 1 }} }}
+    """, a=(2, 3, 6, 6), b=(2, 3, 6, 6), c=(2, 3, 6, 6)))
+
+
+@pytest.mark.parametrize("relpath", ["opencv_dnn_layers/layer_mvn.prototxt", "opencv_dnn_layers/conv_2_inps.prototxt"])
+def test_shared_model_layers_now_lowered(shared_models, relpath: str) -> None:
+    """OpenCV's test nets for MVN and a two-bottom convolution, as given."""
+    check_lowering((shared_models / relpath).read_text())
+
+
 def test_new_layers_chained_in_one_segment() -> None:
     """A small decoder: several new layers in one lowered segment, at three batch sizes."""
     check_lowering(net("""

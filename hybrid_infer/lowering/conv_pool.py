@@ -52,27 +52,27 @@ def _conv_geometry(ctx: LoweringContext, layer: Layer, rank: int) -> dict[str, l
 
 def _lower_conv_like(op_type: str, ctx: LoweringContext, layer: Layer, inputs: list[str],
                      outputs: list[str]) -> None:
+    """Caffe convolves each bottom with the same weights into the top of the same position
+    (base_conv_layer.cpp), so several bottoms share one weight initializer."""
     p = layer.param.convolution_param
     rank = len(ctx.shape(inputs[0])) - 2
     blobs = ctx.weights(layer.name)
-    operands = [inputs[0], ctx.const(blobs[0], f"{layer.name}/weight")]
+    weights = [ctx.const(blobs[0], f"{layer.name}/weight")]
     if p.bias_term:
-        operands.append(ctx.const(blobs[1], f"{layer.name}/bias"))
-    ctx.node(op_type, operands, outputs, layer=layer.name, group=int(p.group),
-             **_conv_geometry(ctx, layer, rank))
+        weights.append(ctx.const(blobs[1], f"{layer.name}/bias"))
+    geometry = _conv_geometry(ctx, layer, rank)
+    for x, out in zip(inputs, outputs):
+        ctx.node(op_type, [x, *weights], [out], layer=layer.name, group=int(p.group), **geometry)
 
 
 def check_convolution(layer: Layer, graph: LayerGraph) -> Optional[str]:
-    """Channel axis 1, 1-D to 3-D, one bottom (Caffe's shared-weight form with several bottoms
-    is not lowered)."""
+    """Channel axis 1, 1-D to 3-D."""
     p = layer.param.convolution_param
     rank = len(graph.values[layer.bottoms[0]].shape)
     if p.axis not in (1, 1 - rank):
         return f"convolution over axis {p.axis}; only channel axis 1 is lowered"
     if rank - 2 not in (1, 2, 3):
         return "only 1-D, 2-D and 3-D convolutions are lowered"
-    if len(layer.bottoms) != 1:
-        return "a convolution with several bottoms (shared weights) is not lowered"
     return None
 
 

@@ -69,6 +69,8 @@ def _always(layer: Layer, graph: LayerGraph) -> Optional[str]:
 def _trt2_convolution(layer: Layer, graph: LayerGraph) -> Optional[str]:
     if len(graph.values[layer.bottoms[0]].shape) != 4:
         return "TensorRT 2 took 2-D convolutions only"
+    if len(layer.bottoms) != 1:
+        return "TensorRT 2's Caffe parser took one bottom per convolution"
     return check_convolution(layer, graph)
 
 
