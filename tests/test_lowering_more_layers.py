@@ -12,9 +12,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from hybrid_infer.engines import trt_api
 from hybrid_infer.engines.tensorrt_build import BuildSettings, build_engine
-from hybrid_infer.errors import EnvironmentProblem
 from hybrid_infer.lowering.registry import REGISTRY
 from hybrid_infer.partition.capability import _NOT_LOWERED_WHY, Capability
 from hybrid_infer.testing import check_lowering, load_text, lower_whole_net, net, one_layer
@@ -381,14 +379,6 @@ BUILDS = {  # one small net per new layer type (and per distinct ONNX formulatio
     "BatchNormKyle": ("BatchNormKyle", "batch_norm_param { use_alpha_beta: true }", (2, 3, 4, 5)),
     "Im2col": ("Im2col", "convolution_param { kernel_size: 3 pad: 1 }", (2, 3, 5, 5)),
 }
-
-
-@pytest.fixture(scope="module")
-def rtx() -> trt_api.TrtApi:
-    try:
-        return trt_api.load("tensorrt_rtx")
-    except EnvironmentProblem as exc:
-        pytest.skip(str(exc))
 
 
 @pytest.mark.parametrize("layer_type, params, shape", list(BUILDS.values()), ids=list(BUILDS))

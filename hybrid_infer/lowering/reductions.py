@@ -38,7 +38,8 @@ def lower_mvn(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: li
     whatever the input's rank (legacy shape), so the result is reshaped to it."""
     p = layer.param.mvn_param
     name, shape = layer.name, ctx.shape(inputs[0])
-    rows = emit_reshape(ctx, name, inputs[0], [0, -1] if p.across_channels else [0, shape[1] if len(shape) > 1 else 1, -1])
+    channels = shape[1] if len(shape) > 1 else 1
+    rows = emit_reshape(ctx, name, inputs[0], [0, -1] if p.across_channels else [0, channels, -1])
     dim = int(np.prod(shape[1 if p.across_channels else 2:], dtype=np.int64))
     inverse_dim = np.float32(1.0 / dim)
     mean = _scale(ctx, name, _sum(ctx, name, rows, -1, 1), inverse_dim)
