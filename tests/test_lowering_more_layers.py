@@ -287,8 +287,10 @@ def test_shared_model_layers_now_lowered(shared_models, relpath: str) -> None:
     check_lowering((shared_models / relpath).read_text())
 
 
-def test_new_layers_chained_in_one_segment() -> None:
-    """A small decoder: several new layers in one lowered segment, at three batch sizes."""
+@pytest.mark.parametrize("opset", [13, 17, 20])
+def test_new_layers_chained_in_one_segment(opset: int) -> None:
+    """A small decoder: several new layers in one lowered segment, at three batch sizes, at the
+    oldest opset lowering supports, the default, and a newer one (reductions and Resize changed)."""
     check_lowering(net("""
         layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
                 convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
@@ -305,7 +307,9 @@ def test_new_layers_chained_in_one_segment() -> None:
         layer { name: "spp" type: "SPP" bottom: "up" top: "spp" spp_param { pyramid_height: 2 } }
         layer { name: "total" type: "Reduction" bottom: "spp" top: "total"
                 reduction_param { axis: 1 operation: MEAN } }
-    """, data=(2, 3, 5, 6)), batches=(None, 1, 4), extra_outputs=["mvn", "resize"])
+        layer { name: "top" type: "ArgMax" bottom: "spp" top: "top" argmax_param { top_k: 3 out_max_val: true } }
+        layer { name: "tile" type: "Tile" bottom: "spp" top: "tile" tile_param { axis: -1 tiles: 2 } }
+    """, data=(2, 3, 5, 6)), batches=(None, 1, 4), extra_outputs=["mvn", "resize"], opset=opset)
 
 
 # --- refusals -------------------------------------------------------------------------------

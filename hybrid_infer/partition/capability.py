@@ -24,7 +24,7 @@ Check = Callable[[Layer, LayerGraph], Optional[str]]
 PROFILES = ("tensorrt", "tensorrt-2")
 
 # Layers that do no arithmetic: they never count towards a segment's size.
-NON_COMPUTE_TYPES = frozenset({"Input", "Split", "Dropout", "Flatten", "Reshape", "Silence"})
+NON_COMPUTE_TYPES = frozenset({"Input", "Split", "Dropout", "Flatten", "Reshape", "Unsqueeze", "Silence"})
 
 #: Why layer types without a lowering stay in Caffe, where there is more to say than "none".
 _DATA_LAYER = "data layers read from files or a database; deploy nets feed inputs instead"
