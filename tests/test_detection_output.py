@@ -17,7 +17,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hybrid_infer.detections import compare_detections, detection_outputs, parse
-from hybrid_infer.engines import trt_api
 from hybrid_infer.engines.tensorrt_build import BuildSettings, build_engine
 from hybrid_infer.engines.tensorrt_engine import TensorRTEngine, runtime_available
 from hybrid_infer.errors import LoweringError
@@ -227,11 +226,6 @@ RTX_BUILDS = {
     "no_nms_keep_top_k": ("keep_top_k: 9 variance_encoded_in_target: true", True),
     "empty_by_construction": ("nms_param { nms_threshold: 0.45 } keep_top_k: 0", True),
 }
-
-
-@pytest.fixture(scope="module")
-def rtx() -> trt_api.TrtApi:
-    return trt_api.load("tensorrt_rtx")
 
 
 @pytest.mark.parametrize("params,share", list(RTX_BUILDS.values()), ids=list(RTX_BUILDS))

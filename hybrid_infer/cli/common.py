@@ -54,7 +54,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, weights: bool = True, 
                         help="force these layers (by name or type) to Caffe")
     parser.add_argument("--output-blob", action="append", default=[], metavar="BLOB",
                         help="blob to return (run) or show as a segment output (partition) "
-                             "instead of the net's outputs; repeatable")
+                             "instead of the net's outputs: its last write, as Caffe's net.blobs holds "
+                             "after forward (a value id such as data@bn names one write); repeatable")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=DxDxDxD",
                         help="replace an input's size from the prototxt, e.g. data=1x3x720x1280")
     parser.add_argument("--lowerings", action="append", default=[], metavar="MODULE",
@@ -73,6 +74,8 @@ def _net_options(args: argparse.Namespace, engine: str, batch: int, min_segment_
                        tensorrt_module=args.tensorrt_module)
     if getattr(args, "device", None) is not None:
         options["device"] = args.device
+    if getattr(args, "check", False):
+        options["keep_logits"] = True  # run --check compares them: keep them from the start
     return options
 
 

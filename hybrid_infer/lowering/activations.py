@@ -1,4 +1,5 @@
-"""Element-wise neuron layers: ReLU and friends, Power, Exp, Log, BNLL.
+"""Element-wise neuron layers: ReLU and friends, Power, Exp, Log, BNLL, Threshold, HardSwish
+and HardSigmoid.
 
 Power, Exp and Log replay Caffe's own sequence of steps (scale, shift, then the
 function, each skipped when it is the identity) with the constants Caffe derives in
@@ -157,3 +158,30 @@ def lower_log(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: li
     if base_scale != 1:
         steps.append(("Mul", base_scale))
     _chain(ctx, layer.name, inputs[0], outputs[0], steps)
+
+
+@register_lowering("Threshold")
+def lower_threshold(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
+    """threshold_layer.cpp: 1 where x > threshold (strictly), else 0, as float."""
+    threshold = ctx.const(np.float32(layer.param.threshold_param.threshold), f"{layer.name}/threshold")
+    above = ctx.node("Greater", [inputs[0], threshold], layer=layer.name)[0]
+    ctx.node("Cast", [above], outputs, layer=layer.name, to=1)  # TensorProto.FLOAT
+
+
+@register_lowering("HardSwish")
+def lower_hard_swish(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
+    """hardswish_layer.cpp: x * max(0, min(1, x / 6 + 0.5)), with Caffe's division by 6 (ONNX's
+    HardSwish multiplies by 1/6, which rounds differently, and needs opset 14)."""
+    name, x = layer.name, inputs[0]
+    sixth = ctx.node("Div", [x, ctx.const(np.float32(6), f"{name}/six")], layer=name)[0]
+    shifted = ctx.node("Add", [sixth, ctx.const(np.float32(0.5), f"{name}/half")], layer=name)[0]
+    gate = ctx.node("Clip", [shifted, ctx.const(np.float32(0), f"{name}/zero"),
+                             ctx.const(np.float32(1), f"{name}/one")], layer=name)[0]
+    ctx.node("Mul", [x, gate], outputs, layer=name)
+
+
+@register_lowering("HardSigmoid")
+def lower_hard_sigmoid(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
+    """hardsigmoid_layer.cpp: max(0, min(1, x * alpha + beta)), ONNX HardSigmoid's definition."""
+    p = layer.param.hardsigmoid_param
+    ctx.node("HardSigmoid", inputs, outputs, layer=layer.name, alpha=float(p.alpha), beta=float(p.beta))

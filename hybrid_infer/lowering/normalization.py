@@ -1,4 +1,4 @@
-"""BatchNorm, Scale, Bias, LRN, Normalize and Softmax.
+"""BatchNorm (and the BatchNormKyle fork), Scale, Bias, LRN, Normalize and Softmax.
 
 Scale and Bias apply a tensor (learned, or a second bottom) whose axes line up with
 the input's from ``axis`` on; in ONNX that is plain broadcasting once the tensor has
@@ -22,26 +22,49 @@ from .registry import register_lowering
 def check_batch_norm(layer: Layer, graph: LayerGraph) -> Optional[str]:
     p = layer.param.batch_norm_param
     if p.HasField("use_global_stats") and not p.use_global_stats:
-        return "BatchNorm with use_global_stats: false normalises by batch statistics"
+        return f"{layer.type} with use_global_stats: false normalises by batch statistics"
+    if len(graph.values[layer.bottoms[0]].shape) < 2:
+        return f"{layer.type} is lowered for blobs with a channel axis only"
     return None
+
+
+def _emit_global_stats(ctx: LoweringContext, layer: Layer, x: str, out: str,
+                       alpha: Optional[np.ndarray] = None, beta: Optional[np.ndarray] = None) -> None:
+    """Caffe computes (x - mean * s) / sqrt(var * s + eps) with s = 1 / factor (0 when the
+    factor is 0), then BatchNormKyle's optional alpha * . + beta; this is emitted as x * a + b
+    with a = alpha / std and b = beta - mean * s * alpha / std folded in float64, because a Mul
+    and an Add of constants right after a convolution are what ONNX Runtime and TensorRT fold
+    into the convolution's weights (a Sub and a Div are not). The result differs from Caffe's
+    by float32 rounding only."""
+    mean, var, factor = (a.astype(np.float64) for a in ctx.weights(layer.name)[:3])
+    scale = 0.0 if factor.flat[0] == 0 else 1.0 / factor.flat[0]
+    multiplier = 1.0 / np.sqrt(var * scale + np.float64(np.float32(layer.param.batch_norm_param.eps)))
+    shift = -mean * scale * multiplier
+    if alpha is not None and beta is not None:
+        multiplier, shift = multiplier * alpha, shift * alpha + beta
+    rank = len(ctx.shape(x))
+    scaled = ctx.node("Mul", [x, ctx.const(channel_shaped(multiplier, rank), f"{layer.name}/inverse_std")],
+                      layer=layer.name)[0]
+    ctx.node("Add", [scaled, ctx.const(channel_shaped(shift, rank), f"{layer.name}/shift")], [out],
+             layer=layer.name)
 
 
 @register_lowering("BatchNorm", check=check_batch_norm)
 def lower_batch_norm(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
-    """Global statistics only. Caffe computes (x - mean * s) / sqrt(var * s + eps) with
-    s = 1 / factor (0 when the factor is 0); this is emitted as x * a + b with a = 1 / std and
-    b = -mean * s / std folded in float64, because a Mul and an Add of constants right after a
-    convolution are what ONNX Runtime and TensorRT fold into the convolution's weights (a Sub
-    and a Div are not). The result differs from Caffe's by float32 rounding only."""
-    p = layer.param.batch_norm_param
-    mean, var, factor = (a.astype(np.float64) for a in ctx.weights(layer.name)[:3])
-    scale = 0.0 if factor.flat[0] == 0 else 1.0 / factor.flat[0]
-    inverse_std = 1.0 / np.sqrt(var * scale + np.float64(np.float32(p.eps)))
-    rank = len(ctx.shape(inputs[0]))
-    scaled = ctx.node("Mul", [inputs[0], ctx.const(channel_shaped(inverse_std, rank),
-                                                   f"{layer.name}/inverse_std")], layer=layer.name)[0]
-    ctx.node("Add", [scaled, ctx.const(channel_shaped(-mean * scale * inverse_std, rank),
-                                       f"{layer.name}/shift")], outputs, layer=layer.name)
+    """Global statistics only (see ``_emit_global_stats``)."""
+    _emit_global_stats(ctx, layer, inputs[0], outputs[0])
+
+
+@register_lowering("BatchNormKyle", check=check_batch_norm)
+def lower_batch_norm_kyle(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
+    """batch_norm_kyle_layer.cpp: BatchNorm's global-statistics formula (it uses global statistics
+    at TEST unless told otherwise), then with use_alpha_beta a per-channel alpha * y + beta
+    (blobs 3 and 4)."""
+    if not layer.param.batch_norm_param.use_alpha_beta:
+        _emit_global_stats(ctx, layer, inputs[0], outputs[0])
+        return
+    alpha, beta = (a.astype(np.float64) for a in ctx.weights(layer.name)[3:5])
+    _emit_global_stats(ctx, layer, inputs[0], outputs[0], alpha, beta)
 
 
 def _broadcast_operand(ctx: LoweringContext, layer: Layer, operand: "str | np.ndarray",

@@ -29,7 +29,8 @@ from .registry import REGISTRY, Registration
 ENTRY_POINT_GROUP = "hybrid_infer.lowerings"
 
 #: hybrid_infer's own lowering modules, each registering its layers when imported.
-_BUILTIN_MODULES = ("activations", "conv_pool", "normalization", "tensor_ops", "prior_box", "detection")
+_BUILTIN_MODULES = ("activations", "conv_pool", "normalization", "tensor_ops", "resampling", "reductions",
+                    "prior_box", "detection")
 
 _loaded = False
 _load_lock = threading.Lock()

@@ -24,22 +24,35 @@ Check = Callable[[Layer, LayerGraph], Optional[str]]
 PROFILES = ("tensorrt", "tensorrt-2")
 
 # Layers that do no arithmetic: they never count towards a segment's size.
-NON_COMPUTE_TYPES = frozenset({"Input", "Split", "Dropout", "Flatten", "Reshape", "Silence"})
+NON_COMPUTE_TYPES = frozenset({"Input", "Split", "Dropout", "Flatten", "Reshape", "Unsqueeze", "Silence"})
 
 #: Why layer types without a lowering stay in Caffe, where there is more to say than "none".
+_DATA_LAYER = "data layers read from files or a database; deploy nets feed inputs instead"
+_LOSS_LAYER = "loss layers need labels and belong to training nets"
 _NOT_LOWERED_WHY = {
     "Proposal": "Faster R-CNN's Proposal (anchor decoding + NMS over a variable box count) has no lowering",
     "ROIPooling": "ROI pooling reads a variable number of boxes; it has no lowering",
     "PSROIPooling": "position-sensitive ROI pooling reads a variable number of boxes; it has no lowering",
-    "Data": "data layers read from files; deploy nets feed inputs instead",
-    "ImageData": "data layers read from files; deploy nets feed inputs instead",
-    "HDF5Data": "data layers read from files; deploy nets feed inputs instead",
-    "MemoryData": "data layers read from files; deploy nets feed inputs instead",
-    "WindowData": "data layers read from files; deploy nets feed inputs instead",
+    "LSTM": "LSTM runs a time loop over an unrolled internal Caffe net (hidden state carried across "
+            "steps, reset by the cont input); it has no lowering",
+    "RNN": "RNN runs a time loop over an unrolled internal Caffe net (hidden state carried across "
+           "steps, reset by the cont input); it has no lowering",
+    "LSTMUnit": "LSTMUnit is one time step inside Caffe's LSTM, time-major with the batch on axis 1; "
+                "segments carry the batch on axis 0",
+    "MaxUnPool": "MaxUnPool scatters values to the positions recorded in a max pooling's mask top "
+                 "(data-dependent indices), and pooling with a mask top stays in Caffe",
+    "Filter": "Filter keeps the items whose selector is non-zero, so its output batch depends on the data",
+    "BatchReindex": "BatchReindex's output batch is the length of its index blob, not the input's batch",
+    "Parameter": "Parameter outputs a learned blob without a batch axis; Caffe feeds it to the segments",
+    "Data": _DATA_LAYER, "ImageData": _DATA_LAYER, "HDF5Data": _DATA_LAYER, "MemoryData": _DATA_LAYER,
+    "WindowData": _DATA_LAYER, "AnnotatedData": _DATA_LAYER, "VideoData": _DATA_LAYER,
     "DummyData": "DummyData generates tensors inside Caffe",
-    "SoftmaxWithLoss": "loss layers belong to training nets",
-    "EuclideanLoss": "loss layers belong to training nets",
+    "HDF5Output": "HDF5Output writes blobs to a file",
+    "SoftmaxWithLoss": _LOSS_LAYER, "EuclideanLoss": _LOSS_LAYER, "ContrastiveLoss": _LOSS_LAYER,
+    "HingeLoss": _LOSS_LAYER, "InfogainLoss": _LOSS_LAYER, "MultinomialLogisticLoss": _LOSS_LAYER,
+    "SigmoidCrossEntropyLoss": _LOSS_LAYER, "SmoothL1Loss": _LOSS_LAYER, "MultiBoxLoss": _LOSS_LAYER,
     "Accuracy": "Accuracy needs labels and belongs to training/validation nets",
+    "DetectionEvaluate": "DetectionEvaluate scores detections against ground truth (validation nets)",
     "Silence": "Silence only discards blobs inside Caffe",
 }
 
@@ -56,6 +69,8 @@ def _always(layer: Layer, graph: LayerGraph) -> Optional[str]:
 def _trt2_convolution(layer: Layer, graph: LayerGraph) -> Optional[str]:
     if len(graph.values[layer.bottoms[0]].shape) != 4:
         return "TensorRT 2 took 2-D convolutions only"
+    if len(layer.bottoms) != 1:
+        return "TensorRT 2's Caffe parser took one bottom per convolution"
     return check_convolution(layer, graph)
 
 

@@ -5,7 +5,7 @@ import json
 import shutil
 import subprocess
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import EnvironmentProblem
 from ..graph.flops import model_flops
@@ -91,6 +91,10 @@ def to_json(p: Partition) -> dict[str, Any]:
                     for k, v in tensors.items()},
         "boundaries": boundaries(p),
         "fallback_reasons": p.fallback_reasons,
+        "small_segments": [{"layers": list(d.layers), "compute_layers": d.compute_layers,
+                            "moved_to_caffe": d.moved_to_caffe, "reason": d.reason} for d in p.small_segments],
+        "dropped_layers": [{"layer": d.name, "type": d.type, "reason": d.reason}
+                           for d in p.graph.model.dropped_layers],
         "user_lowerings": user_lowerings(p),
         "coverage": {"layers": cov.layers_total, "layers_tensorrt": cov.layers_tensorrt,
                      "layer_share": round(cov.layer_share, 4), "flops_per_image": cov.flops_total,
@@ -130,7 +134,7 @@ def to_text(p: Partition) -> str:
            f"{_human_bytes(sum(b['bytes_per_image'] for b in bounds))} per image across boundaries", ""]
     rows = [[str(s.id), s.backend, str(len(s.layers)), str(s.compute_layer_count(p.graph)),
              str(len(s.inputs)), str(len(s.outputs)),
-             f"{s.layers[0]} .. {s.layers[-1]}" if len(s.layers) > 1 else s.layers[0]] for s in p.segments]
+             _span(s.layers)] for s in p.segments]
     out += _table(["seg", "backend", "layers", "compute", "in", "out", "layers (first .. last)"], rows)
     if bounds:
         out += ["", "boundary tensors (per image)"]
@@ -146,7 +150,19 @@ def to_text(p: Partition) -> str:
         out += ["", "layers in Caffe and why"]
         out += _table(["layer", "type", "reason"],
                       [[name, p.graph.layers[name].type, why] for name, why in p.fallback_reasons.items()])
+    if p.small_segments:
+        out += ["", f"TensorRT segments below --min-segment-size {p.min_segment_size}"]
+        out += _table(["layers", "compute", "decision"],
+                      [[_span(d.layers), str(d.compute_layers), d.reason] for d in p.small_segments])
+    if p.graph.model.dropped_layers:
+        out += ["", "training-only layers dropped (their inputs cannot be produced at inference)"]
+        out += _table(["layer", "type", "reason"],
+                      [[d.name, d.type, d.reason] for d in p.graph.model.dropped_layers])
     return "\n".join(out) + "\n"
+
+
+def _span(layers: Sequence[str]) -> str:
+    return f"{layers[0]} .. {layers[-1]}" if len(layers) > 1 else layers[0]
 
 
 def _dot_id(name: str) -> str:
