@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
             role = f" (input of Softmax '{result.softmax_inputs[row.name]}')" if row.name in result.softmax_inputs else ""
             print(f"  {row.name}{role}: max abs error {row.max_abs:.3g}, relative L2 {row.rel_l2:.3g} "
                   f"{'OK' if row.rel_l2 <= args.tolerance else 'ABOVE'} (tolerance {args.tolerance:g})"
-                  + (f", top-1 agreement {row.top1_agreement:.0%}" if row.top1_agreement is not None else ""))
+                  + (f", top-1 agreement {row.top1_agreement:.0%}" if row.top1_agreement is not None else "")
+                  + (f", {row.nonfinite} value(s) NaN or Inf on one side only" if row.nonfinite else ""))
     if args.output:
         buffer = io.BytesIO()
         np.savez(buffer, **outputs)
