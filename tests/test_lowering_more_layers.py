@@ -380,6 +380,8 @@ REFUSED = {  # (layer type, params, input shape, part of the reason)
                              "empty output (2, 3, 0, 3)"),
     "im2col_no_window": ("Im2col", "convolution_param { kernel_size: 5 stride: 3 }", (2, 1, 2, 6),
                          "empty output"),
+    "pooling_no_window": ("Pooling", "pooling_param { pool: MAX kernel_size: 2 ceil_mode: false }", (2, 1, 1, 9),
+                          "empty output (2, 1, 0, 8)"),
     "spp_stochastic": ("SPP", "spp_param { pyramid_height: 2 pool: STOCHASTIC }", (2, 3, 8, 8), "stochastic"),
     "kyle_batch_statistics": ("BatchNormKyle", "batch_norm_param { use_global_stats: false }", (2, 3, 4, 4),
                               "batch statistics"),

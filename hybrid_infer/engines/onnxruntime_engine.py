@@ -43,7 +43,9 @@ class OnnxRuntimeEngine:
         is raised as a one-line InputError naming the layer rather than ORT's own error."""
         import onnxruntime as ort
         self._value_checked = dict(value_checked or {})
-        self._layer_of_node = {node.name: node.doc_string for node in model.graph.node}
+        #: Nodes of those layers (each node carries its Caffe layer's name in doc_string).
+        self._layer_of_node = {node.name: node.doc_string for node in model.graph.node
+                               if node.doc_string in self._value_checked}
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
@@ -72,7 +74,7 @@ class OnnxRuntimeEngine:
         """Raise InputError if ORT's error ``message`` comes from a node of a value-checked layer."""
         found = _FAILED_NODE.search(message)
         node = found.group(1) if found else ""
-        if self._layer_of_node.get(node) in self._value_checked:
+        if node in self._layer_of_node:
             raise InputError(f"{self._value_checked[self._layer_of_node[node]]}, and got one outside that "
                              f"in this run (ONNX Runtime stopped at its node {node})") from None
 

@@ -175,7 +175,7 @@ def check_pooling(layer: Layer, graph: LayerGraph) -> Optional[str]:
         return "stochastic pooling has no TensorRT equivalent"
     if len(layer.tops) > 1:
         return "max pooling with a mask top has no TensorRT equivalent"
-    return None
+    return empty_output(layer, graph)
 
 
 @register_lowering("Pooling", check=check_pooling)
