@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .engines.caffe_batch import check_feed_batch
 from .errors import InputError, OptionError
-from .graph.layer_graph import LayerGraph
+from .graph.layer_graph import Layer, LayerGraph
+from .index_inputs import check_index_inputs, index_inputs
 from .lowering.plugins import LoweringModule, load_lowering_modules
 from .detections import detection_outputs
 from .metrics import OutputDifference, compare_outputs
@@ -96,6 +98,8 @@ class HybridNet:
         #: Why the engine for supported segments is what it is (set when engines are built).
         self.engine_reason = ""
         self.graph = LayerGraph(model)
+        #: Net inputs that Embed layers read as indices (value id -> those layers).
+        self._index_inputs = index_inputs(self.graph)
         self.requested_engine = engine
         self.output_blobs = list(outputs) or [self.graph.values[v].blob for v in self.graph.outputs]
         self._output_values = [self.graph.value_of_blob(b) for b in self.output_blobs]
@@ -114,6 +118,10 @@ class HybridNet:
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         return {self.graph.values[v].blob: self.graph.values[v].shape for v in self.graph.inputs}
 
+    def index_readers(self, input_blob: str) -> list[Layer]:
+        """The Embed layers that read net input ``input_blob`` as row indices (empty if none)."""
+        return self._index_inputs.get(self.graph.input_value(input_blob), [])
+
     @property
     def segment_engines(self) -> list["SegmentEngine"]:
         return self._ensure_executor().segment_engines
@@ -131,7 +139,7 @@ class HybridNet:
             while True:
                 built = build_engines(self.graph, self.model, self.partition.segments, engine, factory,
                                       caffe_device=self.gpu)
-                named = {layer: f"{engine} refused it: {se.fallback_note}" for se in built
+                named = {layer: f"{se.refused_by} refused it: {se.fallback_note}" for se in built
                          for layer in se.rejected_layers if layer not in rejected}
                 if not named:
                     break
@@ -140,8 +148,8 @@ class HybridNet:
                 for se in built:
                     se.engine.close()
                 rejected.update(named)
-                log.warning("moving %s to Caffe (refused by %s) and partitioning again",
-                            ", ".join(sorted(named)), engine)
+                for layer, why in named.items():
+                    log.warning("moving %s to Caffe and partitioning again: %s", layer, why)
                 self.partition = partition(self.graph, self._capability, self._min_segment_size,
                                            keep_outputs=self._kept, rejected=rejected)
             for se in built:
@@ -151,7 +159,8 @@ class HybridNet:
         return self._executor
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate names, shapes and dtypes; return FP32 arrays keyed by input blob."""
+        """Validate names, shapes and dtypes, and the values of inputs that Embed layers read
+        as indices (``index_inputs``); return FP32 arrays keyed by input blob."""
         expected = self.input_shapes()
         unknown = [name for name in inputs if name not in expected]
         if unknown:
@@ -176,6 +185,8 @@ class HybridNet:
                 raise InputError(f"inputs have different batch sizes ({batch} and {array.shape[0]} for '{name}')")
             batch = array.shape[0]
             checked[name] = np.ascontiguousarray(array, dtype=np.float32)
+        check_index_inputs(self.graph, self._index_inputs,
+                           {self.graph.input_value(name): array for name, array in checked.items()})
         return checked
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -202,6 +213,8 @@ class HybridNet:
         in-place layers overwrite earlier ones (a net input rewritten in place included).
         Caffe runs only as far as the last of them."""
         checked = self.check_inputs(inputs)
+        check_feed_batch(self.graph, self.graph.layers.values(),
+                         {self.graph.input_value(name): array.shape for name, array in checked.items()})
         net = self.model.reference_net()
         if device is None:
             caffe().set_mode_cpu()  # another engine may have left Caffe in GPU mode

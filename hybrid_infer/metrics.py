@@ -10,11 +10,36 @@ if TYPE_CHECKING:
     from .detections import DetectionComparison, Thresholds
 
 
-def relative_l2(actual: np.ndarray, expected: np.ndarray) -> float:
-    """||actual - expected|| / ||expected||, in float64; NaN/Inf in the same places count as equal."""
+def _as_float64(actual: np.ndarray, expected: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Both arrays in float64, plus where they hold the same non-finite value (both NaN, or
+    the same infinity): such places count as equal."""
     a = np.asarray(actual, dtype=np.float64)
     b = np.asarray(expected, dtype=np.float64)
     same_nonfinite = (~np.isfinite(a)) & (~np.isfinite(b)) & ((a == b) | (np.isnan(a) & np.isnan(b)))
+    return a, b, same_nonfinite
+
+
+def nonfinite_mismatches(actual: np.ndarray, expected: np.ndarray) -> int:
+    """How many places hold NaN or Inf on one side and something else on the other."""
+    a, b, same_nonfinite = _as_float64(actual, expected)
+    return int(np.count_nonzero((~np.isfinite(a) | ~np.isfinite(b)) & ~same_nonfinite))
+
+
+def max_abs_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    """max |actual - expected| in float64; the same NaN/Inf on both sides counts as equal, a
+    NaN/Inf on one side only makes it Inf (never hidden behind the finite places)."""
+    a, b, same_nonfinite = _as_float64(actual, expected)
+    if a.size == 0:
+        return 0.0
+    diff = np.abs(np.where(same_nonfinite, 0.0, a) - np.where(same_nonfinite, 0.0, b))
+    return float("inf") if not np.isfinite(diff).all() else float(diff.max())
+
+
+def relative_l2(actual: np.ndarray, expected: np.ndarray) -> float:
+    """||actual - expected|| / ||expected||, in float64; NaN/Inf in the same places count as
+    equal, NaN/Inf on one side only give Inf. Against an all-zero reference it is the
+    absolute ||actual - expected|| (0 when both are zero)."""
+    a, b, same_nonfinite = _as_float64(actual, expected)
     a = np.where(same_nonfinite, 0.0, a)
     b = np.where(same_nonfinite, 0.0, b)
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
@@ -26,12 +51,16 @@ def relative_l2(actual: np.ndarray, expected: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class OutputDifference:
-    """One output against Caffe's. For a DetectionOutput blob, ``detections`` compares rows as
-    detections and ``max_abs``/``rel_l2`` cover the matched detections only."""
+    """One output against Caffe's: ``max_abs_error``, ``relative_l2``, the share of items
+    whose top-1 class agrees (classifier-shaped outputs only), and in ``nonfinite`` how many
+    places are NaN or Inf on one side only (``nonfinite_mismatches``). For a DetectionOutput
+    blob, ``detections`` compares its rows as detections, and ``max_abs``/``rel_l2`` cover the
+    matched detections only."""
     name: str
     max_abs: float
     rel_l2: float
     top1_agreement: Optional[float]
+    nonfinite: int = 0
     detections: Optional["DetectionComparison"] = None
 
     def within(self, tolerance: float) -> bool:
@@ -51,16 +80,14 @@ def compare_outputs(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.
         if name in detections:
             from .detections import compare_detections
             found = compare_detections(got, ref, detections[name], tolerance)
-            rows.append(OutputDifference(name, found.max_abs, found.rel_l2, None, found))
+            rows.append(OutputDifference(name, found.max_abs, found.rel_l2, None, detections=found))
             continue
         if got.shape != ref.shape:
             rows.append(OutputDifference(name, float("inf"), float("inf"), None))
             continue
-        diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
-        finite = diff[np.isfinite(diff)]
         top1 = None
         if ref.ndim >= 2 and all(d == 1 for d in ref.shape[2:]) and ref.shape[1] > 1:
             top1 = float(np.mean(np.argmax(got.reshape(len(got), -1), 1) == np.argmax(ref.reshape(len(ref), -1), 1)))
-        rows.append(OutputDifference(name, float(finite.max()) if finite.size else 0.0,
-                                     relative_l2(got, ref), top1))
+        rows.append(OutputDifference(name, max_abs_error(got, ref), relative_l2(got, ref), top1,
+                                     nonfinite_mismatches(got, ref)))
     return rows

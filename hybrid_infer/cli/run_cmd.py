@@ -12,6 +12,7 @@ from ..executor.engine_factory import ENGINES
 from ..detections import DetectionComparison, detection_outputs, parse
 from ..partition.partitioner import TENSORRT
 from ..report import handoff_report
+from ..report.partition_report import user_lowerings
 from .common import (add_build_options, add_model_options, auto_min_segment_size, open_net, require_weights,
                      write_atomically)
 from .input_options import add_input_options, gather_inputs, preprocessing
@@ -101,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
               f"{times.get(se.segment.id, 0) * 1e3:8.2f} ms{note}")
     if net.gpu is not None:
         print(f"  Caffe segments ran on GPU {net.gpu.index} ({net.gpu.name})")
+    for row in user_lowerings(net.partition):
+        if row["layers"]:
+            print(f"  {row['target']} lowered by {row['function']} ({row['origin']}): {', '.join(row['layers'])}")
     print("\nhand-offs of the second run:\n" + handoff_report.to_text(net.handoffs()), end="")
     status = 0
     if args.check:
@@ -115,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
             role = f" (input of Softmax '{result.softmax_inputs[row.name]}')" if row.name in result.softmax_inputs else ""
             print(f"  {row.name}{role}: max abs error {row.max_abs:.3g}, relative L2 {row.rel_l2:.3g} "
                   f"{'OK' if row.rel_l2 <= args.tolerance else 'ABOVE'} (tolerance {args.tolerance:g})"
-                  + (f", top-1 agreement {row.top1_agreement:.0%}" if row.top1_agreement is not None else ""))
+                  + (f", top-1 agreement {row.top1_agreement:.0%}" if row.top1_agreement is not None else "")
+                  + (f", {row.nonfinite} value(s) NaN or Inf on one side only" if row.nonfinite else ""))
     if args.output:
         buffer = io.BytesIO()
         np.savez(buffer, **outputs)

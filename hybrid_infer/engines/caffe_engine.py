@@ -20,6 +20,7 @@ from ..graph.layer_graph import LayerGraph
 from ..model.caffe_import import caffe, caffe_pb2
 from ..model.caffe_model import push_weights
 from ..model.protofile import write_prototxt
+from .caffe_batch import check_feed_batch
 
 
 def subnet_parameter(graph: LayerGraph, layer_names: Sequence[str], inputs: Sequence[str],
@@ -60,6 +61,8 @@ class CaffeEngine:
                  outputs: Sequence[str], weights: Mapping[str, list[np.ndarray]], *, name: str = "segment"):
         self.input_names = list(inputs)
         self.output_names = list(outputs)
+        self._graph = graph
+        self._layers = [graph.layers[n] for n in layer_names]
         self._workdir = Path(tempfile.mkdtemp(prefix="hybrid_infer_caffe_"))
         prototxt = self._workdir / f"{name}.prototxt"
         write_prototxt(subnet_parameter(graph, layer_names, inputs, name), prototxt)
@@ -75,7 +78,9 @@ class CaffeEngine:
         caffe().set_mode_cpu()
 
     def _reshape(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        """Resize the input blobs (and, through Caffe, the rest) only when a shape changed."""
+        """Resize the input blobs (and, through Caffe, the rest) only when a shape changed;
+        InputError when a layer of the sub-net cannot run at the new batch (``caffe_batch``)."""
+        check_feed_batch(self._graph, self._layers, shapes)
         reshaped = False
         for name in self.input_names:
             blob = self._blobs[name]
