@@ -154,14 +154,16 @@ class DetectionComparison:
                 "near_ties": len(self.near_ties), "differences": [d.describe() for d in self.diffs]}
 
 
-def _match(expected: list[Detection], actual: list[Detection]) -> dict[int, int]:
-    """Expected row -> actual row: same image and label, box overlap at least MATCH_IOU,
+def _match(expected: list[Detection], actual: list[Detection], tolerance: float) -> dict[int, int]:
+    """Expected row -> actual row: same image and label, and box overlap at least MATCH_IOU
+    or the same box within ``tolerance`` (an inverted box overlaps nothing, not even itself);
     greedily by overlap, then by score difference."""
     pairs = []
     for e in expected:
         for a in actual:
             if (e.image, e.label) == (a.image, a.label):
-                overlap = iou(e, a)
+                same_box = max(abs(x - y) for x, y in zip(e.box, a.box)) <= tolerance
+                overlap = 1.0 if same_box else iou(e, a)
                 if overlap >= MATCH_IOU:
                     pairs.append((-overlap, abs(e.score - a.score), e.row, a.row))
     pairs.sort()
@@ -205,7 +207,7 @@ def compare_detections(actual: np.ndarray, expected: np.ndarray, thresholds: Thr
     the largest score or coordinate difference taken as equal, and the margin for
     near-equal scores and thresholds."""
     want, got = parse(expected), parse(actual)
-    matched = _match(want, got)
+    matched = _match(want, got, tolerance)
     got_by_row = {d.row: d for d in got}
     everything = want + got
     diffs: list[DetectionDiff] = []

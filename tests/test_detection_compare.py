@@ -72,6 +72,11 @@ def test_overlap_at_the_nms_threshold_and_its_knock_on_are_near_ties():
     assert any("nms_threshold" in d.why for d in found.diffs) and any("near-tie detection" in d.why for d in found.diffs)
 
 
+def test_inverted_boxes_match_themselves():
+    inverted = [0, 1, 0.7, 0.5, 0.6, 0.4, 0.3]  # xmax < xmin: overlaps nothing, not even itself
+    assert compare_detections(blob(A, inverted), blob(A, inverted), THRESHOLDS, 1e-4).diffs == []
+
+
 def test_real_differences_are_called_real():
     lost = compare_detections(blob(A, C), blob(A, B, C), THRESHOLDS, 1e-4)
     assert kinds(lost) == [("missing", REAL)] and not lost.ok
