@@ -1,45 +1,60 @@
 """Compare DetectionOutput blobs as detections, not as arrays.
 
 A DetectionOutput top (bundled Caffe: src/caffe/layers/detection_output_layer.cpp) is
-``[1, 1, N, 7]``, one row ``[image, label, score, xmin, ymin, xmax, ymax]`` per detection
-(rows ``[i, -1, ...]`` when no image has one). Its row count depends on the data, and a
-score that lies within rounding of the confidence threshold, of another detection's
-score (top_k, keep_top_k, the order NMS visits boxes) or an overlap within rounding of
-the NMS threshold can flip whether a box is kept. A relative L2 over the rows says
-nothing useful then. Here rows are matched by image, label and box overlap, every
-detection that is missing, extra, moved or out of order is listed, and each difference
-is classed:
+``[1, 1, N, 7]``, one row ``[image, label, score, xmin, ymin, xmax, ymax]`` per detection,
+images ascending, then labels ascending, then scores descending; when no image has a
+detection, one placeholder row ``[i, -1, -1, -1, -1, -1, -1]`` per image instead. Its row
+count depends on the data, and a decision between two near-equal numbers (see
+``detection_ties``) can flip whether a box is kept, so a relative L2 over the rows says
+nothing useful. Here:
 
-- ``near-tie``: explained by near-equal numbers (within the tolerance): the detection's
-  score and the confidence threshold, its score and another detection's, or its IoU
-  with another box of its class and the NMS threshold; a knock-on of such a difference
-  (a box suppressed by, or suppressing, a near-tie box) counts too;
-- ``real``: anything else, i.e. a bug.
+1. placeholder rows are compared value for value (count, image ids, the -1s);
+2. detection rows are matched one to one: the same image and label, score and box equal
+   within the tolerance (``detection_rows.margin``: absolute, relative above 1; the same
+   infinity matches itself);
+3. every row on one side only is ``missing`` (Caffe has it) or ``extra`` (the hybrid has
+   it) and is either explained by a near-tie (``detection_ties``: the confidence threshold,
+   tied scores at the top_k or keep_top_k cut or in NMS's visiting order, an overlap at the
+   NMS threshold, and what those decisions knock on) or ``real``; real ones that are one
+   detection changed are shown as ``moved`` (same image and label, box overlap at least
+   ``MATCH_IOU``) or ``label`` (same image, score and box, another label);
+4. the hybrid's rows must be in Caffe's order (image, label, descending score): rows out of
+   it are ``real`` ``order`` differences; matched rows that only swap places among tied
+   scores are ``near-tie`` ones.
+
+Any real difference makes the comparison fail, and its ``max_abs``/``rel_l2`` Inf (as for
+an output of another shape than Caffe's); otherwise they measure the matched rows.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
+from .detection_rows import BOX, IMAGE, LABEL, SCORE, VALUES, close, group_ids, groups, margin, match, overlaps
+from .detection_ties import MATCH_IOU, Explainer
 from .metrics import relative_l2
 
 if TYPE_CHECKING:
     from .graph.layer_graph import LayerGraph
 
-#: Rows whose box overlap is at least this are taken for the same detection.
-MATCH_IOU = 0.5
 NEAR_TIE = "near-tie"
 REAL = "real"
+__all__ = ["MATCH_IOU", "NEAR_TIE", "REAL", "Thresholds", "detection_outputs", "Detection", "parse",
+           "DetectionDiff", "DetectionComparison", "compare_detections"]
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """What decides a DetectionOutput's rows besides the scores: its confidence threshold
-    (None: not set) and NMS threshold (None: no NMS)."""
+    """What decides a DetectionOutput's rows besides the scores: ``confidence`` (None: not
+    set, or no nms_param, where this Caffe applies none), ``nms`` threshold (None: no NMS),
+    ``top_k`` per class before NMS and ``keep_top_k`` per image (None: no cut), NMS's ``eta``."""
     confidence: Optional[float]
     nms: Optional[float]
+    top_k: Optional[int] = None
+    keep_top_k: Optional[int] = None
+    eta: float = 1.0
 
 
 def detection_outputs(graph: "LayerGraph") -> dict[str, Thresholds]:
@@ -50,8 +65,16 @@ def detection_outputs(graph: "LayerGraph") -> dict[str, Thresholds]:
         if layer.type != "DetectionOutput":
             continue
         p = layer.param.detection_output_param
-        thresholds = Thresholds(p.confidence_threshold if p.HasField("confidence_threshold") else None,
-                                p.nms_param.nms_threshold if p.HasField("nms_param") else None)
+        nms = p.HasField("nms_param")
+        prior_shape = graph.values[layer.bottoms[2]].shape if len(layer.bottoms) > 2 else None
+        priors = prior_shape[2] // 4 if prior_shape is not None and len(prior_shape) > 2 else None
+        top_k = p.nms_param.top_k if nms and p.nms_param.HasField("top_k") else -1
+        thresholds = Thresholds(
+            p.confidence_threshold if nms and p.HasField("confidence_threshold") else None,
+            p.nms_param.nms_threshold if nms else None,
+            top_k if top_k > -1 and (priors is None or top_k < priors) else None,
+            p.keep_top_k if p.keep_top_k > -1 else None,
+            p.nms_param.eta if nms else 1.0)
         for value in layer.tops:
             found[value] = thresholds
             blob = graph.values[value].blob
@@ -69,37 +92,37 @@ class Detection:
     score: float
     box: tuple[float, float, float, float]
 
+    @staticmethod
+    def at(rows: np.ndarray, row: int) -> "Detection":
+        r = rows[row]
+        image, label = (int(v) if np.isfinite(v) else v for v in r[:2])
+        return Detection(row, image, label, float(r[SCORE]), tuple(float(v) for v in r[BOX]))  # type: ignore[arg-type]
+
     def describe(self) -> str:
-        return (f"image {self.image} label {self.label} score {self.score:.6g} box "
+        return (f"row {self.row}: image {self.image} label {self.label} score {self.score:.7g} box "
                 f"({', '.join(f'{v:.4f}' for v in self.box)})")
+
+
+def _rows(blob: np.ndarray) -> np.ndarray:
+    array = np.asarray(blob, dtype=np.float64)
+    if array.size % 7:
+        raise ValueError(f"a DetectionOutput blob has 7 values per row; got shape {array.shape}")
+    return array.reshape(-1, 7)
 
 
 def parse(blob: np.ndarray) -> list[Detection]:
     """The detections of a DetectionOutput blob (N x 7 after flattening); placeholder rows
     (label -1) are left out. Raises ValueError when the blob does not have 7 columns."""
-    array = np.asarray(blob, dtype=np.float64)
-    if array.size % 7:
-        raise ValueError(f"a DetectionOutput blob has 7 values per row; got shape {array.shape}")
-    return [Detection(i, int(r[0]), int(r[1]), float(r[2]), (float(r[3]), float(r[4]), float(r[5]), float(r[6])))
-            for i, r in enumerate(array.reshape(-1, 7)) if r[1] != -1]
-
-
-def iou(a: Detection, b: Detection) -> float:
-    """Caffe's JaccardOverlap of normalised boxes (0 when they do not overlap)."""
-    width = min(a.box[2], b.box[2]) - max(a.box[0], b.box[0])
-    height = min(a.box[3], b.box[3]) - max(a.box[1], b.box[1])
-    if width <= 0 or height <= 0:
-        return 0.0
-    size = lambda d: max(d.box[2] - d.box[0], 0) * max(d.box[3] - d.box[1], 0)
-    inter = width * height
-    return inter / (size(a) + size(b) - inter)
+    rows = _rows(blob)
+    return [Detection.at(rows, i) for i in np.flatnonzero(rows[:, LABEL] != -1)]
 
 
 @dataclass(frozen=True)
 class DetectionDiff:
     """One difference: ``missing`` (Caffe has it, the hybrid not), ``extra`` (the other way),
-    ``moved`` (matched, but score or box off by more than the tolerance) or ``order`` (both
-    have it, at another place in the blob). ``cause`` is ``near-tie`` or ``real``."""
+    ``moved`` or ``label`` (one detection whose box or score, or label, changed), ``order``
+    (at another place in the hybrid's rows) or ``placeholder`` (the rows for "nothing
+    found"). ``cause`` is ``near-tie`` or ``real``; ``why`` says which."""
     kind: str
     expected: Optional[Detection]
     actual: Optional[Detection]
@@ -107,12 +130,12 @@ class DetectionDiff:
     why: str
 
     def describe(self) -> str:
-        what = self.expected or self.actual
-        assert what is not None
-        detail = ""
-        if self.kind == "moved" and self.expected and self.actual:
-            detail = f" -> score {self.actual.score:.6g} box ({', '.join(f'{v:.4f}' for v in self.actual.box)})"
-        return f"{self.kind:<7} {self.cause:<8} {what.describe()}{detail}: {self.why}"
+        if self.expected and self.actual and self.kind != "order":
+            what = f"Caffe {self.expected.describe()} -> hybrid {self.actual.describe()}"
+        else:
+            what = (f"Caffe {self.expected.describe()}" if self.expected else
+                    f"hybrid {self.actual.describe()}" if self.actual else "")
+        return f"{self.kind:<11} {self.cause:<8} {what}: {self.why}"
 
 
 @dataclass
@@ -122,11 +145,13 @@ class DetectionComparison:
     actual: int
     matched: int
     tolerance: float
-    #: Largest score or coordinate difference over matched detections.
+    #: Largest score or coordinate difference over matched detections; Inf if any real difference.
     max_abs: float
-    #: Relative L2 of the matched rows against Caffe's.
+    #: Relative L2 of the matched rows against Caffe's; Inf if any real difference.
     rel_l2: float
     diffs: list[DetectionDiff] = field(default_factory=list)
+    #: Rows on one side only that hold NaN or Inf.
+    nonfinite: int = 0
 
     @property
     def real(self) -> list[DetectionDiff]:
@@ -151,116 +176,196 @@ class DetectionComparison:
     def to_json(self) -> dict:
         return {"expected": self.expected, "actual": self.actual, "matched": self.matched,
                 "max_abs": self.max_abs, "rel_l2": self.rel_l2, "real": len(self.real),
-                "near_ties": len(self.near_ties), "differences": [d.describe() for d in self.diffs]}
+                "near_ties": len(self.near_ties), "nonfinite": self.nonfinite,
+                "differences": [d.describe() for d in self.diffs]}
 
 
-def _match(expected: list[Detection], actual: list[Detection], tolerance: float) -> dict[int, int]:
-    """Expected row -> actual row: same image and label, and box overlap at least MATCH_IOU
-    or the same box within ``tolerance`` (an inverted box overlaps nothing, not even itself);
-    greedily by overlap, then by score difference."""
-    pairs = []
-    for e in expected:
-        for a in actual:
-            if (e.image, e.label) == (a.image, a.label):
-                same_box = max(abs(x - y) for x, y in zip(e.box, a.box)) <= tolerance
-                overlap = 1.0 if same_box else iou(e, a)
-                if overlap >= MATCH_IOU:
-                    pairs.append((-overlap, abs(e.score - a.score), e.row, a.row))
-    pairs.sort()
-    matched: dict[int, int] = {}
-    taken: set[int] = set()
-    for _, _, e_row, a_row in pairs:
-        if e_row not in matched and a_row not in taken:
-            matched[e_row] = a_row
-            taken.add(a_row)
-    return matched
+def _finite(rows: np.ndarray) -> np.ndarray:
+    return np.isfinite(rows).all(axis=1)
 
 
-def _near_tie(d: Detection, partner: Optional[Detection], others: Sequence[Detection],
-              thresholds: Thresholds, tolerance: float) -> Optional[str]:
-    """Why near-equal numbers may explain a difference on ``d``, or None."""
-    if thresholds.confidence is not None and abs(d.score - thresholds.confidence) <= tolerance:
-        return f"score within {tolerance:g} of confidence_threshold {thresholds.confidence:g}"
-    for o in others:
-        if o is d or o is partner or o.image != d.image:
+def _lone_why(rows: np.ndarray, row: int, side: str) -> str:
+    if not np.isfinite(rows[row]).all():
+        return f"{side} row holds NaN or Inf; the other side has no such row"
+    return "Caffe has it, the hybrid does not" if side == "Caffe's" else "the hybrid has it, Caffe does not"
+
+
+def _relabelled(want: np.ndarray, got: np.ndarray, missing: np.ndarray, extra: np.ndarray,
+                tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rows on one side only that are one detection under another label: the same image,
+    score and box (positions into ``missing`` and ``extra``, paired)."""
+    relabel_e, relabel_a = want[missing].copy(), got[extra].copy()
+    relabel_e[:, LABEL] = relabel_a[:, LABEL] = 0
+    return match(relabel_e, relabel_a, tolerance)
+
+
+def _moved(want: np.ndarray, got: np.ndarray, missing: np.ndarray,
+           extra: np.ndarray) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:
+    """Real rows on one side only that are one detection whose box or score changed (same
+    image and label, overlap at least MATCH_IOU, greedily by overlap): the (Caffe row,
+    hybrid row) pairs, and the rows left over."""
+    ids_e, ids_a = group_ids(want[missing, :2], got[extra, :2])
+    pairs, used_e, used_a = [], set(), set()
+    for ge, ga in groups(ids_e, ids_a):
+        if not len(ge) or not len(ga) or len(ge) * len(ga) > 1 << 22:
             continue
-        if abs(o.score - d.score) <= tolerance and (o.label, o.box) != (d.label, d.box):
-            return f"score within {tolerance:g} of another detection's ({o.describe()})"
-        if thresholds.nms is not None and o.label == d.label and abs(iou(o, d) - thresholds.nms) <= tolerance:
-            return f"IoU {iou(o, d):.6g} with {o.describe()} within {tolerance:g} of nms_threshold {thresholds.nms:g}"
-    return None
+        iou = overlaps(want[missing[ge], BOX], got[extra[ga], BOX])
+        for flat in np.argsort(-iou, axis=None, kind="stable"):
+            i, j = divmod(int(flat), len(ga))
+            if not iou[i, j] >= MATCH_IOU:
+                break
+            if ge[i] not in used_e and ga[j] not in used_a:
+                used_e.add(ge[i])
+                used_a.add(ga[j])
+                pairs.append((int(missing[ge[i]]), int(extra[ga[j]])))
+    return pairs, np.delete(missing, list(used_e)), np.delete(extra, list(used_a))
 
 
-def _knock_on(d: Detection, explained: Sequence[Detection], thresholds: Thresholds, tolerance: float) -> Optional[str]:
-    """A box that a near-tie box may have suppressed (or that suppressed one)."""
+def _overlap_diffs(got: np.ndarray, got_index: np.ndarray, got_all: np.ndarray, thresholds: Thresholds,
+                   tolerance: float) -> list[DetectionDiff]:
+    """Hybrid rows that overlap an earlier row of the same image and label by more than the
+    NMS threshold: Caffe's NMS keeps a box only if it overlaps no kept one by more (and eta
+    only lowers the threshold), so no two of its rows of a class overlap that much."""
     if thresholds.nms is None:
-        return None
-    for o in explained:
-        if o is not d and o.image == d.image and o.label == d.label and iou(o, d) > thresholds.nms - tolerance:
-            return f"overlaps near-tie detection ({o.describe()}) by IoU {iou(o, d):.3g}"
-    return None
+        return []
+    diffs = []
+    ids, _ = group_ids(got[:, :2], got[:0, :2])
+    for rows, _ in groups(ids, np.zeros(0, np.int64)):
+        rows = np.sort(rows)
+        if len(rows) < 2:
+            continue
+        step = max(1, (1 << 22) // len(rows))
+        for start in range(0, len(rows), step):
+            part = rows[start:start + step]
+            iou = overlaps(got[part, BOX], got[rows, BOX])
+            earlier = rows[None, :] < part[:, None]
+            hit = earlier & (iou > thresholds.nms + tolerance)
+            for i in np.flatnonzero(hit.any(axis=1)):
+                j = int(np.flatnonzero(hit[i])[0])
+                diffs.append(DetectionDiff(
+                    "overlap", None, Detection.at(got_all, int(got_index[part[i]])), REAL,
+                    f"overlaps {Detection.at(got_all, int(got_index[rows[j]])).describe()} by IoU {iou[i, j]:.4g} > "
+                    f"nms_threshold {thresholds.nms:g}: NMS keeps at most one of them"))
+    return diffs
+
+
+def _placeholder_diffs(want_all: np.ndarray, got_all: np.ndarray, detections_explained: bool,
+                       tolerance: float) -> list[DetectionDiff]:
+    """Caffe writes one row [i, -1, -1, -1, -1, -1, -1] per image when no image has a
+    detection, and none otherwise; the hybrid's must be the same rows."""
+    flag_e, flag_a = want_all[:, LABEL] == -1, got_all[:, LABEL] == -1
+    ph_e, ph_a = np.flatnonzero(flag_e), np.flatnonzero(flag_a)
+    det = lambda rows, i: Detection.at(rows, int(i))
+    if len(got_all) == 0:
+        return [DetectionDiff("placeholder", det(want_all, 0) if len(want_all) else None, None, REAL,
+                              "the hybrid returned no rows at all; Caffe writes one placeholder row per image "
+                              "when it finds nothing")]
+    if len(ph_a) and not flag_a.all():
+        return [DetectionDiff("placeholder", None, det(got_all, ph_a[0]), REAL,
+                              "a placeholder row (label -1) among the hybrid's detections")]
+    if len(ph_e) and len(ph_a):
+        same = len(ph_e) == len(ph_a) and close(got_all[ph_a], want_all[ph_e], tolerance).all()
+        if same:
+            return []
+        wrong = next((i for i in range(min(len(ph_e), len(ph_a)))
+                      if not close(got_all[ph_a[i]], want_all[ph_e[i]], tolerance).all()), None)
+        why = (f"the hybrid has {len(ph_a)} placeholder row(s), Caffe {len(ph_e)} (one per image)" if wrong is None else
+               f"placeholder row {wrong} is {np.array2string(got_all[ph_a[wrong]], precision=4)}, Caffe's "
+               f"{np.array2string(want_all[ph_e[wrong]], precision=4)}")
+        return [DetectionDiff("placeholder", det(want_all, ph_e[0]), det(got_all, ph_a[0]), REAL, why)]
+    if len(ph_a):  # the hybrid found nothing, Caffe found something
+        images = len(ph_a)
+        well_formed = np.array_equal(got_all[ph_a], np.column_stack([np.arange(images), -np.ones((images, 6))]))
+        ok = well_formed and detections_explained
+        return [DetectionDiff("placeholder", None, det(got_all, ph_a[0]), NEAR_TIE if ok else REAL,
+                              "the hybrid found nothing; Caffe's detections are all near-ties" if ok else
+                              "the hybrid's placeholder rows are not [i, -1, ...] for each image" if not well_formed
+                              else "the hybrid found nothing, Caffe did")]
+    if len(ph_e):  # Caffe found nothing, the hybrid found something
+        return [DetectionDiff("placeholder", det(want_all, ph_e[0]), None, NEAR_TIE if detections_explained else REAL,
+                              "Caffe found nothing; the hybrid's detections are all near-ties" if detections_explained
+                              else "Caffe found nothing, the hybrid did")]
+    return []
+
+
+def _order_diffs(got: np.ndarray, got_index: np.ndarray, want_index: np.ndarray, pe: np.ndarray, pa: np.ndarray,
+                 got_all: np.ndarray, want_all: np.ndarray, tolerance: float) -> list[DetectionDiff]:
+    """Rows the hybrid puts out of Caffe's order (image, label ascending, then score
+    descending: real), or matched rows in another order than Caffe's among tied scores
+    (near-tie: the order of equal scores is a tie order)."""
+    key_before = got[:-1, :2]
+    key_after = got[1:, :2]
+    key_back = (key_after[:, 0] < key_before[:, 0]) | \
+               ((key_after[:, 0] == key_before[:, 0]) & (key_after[:, 1] < key_before[:, 1]))
+    same_key = (key_after == key_before).all(axis=1)
+    with np.errstate(invalid="ignore"):
+        score_up = same_key & (got[1:, SCORE] > got[:-1, SCORE] + margin(got[:-1, SCORE], tolerance))
+    broken = np.flatnonzero(key_back | score_up)
+    diffs = [DetectionDiff("order", None, Detection.at(got_all, int(got_index[i + 1])), REAL,
+                           f"after {Detection.at(got_all, int(got_index[i])).describe()}; Caffe orders rows by image, "
+                           "then label, then descending score") for i in broken]
+    if diffs or not len(pe):
+        return diffs
+    by_caffe = np.argsort(pe, kind="stable")
+    moved = np.flatnonzero(np.argsort(np.argsort(pa[by_caffe], kind="stable"), kind="stable") != np.arange(len(pe)))
+    return [DetectionDiff("order", Detection.at(want_all, int(want_index[pe[by_caffe[k]]])),
+                          Detection.at(got_all, int(got_index[pa[by_caffe[k]]])), NEAR_TIE,
+                          "tied scores in another order than Caffe's") for k in moved]
 
 
 def compare_detections(actual: np.ndarray, expected: np.ndarray, thresholds: Thresholds,
                        tolerance: float) -> DetectionComparison:
-    """Compare a hybrid's DetectionOutput blob with Caffe's (``expected``); ``tolerance`` is
-    the largest score or coordinate difference taken as equal, and the margin for
-    near-equal scores and thresholds."""
-    want, got = parse(expected), parse(actual)
-    matched = _match(want, got, tolerance)
-    got_by_row = {d.row: d for d in got}
-    everything = want + got
+    """Compare a hybrid's DetectionOutput blob with Caffe's (``expected``), see the module
+    docstring. ``tolerance`` is the largest score or coordinate difference taken as equal
+    (relative above 1) and the margin for near-equal scores, overlaps and thresholds.
+    Raises ValueError when a blob does not have 7 values per row."""
+    want_all, got_all = _rows(expected), _rows(actual)
+    want_index, got_index = np.flatnonzero(want_all[:, LABEL] != -1), np.flatnonzero(got_all[:, LABEL] != -1)
+    want, got = want_all[want_index], got_all[got_index]
+    pe, pa = match(want, got, tolerance)
+    matched_e, matched_a = np.zeros(len(want), bool), np.zeros(len(got), bool)
+    matched_e[pe], matched_a[pa] = True, True
+    missing, extra = np.flatnonzero(~matched_e), np.flatnonzero(~matched_a)
+    re, ra = _relabelled(want, got, missing, extra, tolerance)
+    relabelled_e, relabelled_a = np.zeros(len(want), bool), np.zeros(len(got), bool)
+    relabelled_e[missing[re]], relabelled_a[extra[ra]] = True, True
+    ties = Explainer(want, got, matched_e, matched_a, relabelled_e, relabelled_a, thresholds, tolerance)
     diffs: list[DetectionDiff] = []
-    errors: list[float] = []
-    pairs: list[tuple[Detection, Detection]] = []
-    for e in want:
-        a = got_by_row.get(matched.get(e.row, -1))
-        if a is None:
-            continue
-        pairs.append((e, a))
-        error = max(abs(e.score - a.score), *(abs(x - y) for x, y in zip(e.box, a.box)))
-        errors.append(error)
-        if error > tolerance:
-            why = _near_tie(e, a, everything, thresholds, tolerance) or _near_tie(a, e, everything, thresholds, tolerance)
-            diffs.append(DetectionDiff("moved", e, a, NEAR_TIE if why else REAL,
-                                       why or f"differs by {error:.3g}, beyond the tolerance {tolerance:g}"))
-    paired_actual = set(matched.values())
-    lone = [("missing", e, None) for e in want if e.row not in matched] + \
-           [("extra", None, a) for a in got if a.row not in paired_actual]
-    explained: list[Detection] = [d.expected or d.actual for d in diffs if d.cause == NEAR_TIE]  # type: ignore[misc]
-    pending = []
-    for kind, e, a in lone:
-        d = e or a
-        why = _near_tie(d, None, everything, thresholds, tolerance)
-        if why:
-            explained.append(d)
-            diffs.append(DetectionDiff(kind, e, a, NEAR_TIE, why))
-        else:
-            pending.append((kind, e, a))
-    for kind, e, a in pending:
-        d = e or a
-        why = _knock_on(d, explained, thresholds, tolerance)
-        diffs.append(DetectionDiff(kind, e, a, NEAR_TIE if why else REAL,
-                                   why or ("Caffe has it, the hybrid does not" if kind == "missing"
-                                           else "the hybrid has it, Caffe does not")))
-    diffs += _order_diffs(pairs, tolerance)
-    expected_rows = np.array([[e.score, *e.box] for e, _ in pairs]).reshape(-1, 5)
-    actual_rows = np.array([[a.score, *a.box] for _, a in pairs]).reshape(-1, 5)
-    return DetectionComparison(len(want), len(got), len(pairs), tolerance, max(errors, default=0.0),
-                               relative_l2(actual_rows, expected_rows) if pairs else 0.0, diffs)
-
-
-def _order_diffs(pairs: list[tuple[Detection, Detection]], tolerance: float) -> list[DetectionDiff]:
-    """Matched detections that the hybrid puts in another order than Caffe: an inversion
-    between two rows whose scores are within the tolerance is a tie order (Caffe's own
-    std::sort leaves it unspecified), any other is real."""
-    diffs = []
-    for i, (e1, a1) in enumerate(pairs):
-        for e2, a2 in pairs[i + 1:]:
-            if a2.row < a1.row:  # Caffe has e1 before e2, the hybrid the other way round
-                tie = abs(e1.score - e2.score) <= tolerance
-                diffs.append(DetectionDiff(
-                    "order", e1, a1, NEAR_TIE if tie else REAL,
-                    f"after {e2.describe()} in the hybrid, before it in Caffe"
-                    + (" (equal scores: tie order)" if tie else "")))
-    return diffs
+    for kind, lone, why, rows_all, index in (("missing", missing, ties.why_expected, want_all, want_index),
+                                             ("extra", extra, ties.why_actual, got_all, got_index)):
+        for i in lone:
+            if why[i] is not None:
+                d = Detection.at(rows_all, int(index[i]))
+                diffs.append(DetectionDiff(kind, d if kind == "missing" else None, d if kind == "extra" else None,
+                                           NEAR_TIE, why[i]))
+    relabel = [(e, a) for e, a in zip(missing[re], extra[ra])
+               if ties.why_expected[e] is None and ties.why_actual[a] is None]
+    in_pairs_e, in_pairs_a = {e for e, _ in relabel}, {a for _, a in relabel}
+    real_e = np.array([i for i in missing if ties.why_expected[i] is None and i not in in_pairs_e], dtype=np.int64)
+    real_a = np.array([i for i in extra if ties.why_actual[i] is None and i not in in_pairs_a], dtype=np.int64)
+    moved, real_e, real_a = _moved(want, got, real_e, real_a)
+    pairs = [(e, a, "label") for e, a in relabel] + [(e, a, "moved") for e, a in moved]
+    for e, a, kind in pairs:
+        nonfinite = "; the hybrid's row holds NaN or Inf" if not np.isfinite(got[a]).all() else ""
+        diffs.append(DetectionDiff(kind, Detection.at(want_all, int(want_index[e])),
+                                   Detection.at(got_all, int(got_index[a])), REAL,
+                                   ("another label for the same box and score" if kind == "label" else
+                                    "score or box differ beyond the tolerance") + nonfinite))
+    diffs += [DetectionDiff("missing", Detection.at(want_all, int(want_index[e])), None, REAL,
+                            _lone_why(want, e, "Caffe's")) for e in real_e]
+    diffs += [DetectionDiff("extra", None, Detection.at(got_all, int(got_index[a])), REAL,
+                            _lone_why(got, a, "the hybrid's")) for a in real_a]
+    diffs += _overlap_diffs(got, got_index, got_all, thresholds, tolerance)
+    lone_real = bool(len(real_e) or len(real_a) or pairs)
+    diffs += _placeholder_diffs(want_all, got_all, not lone_real, tolerance)
+    diffs += _order_diffs(got, got_index, want_index, pe, pa, got_all, want_all, tolerance)
+    nonfinite = int((~_finite(want[missing])).sum() + (~_finite(got[extra])).sum())
+    if any(d.cause == REAL for d in diffs):
+        max_abs = rel_l2 = float("inf")
+    elif len(pe):
+        both = np.isfinite(want[pe][:, VALUES]) & np.isfinite(got[pa][:, VALUES])
+        max_abs = float(np.abs(got[pa][:, VALUES] - want[pe][:, VALUES])[both].max(initial=0.0))
+        rel_l2 = relative_l2(got[pa][:, VALUES], want[pe][:, VALUES])
+    else:
+        max_abs = rel_l2 = 0.0
+    return DetectionComparison(len(want), len(got), len(pe), tolerance, max_abs, rel_l2, diffs, nonfinite)

@@ -8,7 +8,7 @@ from ..engines import trt_api
 from ..engines.engine_cache import EngineCache
 from ..executor.engine_factory import segment_onnx
 from ..partition.partitioner import TENSORRT
-from .common import add_build_options, add_model_options, build_settings, engine_cache, open_net, require_weights
+from .common import add_build_options, add_model_options, build_settings, engine_cache, open_net
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +22,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    require_weights(args)
     net = open_net(args)
     api = trt_api.load(args.tensorrt_module)
     settings = build_settings(args)

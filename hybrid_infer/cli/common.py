@@ -174,12 +174,6 @@ def parse_input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def require_weights(args: argparse.Namespace) -> None:
-    if args.weights is None and args.random_weights is None:
-        raise OptionError(f"{args.model}: running needs weights: pass --weights FILE.caffemodel, "
-                          "or --random-weights SEED to try the model with random parameters")
-
-
 def write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` so that readers see the old file or the whole new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)

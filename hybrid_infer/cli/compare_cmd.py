@@ -18,7 +18,7 @@ from ..partition.capability import PROFILES
 from ..report.bar_chart import CHART_SUFFIXES, check_writable
 from ..report.progress import Progress
 from .common import (AUTO, add_lowerings_option, load_lowerings, parse_input_shapes, parse_min_segment_size,
-                     require_weights, write_atomically)
+                     write_atomically)
 from .input_options import add_input_options, gather_inputs, preprocessing
 
 
@@ -84,7 +84,6 @@ def _auto_spec(probe: HybridNet, args: argparse.Namespace, inputs: dict) -> Part
 
 
 def run(args: argparse.Namespace) -> int:
-    require_weights(args)
     if args.runs < 1 or args.warmup < 0:
         raise OptionError("--runs must be 1 or more and --warmup 0 or more")
     if args.plot:

@@ -11,7 +11,7 @@ from ..analysis.layer_diff import Settings, caffe_values, layer_diff, to_json, t
 from ..errors import OptionError
 from ..executor.engine_factory import ENGINES
 from ..report.bar_chart import check_writable
-from .common import add_model_options, open_net, require_weights, write_atomically
+from .common import add_model_options, open_net, write_atomically
 from .input_options import add_input_options, gather_inputs, preprocessing
 
 
@@ -36,7 +36,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    require_weights(args)
     if args.tolerance < 0:
         raise OptionError(f"--tolerance {args.tolerance:g}: a relative error cannot be negative")
     if args.json:

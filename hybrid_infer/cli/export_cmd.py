@@ -11,7 +11,7 @@ import onnx
 from ..executor.engine_factory import segment_onnx
 from ..partition.partitioner import TENSORRT
 from ..report.partition_report import to_json
-from .common import add_model_options, open_net, require_weights, write_atomically
+from .common import add_model_options, open_net, write_atomically
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +22,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    require_weights(args)
     net = open_net(args)
     manifest = to_json(net.partition)
     for entry, segment in zip(manifest["segments"], net.partition.segments):

@@ -13,7 +13,7 @@ from ..detections import DetectionComparison, detection_outputs, parse
 from ..partition.partitioner import TENSORRT
 from ..report import handoff_report
 from ..report.partition_report import user_lowerings
-from .common import (add_build_options, add_model_options, auto_min_segment_size, open_net, require_weights,
+from .common import (add_build_options, add_model_options, auto_min_segment_size, open_net,
                      write_atomically)
 from .input_options import add_input_options, gather_inputs, preprocessing
 
@@ -75,7 +75,6 @@ def _print_detection_check(name: str, found: DetectionComparison, ok: bool, limi
 
 
 def run(args: argparse.Namespace) -> int:
-    require_weights(args)
     net = open_net(args, engine=args.engine, batch=args.batch or 1)
     inputs, labels = gather_inputs(net, args.input, preprocessing(args), args.batch)
     net = auto_min_segment_size(net, args, inputs, engine=args.engine, batch=args.batch or 1)

@@ -21,19 +21,22 @@ Semantics are those of the bundled Caffe's ``DetectionOutputLayer::Forward_cpu``
 
 In ONNX, with nodes that TensorRT-RTX builds (it has neither NonMaxSuppression nor
 NonZero): TopK picks each class's candidates (ONNX breaks ties by the lower index, as
-Caffe's stable sort does); NMS is the pairwise IoU of the candidates of each class
-([K, K] per image and class) and a Loop that repeats ``kept = valid and not any(earlier
-kept box overlaps too much)`` until nothing changes, which is exactly Caffe's greedy
-result (see ``_nms_kept``); a second TopK applies keep_top_k; a cumulative sum, a
-scatter and a Slice compact the rows. Every shape is static except the top's row count
-N, which is data-dependent (declared ``[1, 1, "detections", 7]``).
+Caffe's stable sort does) and a Slice keeps only as many as the run's busiest class has
+above the confidence threshold; NMS is a Loop over candidate positions that, for every
+image and class at once, tests candidate i against the boxes kept before it (exactly
+Caffe's greedy order, see ``_nms_kept``); a second TopK applies keep_top_k; a cumulative
+sum, a scatter and a Slice compact the rows. The top's row count N is data-dependent
+(declared ``[1, 1, "detections", 7]``).
 
 Refused (the layer then runs in Caffe): ``visualize``; ``share_location`` with
-``background_label_id: -1`` (this Caffe aborts on it); more than ``MAX_OVERLAPS`` IoU
-pairs per image (classes x top_k^2: set nms_param.top_k). Ties that engines may order
-differently from Caffe: equal scores across classes where keep_top_k cuts or orders
-more than 16 detections (Caffe's std::sort leaves the order of equal elements
-unspecified there), and TopK ties on TensorRT, whose tie rule is not documented.
+``background_label_id: -1`` (this Caffe aborts on it); a TopK K above TensorRT's 3840
+(``top_k``, ``keep_top_k``, or every prior without ``nms_param`` when keep_top_k sorts
+them; K is fixed when the engine is built); more than ``MAX_PAIRS`` overlap tests per run
+(batch x classes x top_k^2: the NMS Loop's worst case, top_k steps of batch x classes x
+top_k tests; set nms_param.top_k). Ties that engines may order differently from Caffe:
+equal scores across classes where keep_top_k cuts or orders more than 16 detections
+(Caffe's std::sort leaves the order of equal elements unspecified there), and TopK ties on
+TensorRT, whose tie rule is not documented.
 """
 from __future__ import annotations
 
@@ -47,15 +50,16 @@ from ..graph.layer_graph import Layer, LayerGraph
 from .box_decoding import CODE_TYPES, Boxes, decode_boxes
 from .context import LoweringContext
 from .emitter import Emitter, LoopBody
+from .reductions import TENSORRT_MAX_TOP_K
 from .registry import register_lowering
 
 FLT_MAX = np.float32(np.finfo(np.float32).max)
 NEG_INF = np.float32(-np.inf)
 #: The declared row count of DetectionOutput's top: known only after the run.
 DETECTIONS = "detections"
-#: IoU pairs per image (classes x per_class^2) above which the lowering refuses: each
-#: pairwise tensor of NMS then takes 64 MiB per image.
-MAX_OVERLAPS = 1 << 24
+#: Overlap tests per run (batch x classes x per_class^2, NMS's worst case) above which the
+#: lowering refuses: about 3 s of ONNX Runtime on one CPU core (see README, "SSD detectors").
+MAX_PAIRS = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,18 @@ class DetectionPlan:
 
     @property
     def overlaps_per_image(self) -> int:
+        """NMS's overlap tests per image in the worst case (every candidate valid)."""
         return len(self.classes) * self.per_class ** 2 if self.nms else 0
+
+    @property
+    def top_k_sizes(self) -> dict[str, int]:
+        """The K of each TopK the lowering emits, by what sets it."""
+        sizes = {}
+        if self.nms or self.keep_top_k is not None:
+            sizes["nms_param.top_k" if self.nms else "the number of priors (sorted for keep_top_k)"] = self.per_class
+        if self.keep_top_k is not None:
+            sizes["keep_top_k"] = self.keep_top_k
+        return sizes
 
     @staticmethod
     def of(layer: Layer, graph: LayerGraph) -> "DetectionPlan":
@@ -107,6 +122,7 @@ class DetectionPlan:
 
 
 def check_detection_output(layer: Layer, graph: LayerGraph) -> Optional[str]:
+    """None, or why this DetectionOutput stays in Caffe (see the module docstring)."""
     p = layer.param.detection_output_param
     if len(layer.bottoms) < 3 or len(graph.values[layer.bottoms[2]].shape) < 3:
         return "needs location, confidence and a prior blob of at least 3 axes"
@@ -117,9 +133,15 @@ def check_detection_output(layer: Layer, graph: LayerGraph) -> Optional[str]:
     if p.code_type not in CODE_TYPES:
         return f"unknown code_type {p.code_type}"
     plan = DetectionPlan.of(layer, graph)
-    if plan.overlaps_per_image > MAX_OVERLAPS:
-        return (f"NMS would compare {plan.overlaps_per_image} box pairs per image ({len(plan.classes)} classes x "
-                f"{plan.per_class}^2 candidates), above {MAX_OVERLAPS}; set a smaller nms_param.top_k")
+    for what, k in plan.top_k_sizes.items():
+        if k > TENSORRT_MAX_TOP_K:
+            return (f"{what} is {k}: TensorRT's TopK takes K up to {TENSORRT_MAX_TOP_K} (the limit is on K, "
+                    f"fixed when the engine is built, not on the input size); set it to at most {TENSORRT_MAX_TOP_K}")
+    batch = graph.values[layer.bottoms[1]].shape[0]
+    if batch * plan.overlaps_per_image > MAX_PAIRS:
+        return (f"NMS would make up to {batch * plan.overlaps_per_image:,} overlap tests per run (batch {batch} x "
+                f"{len(plan.classes)} classes x top_k {plan.per_class}^2), above {MAX_PAIRS:,}; set a smaller "
+                "nms_param.top_k")
     return None
 
 
@@ -162,9 +184,12 @@ def _scores(e: Emitter, conf: str, plan: DetectionPlan) -> str:
 
 
 def _candidates(e: Emitter, scores: str, plan: DetectionPlan) -> tuple[str, str, Optional[str]]:
-    """Each class's candidates [B, classes, per_class]: scores, prior indices, and validity
-    (None: all valid). Without NMS every prior is one, in prior order unless keep_top_k
-    will sort them."""
+    """Each class's candidates [B, classes, K]: scores, prior indices, and validity (None: all
+    valid). Without NMS every prior is one (K = priors), in prior order unless keep_top_k will
+    sort them. With NMS, K is the run's largest number of scores above the confidence
+    threshold in any image and class, at most per_class: TopK takes per_class (a static K,
+    as TensorRT needs), and a Slice keeps the first K, so that NMS works only on candidates
+    that can be kept (on trained nets most priors score below the threshold)."""
     k = e.const(np.array([plan.per_class]), "top_k")
     if not plan.nms:
         if plan.keep_top_k is None:
@@ -172,13 +197,21 @@ def _candidates(e: Emitter, scores: str, plan: DetectionPlan) -> tuple[str, str,
         values, indices = e.many("TopK", [scores, k], 2, axis=2, largest=1, sorted=1)
         return values, indices, None
     threshold = e.const(plan.confidence_threshold, "confidence_threshold")
-    above = e("Where", e("Greater", scores, threshold), scores, e.const(NEG_INF, "neg_inf"))
-    values, indices = e.many("TopK", [above, k], 2, axis=2, largest=1, sorted=1)
+    above = e("Greater", scores, threshold)
+    values, indices = e.many("TopK", [e("Where", above, scores, e.const(NEG_INF, "neg_inf")), k], 2,
+                             axis=2, largest=1, sorted=1)
+    if plan.confidence_threshold > -FLT_MAX:  # every score passes -FLT_MAX: K stays per_class
+        counts = e("ReduceSum", e("Cast", above, to=TensorProto.INT64), e.const(np.array([2]), "axis2"), keepdims=0)
+        most = e("Min", e("ReduceMax", counts, keepdims=1), k)
+        axis = e.const(np.array([2]), "axis2")
+        start = e.const(np.array([0]), "zero")
+        values, indices = (e("Slice", t, start, e("Reshape", most, e.const(np.array([1]), "one")), axis)
+                           for t in (values, indices))
     return values, indices, e("Greater", values, threshold)
 
 
 def _candidate_boxes(e: Emitter, decoded: str, indices: str, batch: str, plan: DetectionPlan) -> str:
-    """The decoded boxes of the candidates, [B, classes, per_class, 4]."""
+    """The decoded boxes of the candidates, [B, classes, K, 4]."""
     images = e("Range", e.const(np.int64(0), "i0"), batch, e.const(np.int64(1), "i1"))
     first_row = e("Mul", e("Unsqueeze", images, e.const(np.array([1, 2]), "axes12")),
                   e.const(np.int64(plan.loc_classes), "loc_classes"))
@@ -186,24 +219,6 @@ def _candidate_boxes(e: Emitter, decoded: str, indices: str, batch: str, plan: D
     rows = e("Add", e("Mul", e("Add", first_row, e.const(loc_class.reshape(1, -1, 1), "loc_class")),
                       e.const(np.int64(plan.num_priors), "priors")), indices)
     return e("Gather", decoded, rows, axis=0)
-
-
-def _overlaps(e: Emitter, boxes: str, plan: DetectionPlan) -> tuple[str, str]:
-    """For each (image, class): which candidate pairs overlap at all, and their IoU, both
-    [N, K, K] with N = B * classes, K = per_class. Caffe's JaccardOverlap for normalised
-    boxes: intersection sides min(xmax) - max(xmin) must both be positive, then
-    intersection / (size_i + size_j - intersection), sizes (xmax - xmin) * (ymax - ymin)."""
-    k = plan.per_class
-    x1, y1, x2, y2 = e.columns(e("Reshape", boxes, e.const(np.array([-1, k, 4]), "nms_boxes")), axis=2)
-    across = lambda t: e("Transpose", t, perm=[0, 2, 1])  # [N, K, 1] -> [N, 1, K]
-    width = e("Sub", e("Min", x2, across(x2)), e("Max", x1, across(x1)))
-    height = e("Sub", e("Min", y2, across(y2)), e("Max", y1, across(y1)))
-    zero = e.const(np.float32(0), "zero")
-    overlap = e("And", e("Greater", width, zero), e("Greater", height, zero))
-    inter = e("Mul", width, height)
-    size = e("Mul", e("Sub", x2, x1), e("Sub", y2, y1))
-    iou = e("Div", inter, e("Sub", e("Add", size, across(size)), inter))
-    return overlap, iou
 
 
 def adaptive_thresholds(nms_threshold: np.float32, eta: np.float32, count: int) -> np.ndarray:
@@ -217,57 +232,85 @@ def adaptive_thresholds(nms_threshold: np.float32, eta: np.float32, count: int) 
 
 
 def _nms_kept(e: Emitter, boxes: str, valid: str, plan: DetectionPlan) -> str:
-    """Which candidates greedy NMS keeps, [B, classes, per_class] (bool).
+    """Which candidates greedy NMS keeps, [B, classes, K] (bool), as Caffe's ApplyNMSFast:
+    candidate i (in descending score order) is kept when valid and its overlap with every box
+    kept before it is at most the threshold (``overlap <= threshold``, as Caffe tests it);
+    with eta < 1 the threshold shrinks after each kept box while above 0.5.
 
-    Candidate i is kept when valid and no kept j < i overlaps it by more than the threshold
-    (``not iou <= threshold``, as Caffe tests it). That defines each position from the
-    ones before it, so iterating ``kept = valid and not suppressed(kept)`` from ``valid``
-    settles on Caffe's greedy result, position by position; an ONNX Loop repeats it until
-    nothing changes (usually two or three rounds, at most per_class + 1).
-    """
-    k = plan.per_class
-    overlap, iou = _overlaps(e, boxes, plan)
-    earlier = e.const(np.tril(np.ones((k, k), dtype=bool), -1)[None], "earlier")  # j < i
-    candidates_valid = e("Reshape", valid, e.const(np.array([-1, k]), "nms_valid"))
-    pairs = e("And", overlap, earlier)
+    An ONNX Loop visits the K positions in order, for all images and classes at once; each
+    step computes the overlaps of candidate i with the K candidates of its class ([B,
+    classes, K]: Caffe's JaccardOverlap, candidate first: intersection sides min(xmax) -
+    max(xmin) both positive, then intersection / (size_i + size_j - intersection)) and
+    tests them against the boxes kept so far. So the work is K steps of O(B x classes x K),
+    memory O(B x classes x K), and the Loop stops after the last position that any class
+    has a valid candidate at."""
+    coords = [e("Squeeze", c, e.const(np.array([3]), "axis3")) for c in e.columns(boxes, axis=3)]
+    x1, y1, x2, y2 = coords
+    sizes = e("Mul", e("Sub", x2, x1), e("Sub", y2, y1))
+    positions = e("Range", e.const(np.int64(0), "i0"), e("Squeeze", e("Slice", e("Shape", valid),
+                  e.const(np.array([2]), "two"), e.const(np.array([3]), "three")), e.const(np.array([0]), "axis0v")),
+                  e.const(np.int64(1), "i1"))
+    count = e("Squeeze", e("Shape", positions), e.const(np.array([0]), "axis0v"))
+    adaptive = bool(plan.eta < 1 and plan.nms_threshold > 0.5)
     body = LoopBody(e.ctx, e.layer)
     iteration = body.value("iteration", TensorProto.INT64, [])
     again = body.value("again", TensorProto.BOOL, [])
     kept_in = body.value("kept", TensorProto.BOOL, None)
-    kept_column = body("Unsqueeze", body("Cast", kept_in.name, to=TensorProto.FLOAT), e.const(np.array([2]), "axis2"))
-    thresholds = adaptive_thresholds(plan.nms_threshold, plan.eta, k)
-    if np.all(thresholds == thresholds[0]):
-        suppressing = e("Cast", e("And", pairs, e("Not", e("LessOrEqual", iou, e.const(thresholds[0], "nms_threshold")))),
-                        to=TensorProto.FLOAT)
-    else:  # the threshold for candidate i depends on how many were kept before it
-        before = body("MatMul", e.const(np.tril(np.ones((k, k), np.float32), -1)[None], "count_before"), kept_column)
-        threshold = body("Gather", e.const(thresholds, "adaptive_thresholds"), body("Cast", before, to=TensorProto.INT64))
-        suppressing = body("Cast", body("And", pairs, body("Not", body("LessOrEqual", iou, threshold))),
-                           to=TensorProto.FLOAT)
-    suppressed = body("Greater", body("Squeeze", body("MatMul", suppressing, kept_column), e.const(np.array([2]), "axis2")),
-                      e.const(np.float32(0.5), "half_mark"))
-    kept_out = body("And", candidates_valid, body("Not", suppressed))
-    changed = body("Greater", body("ReduceMax", body("Cast", body("Xor", kept_out, kept_in.name), to=TensorProto.FLOAT),
-                                   keepdims=0), e.const(np.float32(0.5), "half_mark"))
-    kept = e("Loop", e.const(np.int64(k + 1), "rounds"), e.const(np.bool_(True), "start"), candidates_valid,
-             body=body.graph([iteration, again, kept_in], [(changed, TensorProto.BOOL), (kept_out, TensorProto.BOOL)]))
-    return e("Reshape", kept, e.const(np.array([-1, len(plan.classes), k]), "kept_shape"))
+    threshold_in = body.value("threshold", TensorProto.FLOAT, None) if adaptive else None
+    at = body("Unsqueeze", iteration.name, e.const(np.array([0]), "axis0v"))
+    pick = lambda t: body("Gather", t, at, axis=2)  # [B, classes, 1]: candidate i
+    zero = e.const(np.float32(0), "zero_f")
+    width = body("Sub", body("Min", x2, pick(x2)), body("Max", x1, pick(x1)))
+    height = body("Sub", body("Min", y2, pick(y2)), body("Max", y1, pick(y1)))
+    inter = body("Mul", width, height)
+    overlap = body("Div", inter, body("Sub", body("Add", pick(sizes), sizes), inter))
+    threshold = threshold_in.name if adaptive else e.const(plan.nms_threshold, "nms_threshold")
+    beyond = body("And", body("And", body("Greater", width, zero), body("Greater", height, zero)),
+                  body("Not", body("LessOrEqual", overlap, threshold)))
+    hits = body("ReduceSum", body("Cast", body("And", beyond, kept_in.name), to=TensorProto.FLOAT),
+                e.const(np.array([2]), "axis2"), keepdims=1)
+    keep = body("And", pick(valid), body("Not", body("Greater", hits, e.const(np.float32(0.5), "half_mark"))))
+    kept_out = body("Or", kept_in.name, body("And", body("Equal", positions, iteration.name), keep))
+    more = body("Less", body("Add", iteration.name, e.const(np.int64(1), "i1")), count)
+    carried = [(more, TensorProto.BOOL), (kept_out, TensorProto.BOOL)]
+    start = [e("Cast", e.fill(valid, 0), to=TensorProto.BOOL)]
+    if adaptive:
+        shrink = body("And", keep, body("Greater", threshold_in.name, e.const(np.float32(0.5), "half_mark")))
+        carried.append((body("Where", shrink, body("Mul", threshold_in.name, e.const(plan.eta, "eta")),
+                             threshold_in.name), TensorProto.FLOAT))
+        first = e("Slice", valid, e.const(np.array([0]), "zero"), e.const(np.array([1]), "one"),
+                  e.const(np.array([2]), "axis2"))
+        start.append(e.fill(first, float(plan.nms_threshold)))
+    inputs = [iteration, again, kept_in] + ([threshold_in] if adaptive else [])
+    outputs = e.many("Loop", [e.const(np.int64(plan.per_class), "rounds"), e("Greater", count, e.const(np.int64(0), "i0")),
+                              *start], len(start), body=body.graph(inputs, carried))
+    return outputs[0]
 
 
 def _keep_top_k(e: Emitter, values: str, kept: Optional[str], plan: DetectionPlan) -> Optional[str]:
-    """Per image, the detections that survive keep_top_k, flattened [B, classes * per_class]
-    (bool; None: all)."""
-    total = e.const(np.array([-1, plan.detections_per_image]), "per_image")
-    flat_kept = e("Reshape", kept, total) if kept is not None else None
+    """Per image, the detections that survive keep_top_k, flattened [B, classes * K] (bool;
+    None: all). Kept scores (the others -inf) are padded with keep_top_k -inf so that TopK's
+    static K never exceeds a run-time K that the confidence threshold made small."""
+    per_image = e.const(np.array([0, -1]), "per_image")
+    flat_kept = e("Reshape", kept, per_image) if kept is not None else None
     if plan.keep_top_k is None:
         return flat_kept
-    scores = e("Reshape", values, total)
+    scores = e("Reshape", values, per_image)
     if flat_kept is not None:
         scores = e("Where", flat_kept, scores, e.const(NEG_INF, "neg_inf"))
-    _, best = e.many("TopK", [scores, e.const(np.array([plan.keep_top_k]), "keep_top_k")], 2,
+    width = e("Slice", e("Shape", scores), e.const(np.array([1]), "one"), e.const(np.array([2]), "two"))
+    padded = scores
+    if plan.nms:
+        padding = e("Expand", e.const(np.full((1, plan.keep_top_k), NEG_INF), "padding"),
+                    e("Concat", e("Slice", e("Shape", scores), e.const(np.array([0]), "zero"),
+                                  e.const(np.array([1]), "one")), e.const(np.array([plan.keep_top_k]), "keep"), axis=0))
+        padded = e("Concat", scores, padding, axis=1)
+    _, best = e.many("TopK", [padded, e.const(np.array([plan.keep_top_k]), "keep_top_k")], 2,
                      axis=1, largest=1, sorted=1)
-    chosen = e("Greater", e("ScatterElements", e.fill(scores, 0), best, e.fill(best, 1), axis=1),
+    chosen = e("Greater", e("ScatterElements", e.fill(padded, 0), best, e.fill(best, 1), axis=1),
                e.const(np.float32(0.5), "half_mark"))
+    if plan.nms:
+        chosen = e("Slice", chosen, e.const(np.array([0]), "zero"), width, e.const(np.array([1]), "one"))
     return chosen if flat_kept is None else e("And", chosen, flat_kept)
 
 
@@ -314,7 +357,7 @@ def lower_detection_output(ctx: LoweringContext, layer: Layer, inputs: list[str]
     boxes = _candidate_boxes(e, _decoded(e, loc, prior, plan, layer), indices, batch_scalar, plan)
     kept = _nms_kept(e, boxes, valid, plan) if plan.nms else valid
     final = _keep_top_k(e, values, kept, plan)
-    grid = e("Concat", batch, e.const(np.array([len(plan.classes), plan.per_class, 1]), "grid"), axis=0)
+    grid = e("Concat", e("Shape", values), e.const(np.array([1]), "one"), axis=0)
     rows = e("Concat", e("Expand", e("Reshape", images, e.const(np.array([-1, 1, 1, 1]), "image_col")), grid),
              e("Expand", e.const(np.array(plan.classes, np.float32).reshape(1, -1, 1, 1), "labels"), grid),
              e("Unsqueeze", values, e.const(np.array([3]), "axis3")), boxes, axis=3)

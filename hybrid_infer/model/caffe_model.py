@@ -156,7 +156,8 @@ class CaffeModel:
             self.info: NetInfo = call_isolated(_inspect_net, str(self.normalised_prototxt))
         except CaffeFailure as exc:
             raise ModelError(f"{self.prototxt}: Caffe cannot set this net up: {exc}") from None
-        self._weights: dict[str, list[np.ndarray]] | None = None
+        # A net without learned parameters (e.g. only PriorBox and DetectionOutput) needs no weights.
+        self._weights: dict[str, list[np.ndarray]] | None = None if self.info.param_shapes else {}
         if stored is not None:
             assert self.weights_path is not None
             self._weights = fit_weights(stored, self.info.param_shapes, self.renamed_layers,
@@ -169,11 +170,21 @@ class CaffeModel:
 
     @property
     def weights(self) -> dict[str, list[np.ndarray]]:
-        """Parameter arrays by layer name (from the caffemodel, or random)."""
-        if self._weights is None:
-            raise ModelError(f"{self.prototxt}: no weights given; pass a .caffemodel "
-                             "(--weights) or ask for random weights (--random-weights SEED)")
+        """Parameter arrays by layer name (from the caffemodel, or random; empty for a net
+        without parameters). Raises ModelError when the net has parameters and none were given."""
+        self.require_weights()
+        assert self._weights is not None
         return self._weights
+
+    def require_weights(self) -> None:
+        """Raise ModelError, naming layers that have parameters, when the net needs weights
+        and none were given (a net without learned parameters needs none)."""
+        if self._weights is None:
+            names = list(self.info.param_shapes)
+            listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise ModelError(f"{self.prototxt}: running needs weights (layers {listed} have parameters): pass "
+                             "--weights FILE.caffemodel, or --random-weights SEED to try the model with random "
+                             "parameters")
 
     def set_random_weights(self, seed: int) -> None:
         """Replace every parameter with random values drawn for its layer type (tests, benchmarks)."""
@@ -185,7 +196,7 @@ class CaffeModel:
     def reference_net(self) -> Any:
         """The whole model as one pycaffe net (CPU), carrying the current weights."""
         if self._reference is None:
-            weights = self.weights if self.info.param_shapes else {}
+            weights = self.weights
             cf = caffe()
             cf.set_mode_cpu()
             self._reference = cf.Net(str(self.normalised_prototxt), cf.TEST)
