@@ -10,6 +10,7 @@ deployments.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -109,6 +110,24 @@ TRT2_TABLE: dict[str, Check] = {
 _FIXED_TABLES = {"tensorrt-2": TRT2_TABLE}
 
 
+#: Layer types whose top's size depends on the data (DetectionOutput: one row per detection).
+DATA_DEPENDENT_TYPES = frozenset({"DetectionOutput"})
+
+
+def data_dependent_values(graph: LayerGraph) -> dict[str, str]:
+    """Values whose size is known only at run time: the tops of DATA_DEPENDENT_TYPES layers
+    and every value computed from them, each mapped to the layer that decides its size.
+    Caffe sets such a top up at a placeholder size ([1, 1, 1, 7] for DetectionOutput) and
+    reshapes it every forward pass; TensorRT segments are built for the set-up shapes."""
+    found: dict[str, str] = {}
+    for layer in graph.layers.values():
+        source = layer.name if layer.type in DATA_DEPENDENT_TYPES else \
+            next((found[b] for b in layer.bottoms if b in found), None)
+        if source is not None:
+            found.update({top: source for top in layer.tops})
+    return found
+
+
 @dataclass(frozen=True)
 class Verdict:
     supported: bool
@@ -123,6 +142,7 @@ class Capability:
             raise OptionError(f"unknown profile '{profile}'; choose one of {', '.join(PROFILES)}")
         self.profile = profile
         self.fallback = tuple(fallback)
+        self._dynamic: "weakref.WeakKeyDictionary[LayerGraph, dict[str, str]]" = weakref.WeakKeyDictionary()
 
     def check_fallback_names(self, graph: LayerGraph) -> None:
         """Every --fallback entry must name a layer or a layer type of this model."""
@@ -138,6 +158,14 @@ class Capability:
             return Verdict(False, f"forced to Caffe by --fallback {layer.name}")
         if layer.type in self.fallback:
             return Verdict(False, f"forced to Caffe by --fallback {layer.type}")
+        if graph not in self._dynamic:
+            self._dynamic[graph] = data_dependent_values(graph)
+        dynamic = next((b for b in layer.bottoms if b in self._dynamic[graph]), None)
+        if dynamic is not None:
+            source = graph.layers[self._dynamic[graph][dynamic]]
+            return Verdict(False, f"reads '{graph.values[dynamic].blob}', whose size {source.type} '{source.name}' "
+                                  "decides at run time (one row per detection); TensorRT segments are built for "
+                                  "fixed shapes, Caffe reshapes each forward pass")
         registration = REGISTRY.find(layer)
         if registration is None:
             target = LoweringTarget.of(layer)
