@@ -11,16 +11,17 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from .engines.caffe_batch import check_feed_batch
-from .errors import InputError, OptionError
+from .errors import InputError, ModelError, OptionError
 from .graph.layer_graph import Layer, LayerGraph
 from .index_inputs import check_index_inputs, index_inputs
+from .lowering.detection import caffe_abort
 from .lowering.plugins import LoweringModule, load_lowering_modules
 from .detections import detection_outputs
 from .metrics import OutputDifference, compare_outputs
 from .model.caffe_import import caffe
 from .model.caffe_model import CaffeModel
 from .partition.capability import Capability
-from .partition.partitioner import Partition, partition
+from .partition.partitioner import CAFFE, Partition, partition
 
 if TYPE_CHECKING:  # the engines pull in ONNX and ONNX Runtime: loaded when a run needs them
     from .engines.caffe_gpu_engine import GpuDevice
@@ -106,10 +107,23 @@ class HybridNet:
         self._capability = Capability(profile, fallback)
         self._min_segment_size = min_segment_size
         self._kept = self._output_values + (list(self._logit_values()) if keep_logits else [])
+        #: Layers that would abort pure Caffe on this net (checked before Caffe runs them).
+        self.caffe_aborts = {layer.name: why for layer in self.graph.layers.values()
+                             if layer.type == "DetectionOutput" and (why := caffe_abort(layer, self.graph))}
+        for why in self.caffe_aborts.values():
+            log.warning("pure Caffe cannot run this net, so it cannot be checked against it: %s", why)
         self.partition: Partition = partition(self.graph, self._capability, min_segment_size,
                                               keep_outputs=self._kept)
+        self._refuse_caffe_aborts()
         self._executor: Optional["HybridExecutor"] = None
         self._first_run_done = False
+
+    def _refuse_caffe_aborts(self) -> None:
+        """A layer that would abort Caffe must not be in a Caffe segment."""
+        for name, why in self.caffe_aborts.items():
+            if self.partition.segment_of(name).backend == CAFFE:
+                raise ModelError(f"{self.model.prototxt}: {why}; it would run in Caffe here "
+                                 f"({self.partition.fallback_reasons.get(name, 'not lowered')}), which aborts")
 
     @property
     def input_blobs(self) -> list[str]:
@@ -152,6 +166,7 @@ class HybridNet:
                     log.warning("moving %s to Caffe and partitioning again: %s", layer, why)
                 self.partition = partition(self.graph, self._capability, self._min_segment_size,
                                            keep_outputs=self._kept, rejected=rejected)
+                self._refuse_caffe_aborts()
             for se in built:
                 if se.fallback_note:
                     log.warning(se.fallback_note)
@@ -215,6 +230,11 @@ class HybridNet:
         checked = self.check_inputs(inputs)
         check_feed_batch(self.graph, self.graph.layers.values(),
                          {self.graph.input_value(name): array.shape for name, array in checked.items()})
+        last = max((self.graph.layers[self.graph.values[v].producer].index for v in values), default=-1)
+        aborts = [why for name, why in self.caffe_aborts.items() if self.graph.layers[name].index <= last]
+        if aborts:
+            raise ModelError(f"{self.model.prototxt}: pure Caffe cannot run this net (--check, compare and diff "
+                             f"need it): {aborts[0]}")
         net = self.model.reference_net()
         if device is None:
             caffe().set_mode_cpu()  # another engine may have left Caffe in GPU mode

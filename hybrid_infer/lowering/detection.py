@@ -47,9 +47,10 @@ import numpy as np
 from onnx import TensorProto
 
 from ..graph.layer_graph import Layer, LayerGraph
-from .box_decoding import CODE_TYPES, Boxes, decode_boxes
+from .box_decoding import CENTER_SIZE, CODE_TYPES, CORNER_SIZE, Boxes, decode_boxes
 from .context import LoweringContext
 from .emitter import Emitter, LoopBody
+from .prior_box import folded_priors
 from .reductions import TENSORRT_MAX_TOP_K
 from .registry import register_lowering
 
@@ -143,6 +144,30 @@ def check_detection_output(layer: Layer, graph: LayerGraph) -> Optional[str]:
                 f"{len(plan.classes)} classes x top_k {plan.per_class}^2), above {MAX_PAIRS:,}; set a smaller "
                 "nms_param.top_k")
     return None
+
+
+def caffe_abort(layer: Layer, graph: LayerGraph) -> Optional[str]:
+    """Why this Caffe's DetectionOutput would abort the process on the net's own priors (a
+    PriorBox constant), or None. DecodeBBox (bbox_util.cpp) CHECK-fails for CENTER_SIZE and
+    CORNER_SIZE unless every prior has a positive width and height; PriorBox's ``clip`` makes
+    priors centred outside the image zero-wide, and Caffe decodes every prior of every image."""
+    p = layer.param.detection_output_param
+    if p.code_type not in (CENTER_SIZE, CORNER_SIZE) or len(layer.bottoms) < 3:
+        return None
+    priors = folded_priors(graph, layer.bottoms[2])
+    if priors is None or priors.ndim < 3 or priors.shape[2] % 4:
+        return None
+    boxes = priors[0, 0].reshape(-1, 4)
+    width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]  # float32, as Caffe
+    bad = np.flatnonzero(~(width > 0) | ~(height > 0))
+    if not len(bad):
+        return None
+    i = int(bad[0])
+    return (f"DetectionOutput '{layer.name}' makes Caffe abort (DecodeBBox checks prior_width > 0 and prior_height > 0 "
+            f"for {CODE_TYPES[p.code_type]}): {len(bad)} of the {len(boxes)} priors of "
+            f"'{graph.values[layer.bottoms[2]].blob}' are empty, the first (prior {i}) is "
+            f"({', '.join(f'{v:.6g}' for v in boxes[i])}) (PriorBox clip: true cuts boxes centred outside the image "
+            "to nothing)")
 
 
 def _batch(e: Emitter, x: str) -> tuple[str, str]:

@@ -115,6 +115,22 @@ def prior_boxes(param, feature_shape: Shape, image_shape: Optional[Shape]) -> np
     return np.stack([boxes, variance])[None]
 
 
+def folded_priors(graph: LayerGraph, value: str) -> Optional[np.ndarray]:
+    """The value of ``value`` if it is PriorBox output (or a Concat of such outputs, as SSD's
+    mbox_priorbox is) for the graph's static shapes; None if it depends on anything else."""
+    layer = graph.layers[graph.values[value].producer]
+    if layer.type == "PriorBox" and check_prior_box(layer, graph) is None:
+        image = graph.values[layer.bottoms[1]].shape if len(layer.bottoms) > 1 else None
+        return prior_boxes(layer.param.prior_box_param, graph.values[layer.bottoms[0]].shape, image)
+    if layer.type == "Concat":
+        parts = [folded_priors(graph, b) for b in layer.bottoms]
+        if all(p is not None for p in parts):
+            p = layer.param.concat_param
+            axis = p.axis if not p.HasField("concat_dim") else p.concat_dim
+            return np.concatenate(parts, axis=axis)  # type: ignore[arg-type]
+    return None
+
+
 def check_prior_box(layer: Layer, graph: LayerGraph) -> Optional[str]:
     p = layer.param.prior_box_param
     sized = p.HasField("img_h") or p.HasField("img_w") or p.HasField("img_size")
