@@ -65,30 +65,26 @@ class _Side:
     """One side's detection rows and what is known about each."""
     rows: np.ndarray
     matched: np.ndarray
-    #: No NaN and a finite score: the only rows a near-tie may explain.
+    #: No NaN, a finite score and not known to be real: the only rows a near-tie may explain.
     usable: np.ndarray
-    #: One detection under another label on the other side: only a keep_top_k tie explains it.
-    relabelled: np.ndarray
     why: list[Optional[str]]
     explained: np.ndarray
     #: Explained by a decision before or in NMS (so it can suppress, or free, other boxes).
     grounded: np.ndarray
 
     @staticmethod
-    def of(rows: np.ndarray, matched: np.ndarray, relabelled: np.ndarray) -> "_Side":
-        usable = ~np.isnan(rows).any(axis=1) & np.isfinite(rows[:, SCORE])
-        return _Side(rows, matched, usable, relabelled, [None] * len(rows), np.zeros(len(rows), dtype=bool),
+    def of(rows: np.ndarray, matched: np.ndarray, real: np.ndarray) -> "_Side":
+        usable = ~np.isnan(rows).any(axis=1) & np.isfinite(rows[:, SCORE]) & ~real
+        return _Side(rows, matched, usable, [None] * len(rows), np.zeros(len(rows), dtype=bool),
                      np.zeros(len(rows), dtype=bool))
 
     @property
     def scores(self) -> np.ndarray:
         return self.rows[:, SCORE]
 
-    def open(self, positions: np.ndarray, relabelled: bool = False) -> np.ndarray:
-        """Those of ``positions`` on this side only, explainable and not explained yet
-        (``relabelled``: also rows whose label changed)."""
-        wanted = ~self.matched[positions] & self.usable[positions] & ~self.explained[positions]
-        return positions[wanted if relabelled else wanted & ~self.relabelled[positions]]
+    def open(self, positions: np.ndarray) -> np.ndarray:
+        """Those of ``positions`` on this side only, explainable and not explained yet."""
+        return positions[~self.matched[positions] & self.usable[positions] & ~self.explained[positions]]
 
     def explain(self, position: int, why: str, grounded: bool) -> None:
         self.why[position] = why
@@ -109,18 +105,17 @@ class Explainer:
     """Explains the unmatched rows of Caffe's (``expected``) and the hybrid's (``actual``)
     detections; ``why_expected``/``why_actual`` hold a reason per unmatched row, or None.
 
-    ``matched_*``: rows present on both sides; ``relabelled_*``: rows on one side only that
-    are one detection under another label on the other side (the same image, score and
-    box): only a tie at the keep_top_k cut explains those (two classes of one prior with
-    equal scores), and they explain nothing else. ``thresholds`` is a
+    ``matched_*``: rows present on both sides; ``real_*``: rows on one side only that are
+    known to be real (one detection under another label on the other side: the same image,
+    score and box), which neither are explained nor explain anything. ``thresholds`` is a
     ``detections.Thresholds``; ``tolerance`` is the margin (absolute, or relative above 1,
     see ``detection_rows.margin``) within which two numbers are near-equal."""
 
     def __init__(self, expected: np.ndarray, actual: np.ndarray, matched_expected: np.ndarray,
-                 matched_actual: np.ndarray, relabelled_expected: np.ndarray, relabelled_actual: np.ndarray,
+                 matched_actual: np.ndarray, real_expected: np.ndarray, real_actual: np.ndarray,
                  thresholds, tolerance: float):
-        self.caffe = _Side.of(expected, matched_expected, relabelled_expected)
-        self.hybrid = _Side.of(actual, matched_actual, relabelled_actual)
+        self.caffe = _Side.of(expected, matched_expected, real_expected)
+        self.hybrid = _Side.of(actual, matched_actual, real_actual)
         self.t = thresholds
         self.tolerance = tolerance
         self.nms = (adaptive_thresholds(thresholds.nms, thresholds.eta) if thresholds.nms is not None else None)
@@ -244,10 +239,11 @@ class Explainer:
         edge_c = c.scores[in_c].min() if full_c else None
         edge_h = h.scores[in_h].min() if full_h else None
         # rows that the other side's cut could have dropped: at or below its lowest kept score
-        cut_m = [m for m in c.open(in_c, relabelled=True) if full_h and c.scores[m] <= edge_h + margin(edge_h, self.tolerance)]
-        cut_x = [x for x in h.open(in_h, relabelled=True) if full_c and h.scores[x] <= edge_c + margin(edge_c, self.tolerance)]
-        if cut_m and cut_x:  # any two rows tied at the cut: which of them std::sort puts first is unspecified
+        cut_m = [m for m in c.open(in_c) if full_h and c.scores[m] <= edge_h + margin(edge_h, self.tolerance)]
+        cut_x = [x for x in h.open(in_h) if full_c and h.scores[x] <= edge_c + margin(edge_c, self.tolerance)]
+        if cut_m and cut_x:  # two rows tied at the cut: which of them std::sort puts first is unspecified
             tied = self._near(h.scores[cut_x][None, :], c.scores[cut_m][:, None])
+            tied &= ~_counterparts(c.rows[cut_m], h.rows[cut_x], self.tolerance)
             for i, j in zip(*np.nonzero(tied)):
                 m, x = cut_m[i], cut_x[j]
                 if not c.explained[m] and not h.explained[x]:
@@ -257,10 +253,8 @@ class Explainer:
         explained = lambda side, rows: int(side.explained[rows].sum())
         # explained rows on one side only change how many detections the image had before the cut
         surplus = explained(h, in_h) - explained(c, in_c)
-        for side, rows, room, edge in ((c, [m for m in cut_m if not c.explained[m] and not c.relabelled[m]], surplus,
-                                        edge_h),
-                                       (h, [x for x in cut_x if not h.explained[x] and not h.relabelled[x]], -surplus,
-                                        edge_c)):
+        for side, rows, room, edge in ((c, [m for m in cut_m if not c.explained[m]], surplus, edge_h),
+                                       (h, [x for x in cut_x if not h.explained[x]], -surplus, edge_c)):
             for p in sorted(rows, key=lambda p: side.scores[p])[:max(room, 0)]:
                 side.explain(p, f"knock-on of keep_top_k ({keep}): at or below the other side's lowest kept score "
                                 f"{edge:.7g}, and near-tie rows above it on one side only moved the cut",

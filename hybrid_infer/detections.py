@@ -288,29 +288,45 @@ def _placeholder_diffs(want_all: np.ndarray, got_all: np.ndarray, detections_exp
     return []
 
 
+def _score_ordered(rows: np.ndarray, thresholds: Thresholds) -> np.ndarray:
+    """Per row: whether Caffe orders its image's rows of a label by descending score (after
+    NMS, or after a keep_top_k cut); otherwise (no nms_param, no cut) by prior index."""
+    if thresholds.nms is not None:
+        return np.ones(len(rows), dtype=bool)
+    if thresholds.keep_top_k is None:
+        return np.zeros(len(rows), dtype=bool)
+    images, inverse, counts = np.unique(rows[:, IMAGE], return_inverse=True, return_counts=True)
+    return (counts == thresholds.keep_top_k)[inverse.reshape(-1)]
+
+
 def _order_diffs(got: np.ndarray, got_index: np.ndarray, want_index: np.ndarray, pe: np.ndarray, pa: np.ndarray,
-                 got_all: np.ndarray, want_all: np.ndarray, tolerance: float) -> list[DetectionDiff]:
-    """Rows the hybrid puts out of Caffe's order (image, label ascending, then score
-    descending: real), or matched rows in another order than Caffe's among tied scores
-    (near-tie: the order of equal scores is a tie order)."""
-    key_before = got[:-1, :2]
-    key_after = got[1:, :2]
+                 got_all: np.ndarray, want_all: np.ndarray, thresholds: Thresholds,
+                 tolerance: float) -> list[DetectionDiff]:
+    """Rows the hybrid puts out of Caffe's order (images, then labels ascending; within a
+    label descending scores, or prior order where Caffe does not sort them): real; matched
+    rows in another order than Caffe's only among tied scores: near-tie (a tie order)."""
+    key_before, key_after = got[:-1, :2], got[1:, :2]
     key_back = (key_after[:, 0] < key_before[:, 0]) | \
                ((key_after[:, 0] == key_before[:, 0]) & (key_after[:, 1] < key_before[:, 1]))
-    same_key = (key_after == key_before).all(axis=1)
+    sorted_rows = _score_ordered(got, thresholds)
+    same_key = (key_after == key_before).all(axis=1) & sorted_rows[1:]
     with np.errstate(invalid="ignore"):
         score_up = same_key & (got[1:, SCORE] > got[:-1, SCORE] + margin(got[:-1, SCORE], tolerance))
-    broken = np.flatnonzero(key_back | score_up)
     diffs = [DetectionDiff("order", None, Detection.at(got_all, int(got_index[i + 1])), REAL,
                            f"after {Detection.at(got_all, int(got_index[i])).describe()}; Caffe orders rows by image, "
-                           "then label, then descending score") for i in broken]
+                           "then label, then descending score") for i in np.flatnonzero(key_back | score_up)]
     if diffs or not len(pe):
         return diffs
     by_caffe = np.argsort(pe, kind="stable")
-    moved = np.flatnonzero(np.argsort(np.argsort(pa[by_caffe], kind="stable"), kind="stable") != np.arange(len(pe)))
-    return [DetectionDiff("order", Detection.at(want_all, int(want_index[pe[by_caffe[k]]])),
-                          Detection.at(got_all, int(got_index[pa[by_caffe[k]]])), NEAR_TIE,
-                          "tied scores in another order than Caffe's") for k in moved]
+    ranks = np.argsort(np.argsort(pa[by_caffe], kind="stable"), kind="stable")
+    for k in np.flatnonzero(ranks != np.arange(len(pe))):
+        e, a = int(want_index[pe[by_caffe[k]]]), int(got_index[pa[by_caffe[k]]])
+        tie = bool(sorted_rows[pa[by_caffe[k]]])
+        diffs.append(DetectionDiff("order", Detection.at(want_all, e), Detection.at(got_all, a),
+                                   NEAR_TIE if tie else REAL,
+                                   "tied scores in another order than Caffe's" if tie else
+                                   "another place than Caffe's, which keeps prior order here (no NMS, no cut)"))
+    return diffs
 
 
 def compare_detections(actual: np.ndarray, expected: np.ndarray, thresholds: Thresholds,
@@ -338,13 +354,10 @@ def compare_detections(actual: np.ndarray, expected: np.ndarray, thresholds: Thr
                 d = Detection.at(rows_all, int(index[i]))
                 diffs.append(DetectionDiff(kind, d if kind == "missing" else None, d if kind == "extra" else None,
                                            NEAR_TIE, why[i]))
-    relabel = [(e, a) for e, a in zip(missing[re], extra[ra])
-               if ties.why_expected[e] is None and ties.why_actual[a] is None]
-    in_pairs_e, in_pairs_a = {e for e, _ in relabel}, {a for _, a in relabel}
-    real_e = np.array([i for i in missing if ties.why_expected[i] is None and i not in in_pairs_e], dtype=np.int64)
-    real_a = np.array([i for i in extra if ties.why_actual[i] is None and i not in in_pairs_a], dtype=np.int64)
+    real_e = np.array([i for i in missing if ties.why_expected[i] is None and not relabelled_e[i]], dtype=np.int64)
+    real_a = np.array([i for i in extra if ties.why_actual[i] is None and not relabelled_a[i]], dtype=np.int64)
     moved, real_e, real_a = _moved(want, got, real_e, real_a)
-    pairs = [(e, a, "label") for e, a in relabel] + [(e, a, "moved") for e, a in moved]
+    pairs = [(e, a, "label") for e, a in zip(missing[re], extra[ra])] + [(e, a, "moved") for e, a in moved]
     for e, a, kind in pairs:
         nonfinite = "; the hybrid's row holds NaN or Inf" if not np.isfinite(got[a]).all() else ""
         diffs.append(DetectionDiff(kind, Detection.at(want_all, int(want_index[e])),
@@ -358,13 +371,13 @@ def compare_detections(actual: np.ndarray, expected: np.ndarray, thresholds: Thr
     diffs += _overlap_diffs(got, got_index, got_all, thresholds, tolerance)
     lone_real = bool(len(real_e) or len(real_a) or pairs)
     diffs += _placeholder_diffs(want_all, got_all, not lone_real, tolerance)
-    diffs += _order_diffs(got, got_index, want_index, pe, pa, got_all, want_all, tolerance)
+    diffs += _order_diffs(got, got_index, want_index, pe, pa, got_all, want_all, thresholds, tolerance)
     nonfinite = int((~_finite(want[missing])).sum() + (~_finite(got[extra])).sum())
     if any(d.cause == REAL for d in diffs):
         max_abs = rel_l2 = float("inf")
     elif len(pe):
         both = np.isfinite(want[pe][:, VALUES]) & np.isfinite(got[pa][:, VALUES])
-        max_abs = float(np.abs(got[pa][:, VALUES] - want[pe][:, VALUES])[both].max(initial=0.0))
+        max_abs = float(np.abs(got[pa][:, VALUES][both] - want[pe][:, VALUES][both]).max(initial=0.0))
         rel_l2 = relative_l2(got[pa][:, VALUES], want[pe][:, VALUES])
     else:
         max_abs = rel_l2 = 0.0

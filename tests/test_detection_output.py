@@ -190,12 +190,14 @@ def test_only_background_class():
 
 def test_ties_cut_by_keep_top_k_are_a_valid_tie_order():
     """More than 16 detections with equal scores at the keep_top_k cut: Caffe's std::sort
-    order of equal elements is unspecified, so only the tie-independent facts must hold."""
+    order of equal elements is unspecified, so only the tie-independent facts must hold.
+    Locations per class: with shared ones, two classes of one prior tied at the cut would
+    differ in the label only, which the comparison (rightly, from rows alone) calls real."""
     params = "nms_param { nms_threshold: 0.45 top_k: 10 } keep_top_k: 12"
     seed = fresh_seed()
     rng = np.random.default_rng(seed)
-    prototxt = detection_prototxt(params, True)
-    for batch, (got, want) in zip((1, 3), run_both(prototxt, [make_inputs("ties", rng, b, True) for b in (1, 3)])):
+    prototxt = detection_prototxt(params, False)
+    for batch, (got, want) in zip((1, 3), run_both(prototxt, [make_inputs("ties", rng, b, False) for b in (1, 3)])):
         assert_tie_equivalent(got, want, prototxt, f"ties cut by keep_top_k, batch {batch} (seed {seed})")
 
 
