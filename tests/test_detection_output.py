@@ -60,6 +60,13 @@ def make_inputs(kind: str, rng: np.random.Generator, batch: int, share: bool, cl
         conf = np.round(conf * 8) / 8
     elif kind == "quiet":  # nothing reaches a threshold of 0.95
         conf = conf * 0.9
+    elif kind == "chain":  # priors in a row, each overlapping the next by IoU 0.54, scores falling along it
+        x = np.arange(priors) * 0.003
+        boxes = np.stack([x, np.zeros(priors), x + 0.01, np.full(priors, 0.01)], 1)
+        prior = np.stack([boxes.ravel(), np.full(priors * 4, 0.1)])[None].astype(np.float32)
+        loc = np.zeros_like(loc)
+        falling = 1 - np.arange(priors)[None, :, None] * 1e-3 - rng.uniform(0, 1e-4, (batch, 1, classes))
+        conf = np.broadcast_to(falling, (batch, priors, classes)).reshape(batch, -1)
     elif kind == "exactly_seven":  # 7 candidates per image above 0.5 (background: class 0), disjoint boxes
         prior, loc = grid_priors(priors), np.zeros_like(loc)
         conf = rng.uniform(0, 0.4, (batch, priors, classes))
@@ -156,6 +163,13 @@ TABLE = {
     "ties_nms": ("nms_param { nms_threshold: 0.45 top_k: 8 } confidence_threshold: 0.3", "ties", True),
     "ties_small_cut": ("nms_param { nms_threshold: 0.45 top_k: 2 } keep_top_k: 4", "ties", False),
     "ties_no_nms": ("code_type: CORNER", "ties", True),
+    # a long dependency between NMS's decisions: each box overlaps the next (see `chain_inputs`)
+    "chain": ("nms_param { nms_threshold: 0.45 } confidence_threshold: 0.01 keep_top_k: 30 code_type: CORNER",
+              "chain", True),
+    # top_k far above the run's candidates (few scores pass the threshold): keep_top_k's TopK
+    # works on fewer candidates than its K
+    "few_candidates": ("nms_param { nms_threshold: 0.45 top_k: 20 } confidence_threshold: 0.97 keep_top_k: 50",
+                       "overlapping", True),
 }
 
 
@@ -201,16 +215,29 @@ def test_ties_cut_by_keep_top_k_are_a_valid_tie_order():
         assert_tie_equivalent(got, want, prototxt, f"ties cut by keep_top_k, batch {batch} (seed {seed})")
 
 
-@pytest.mark.parametrize("params,share,reason", [
-    ("visualize: true", True, "visualize"),
-    ("background_label_id: -1", True, "abort"),
-    ("nms_param { nms_threshold: 0.45 }", True, "box pairs"),
+@pytest.mark.parametrize("params,share,classes,priors,batch,reason", [
+    ("visualize: true", True, CLASSES, 800, 1, "visualize"),
+    ("background_label_id: -1", True, CLASSES, 800, 1, "abort"),
+    # TensorRT's TopK takes K <= 3840, whatever the input size
+    ("nms_param { nms_threshold: 0.45 top_k: 3841 }", True, 2, 4000, 1, "nms_param.top_k is 3841: TensorRT's TopK"),
+    ("nms_param { nms_threshold: 0.45 top_k: 400 } keep_top_k: 3841", True, 11, 800, 1, "keep_top_k is 3841"),
+    ("keep_top_k: 10", True, 2, 4000, 1, "number of priors"),
+    # NMS's worst case counts the batch: 64 x 29 classes x 800^2 overlap tests
+    ("nms_param { nms_threshold: 0.45 }", True, 30, 800, 64, "overlap tests per run"),
 ])
-def test_refusals_name_the_reason(params, share, reason):
-    prototxt = detection_prototxt(params, share, classes=CLASSES if reason != "box pairs" else 30, priors=800)
-    model, graph = load_text(prototxt)
+def test_refusals_name_the_reason(params, share, classes, priors, batch, reason):
+    prototxt = detection_prototxt(params, share, classes=classes, priors=priors)
+    model, graph = load_text(prototxt.replace("dim: 1 ", f"dim: {batch} "))
     with pytest.raises(LoweringError, match=reason):
         lower_whole_net(model, graph, ["out"])
+
+
+def test_limits_that_are_not_reached_lower():
+    """top_k and keep_top_k at TensorRT's 3840; the same overlap tests at batch 1."""
+    for params, classes, priors in (("nms_param { nms_threshold: 0.45 top_k: 3840 } keep_top_k: 3840", 2, 4000),
+                                    ("nms_param { nms_threshold: 0.45 }", 30, 800)):
+        model, graph = load_text(detection_prototxt(params, True, classes=classes, priors=priors))
+        assert lower_whole_net(model, graph, ["out"]).graph.node
 
 
 def test_top_is_declared_data_dependent():
