@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -60,26 +59,26 @@ def detection_net(param, shapes: dict[str, tuple[int, ...]]) -> str:
 def detector_inputs(source: str, batch: int, overrides: dict) -> tuple[str, dict[str, np.ndarray]]:
     """The DetectionOutput-only prototxt and its inputs, from pure Caffe on the detector."""
     import caffe
-    from hybrid_infer.inputs import load_image
+    from hybrid_infer.inputs import Preprocessing, load_image
     from hybrid_infer.model.caffe_model import CaffeModel
     prototxt, weights = DETECTOR[source]
     model = CaffeModel(SHARED / prototxt, SHARED / weights if weights else None)
     if weights is None:
         model.set_random_weights(1)
-    layer = next(l for l in model.net_param.layer if l.type == "DetectionOutput")
-    shape = list(model.net_param.layer[0].input_param.shape[0].dim) if model.net_param.layer[0].type == "Input" \
-        else list(model.net_param.input_shape[0].dim)
-    if weights:  # the plate photo, preprocessed as the README's hyperlpr example
-        image = load_image(SHARED / "hyperlpr_mininet_ssd/images/test.jpg", (shape[2], shape[3]), "rgb")
-        data = (image - np.array([123.675, 116.28, 103.53]).reshape(3, 1, 1)) * 0.01735
-    else:
-        data = np.random.default_rng(0).normal(size=shape[1:])
+    layer = next(l for l in model.net.layer if l.type == "DetectionOutput")
     net = model.reference_net()
     name = list(net.inputs)[0]
+    shape = list(net.blobs[name].shape)
+    if weights:  # the plate photo, preprocessed as the README's hyperlpr example
+        prep = Preprocessing(scale=0.01735, mean=(123.675, 116.28, 103.53), channel_order="rgb")
+        data = load_image(SHARED / "hyperlpr_mininet_ssd/images/test.jpg", shape, prep)[0]
+    else:
+        data = np.random.default_rng(0).normal(size=shape[1:])
     net.blobs[name].reshape(batch, *shape[1:])
     net.reshape()
     net.forward(**{name: np.broadcast_to(data, (batch, *shape[1:])).astype(np.float32)})
     feeds = {k: np.array(net.blobs[b].data, copy=True) for k, b in zip(("loc", "conf", "prior"), layer.bottom)}
+    feeds["prior"] = np.repeat(feeds["prior"], batch, axis=0)  # net inputs share a batch; Caffe reads item 0
     param = caffe.proto.caffe_pb2.DetectionOutputParameter()
     param.CopyFrom(layer.detection_output_param)
     for field, value in overrides.items():
@@ -94,7 +93,7 @@ def chain_inputs(batch: int) -> tuple[str, dict[str, np.ndarray]]:
     prior = np.stack([boxes.ravel(), np.full(priors * 4, 0.1)])[None].astype(np.float32)
     conf = np.tile((1 - np.arange(priors) * 1e-3)[:, None], (1, classes)).ravel()
     feeds = {"loc": np.zeros((batch, priors * 4), np.float32), "conf": np.tile(conf, (batch, 1)).astype(np.float32),
-             "prior": prior}
+             "prior": np.repeat(prior, batch, axis=0)}
     import caffe
     param = caffe.proto.caffe_pb2.DetectionOutputParameter(
         num_classes=classes, background_label_id=0, code_type=1, keep_top_k=200, confidence_threshold=0.01)
@@ -102,9 +101,16 @@ def chain_inputs(batch: int) -> tuple[str, dict[str, np.ndarray]]:
     return detection_net(param, {k: v.shape for k, v in feeds.items()}), feeds
 
 
-def rss_kib() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+def status_kib(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process, in KiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def reset_peak() -> None:
+    """Make VmHWM start again from the current RSS (Linux: clear_refs 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def measure(workdir: Path, runtime: str, runs: int, warmup: int) -> dict:
@@ -125,7 +131,8 @@ def measure(workdir: Path, runtime: str, runs: int, warmup: int) -> dict:
         net = hybrid_infer.load(str(workdir / "net.prototxt"), engine="onnxruntime")
         assert len(net.partition.segments) == 1, "DetectionOutput was not lowered"
         call = lambda: net.run(feeds)["out"]
-    before = rss_kib()
+    reset_peak()
+    before = status_kib("VmRSS")
     out = call()
     for _ in range(warmup):
         call()
@@ -135,8 +142,7 @@ def measure(workdir: Path, runtime: str, runs: int, warmup: int) -> dict:
         call()
         samples.append(time.perf_counter() - start)
     np.save(workdir / f"{runtime}.npy", out)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"median_s": float(np.median(samples)), "peak_mib": (peak - before) / 1024}
+    return {"median_s": float(np.median(samples)), "peak_mib": (status_kib("VmHWM") - before) / 1024}
 
 
 def main() -> int:
@@ -161,8 +167,9 @@ def main() -> int:
             result = {}
             for runtime in ("caffe", "lowered"):
                 done = subprocess.run([sys.executable, __file__, "--measure", str(work), runtime, "--runs",
-                                       str(args.runs), "--warmup", str(args.warmup)],
-                                      capture_output=True, text=True, check=True)
+                                       str(args.runs), "--warmup", str(args.warmup)], capture_output=True, text=True)
+                if done.returncode:
+                    sys.exit(f"{name}, batch {batch}, {runtime}: failed\n{done.stderr[-3000:]}")
                 result[runtime] = json.loads(done.stdout.strip().splitlines()[-1])
             want, got = np.load(work / "caffe.npy"), np.load(work / "lowered.npy")
             _, graph = load_text(text)

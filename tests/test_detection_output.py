@@ -20,6 +20,7 @@ from hybrid_infer.detections import compare_detections, detection_outputs, parse
 from hybrid_infer.engines.tensorrt_build import BuildSettings, build_engine
 from hybrid_infer.engines.tensorrt_engine import TensorRTEngine, runtime_available
 from hybrid_infer.errors import LoweringError
+from hybrid_infer.lowering import nms
 from hybrid_infer.lowering.detection import DETECTIONS
 from hybrid_infer.testing import cpu_session, fresh_seed, load_text, lower_whole_net, net
 
@@ -183,6 +184,31 @@ def test_detection_output_cases(params, kind, share):
         keep = int(params.split("keep_top_k: ")[1].split()[0])
         for batch, (got, _) in zip((1, 3), results):
             assert got.shape[2] == batch * min(keep, 7)
+
+
+NMS_WAYS = {  # nms.py's ways, each forced: (SMALL_STEP, PAIRWISE_LIMIT, ROUNDS)
+    "position_by_position": (0, 0, 8),
+    "matrix_and_rounds": (1 << 30, 1 << 30, 8),
+    "matrix_one_round_then_in_order": (1 << 30, 1 << 30, 1),
+}
+
+
+@pytest.mark.parametrize("way", list(NMS_WAYS.values()), ids=list(NMS_WAYS))
+@pytest.mark.parametrize("case", ["ssd", "ssd_per_class_loc", "chain", "ties_nms", "few_candidates", "empty"])
+def test_each_nms_way_gives_caffes_rows(monkeypatch, way, case):
+    for name, value in zip(("SMALL_STEP", "PAIRWISE_LIMIT", "ROUNDS"), way):
+        monkeypatch.setattr(nms, name, value)
+    params, kind, share = TABLE[case]
+    check(params, kind, share)
+
+
+@pytest.mark.parametrize("way", list(NMS_WAYS.values()), ids=list(NMS_WAYS))
+def test_tensorrt_rtx_builds_each_nms_way(rtx, monkeypatch, way):
+    for name, value in zip(("SMALL_STEP", "PAIRWISE_LIMIT", "ROUNDS"), way):
+        monkeypatch.setattr(nms, name, value)
+    model, graph = load_text(detection_prototxt(RTX_BUILDS["ssd"][0]))
+    built = build_engine(lower_whole_net(model, graph, ["out"]), BuildSettings(batch_max=4), api=rtx, label="det")
+    assert built.plan_size > 0
 
 
 def test_only_one_image_empty_gets_no_placeholder():

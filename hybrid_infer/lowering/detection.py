@@ -22,11 +22,10 @@ Semantics are those of the bundled Caffe's ``DetectionOutputLayer::Forward_cpu``
 In ONNX, with nodes that TensorRT-RTX builds (it has neither NonMaxSuppression nor
 NonZero): TopK picks each class's candidates (ONNX breaks ties by the lower index, as
 Caffe's stable sort does) and a Slice keeps only as many as the run's busiest class has
-above the confidence threshold; NMS is a Loop over candidate positions that, for every
-image and class at once, tests candidate i against the boxes kept before it (exactly
-Caffe's greedy order, see ``_nms_kept``); a second TopK applies keep_top_k; a cumulative
-sum, a scatter and a Slice compact the rows. The top's row count N is data-dependent
-(declared ``[1, 1, "detections", 7]``).
+above the confidence threshold; NMS is ``nms.greedy_nms`` (exactly Caffe's greedy
+result); a second TopK applies keep_top_k; a cumulative sum, a scatter and a Slice
+compact the rows. The top's row count N is data-dependent (declared
+``[1, 1, "detections", 7]``).
 
 Refused (the layer then runs in Caffe): ``visualize``; ``share_location`` with
 ``background_label_id: -1`` (this Caffe aborts on it); a TopK K above TensorRT's 3840
@@ -49,7 +48,8 @@ from onnx import TensorProto
 from ..graph.layer_graph import Layer, LayerGraph
 from .box_decoding import CENTER_SIZE, CODE_TYPES, CORNER_SIZE, Boxes, decode_boxes
 from .context import LoweringContext
-from .emitter import Emitter, LoopBody
+from .emitter import Emitter
+from .nms import greedy_nms
 from .prior_box import folded_priors
 from .reductions import TENSORRT_MAX_TOP_K
 from .registry import register_lowering
@@ -246,72 +246,6 @@ def _candidate_boxes(e: Emitter, decoded: str, indices: str, batch: str, plan: D
     return e("Gather", decoded, rows, axis=0)
 
 
-def adaptive_thresholds(nms_threshold: np.float32, eta: np.float32, count: int) -> np.ndarray:
-    """The NMS threshold Caffe's ApplyNMSFast uses after m kept boxes, m = 0 .. count - 1:
-    multiplied by eta (in float32) after each kept box while it is above 0.5."""
-    values = [np.float32(nms_threshold)]
-    for _ in range(count - 1):
-        last = values[-1]
-        values.append(np.float32(last * eta) if eta < 1 and last > 0.5 else last)
-    return np.array(values, dtype=np.float32)
-
-
-def _nms_kept(e: Emitter, boxes: str, valid: str, plan: DetectionPlan) -> str:
-    """Which candidates greedy NMS keeps, [B, classes, K] (bool), as Caffe's ApplyNMSFast:
-    candidate i (in descending score order) is kept when valid and its overlap with every box
-    kept before it is at most the threshold (``overlap <= threshold``, as Caffe tests it);
-    with eta < 1 the threshold shrinks after each kept box while above 0.5.
-
-    An ONNX Loop visits the K positions in order, for all images and classes at once; each
-    step computes the overlaps of candidate i with the K candidates of its class ([B,
-    classes, K]: Caffe's JaccardOverlap, candidate first: intersection sides min(xmax) -
-    max(xmin) both positive, then intersection / (size_i + size_j - intersection)) and
-    tests them against the boxes kept so far. So the work is K steps of O(B x classes x K),
-    memory O(B x classes x K), and the Loop stops after the last position that any class
-    has a valid candidate at."""
-    coords = [e("Squeeze", c, e.const(np.array([3]), "axis3")) for c in e.columns(boxes, axis=3)]
-    x1, y1, x2, y2 = coords
-    sizes = e("Mul", e("Sub", x2, x1), e("Sub", y2, y1))
-    positions = e("Range", e.const(np.int64(0), "i0"), e("Squeeze", e("Slice", e("Shape", valid),
-                  e.const(np.array([2]), "two"), e.const(np.array([3]), "three")), e.const(np.array([0]), "axis0v")),
-                  e.const(np.int64(1), "i1"))
-    count = e("Squeeze", e("Shape", positions), e.const(np.array([0]), "axis0v"))
-    adaptive = bool(plan.eta < 1 and plan.nms_threshold > 0.5)
-    body = LoopBody(e.ctx, e.layer)
-    iteration = body.value("iteration", TensorProto.INT64, [])
-    again = body.value("again", TensorProto.BOOL, [])
-    kept_in = body.value("kept", TensorProto.BOOL, None)
-    threshold_in = body.value("threshold", TensorProto.FLOAT, None) if adaptive else None
-    at = body("Unsqueeze", iteration.name, e.const(np.array([0]), "axis0v"))
-    pick = lambda t: body("Gather", t, at, axis=2)  # [B, classes, 1]: candidate i
-    zero = e.const(np.float32(0), "zero_f")
-    width = body("Sub", body("Min", x2, pick(x2)), body("Max", x1, pick(x1)))
-    height = body("Sub", body("Min", y2, pick(y2)), body("Max", y1, pick(y1)))
-    inter = body("Mul", width, height)
-    overlap = body("Div", inter, body("Sub", body("Add", pick(sizes), sizes), inter))
-    threshold = threshold_in.name if adaptive else e.const(plan.nms_threshold, "nms_threshold")
-    beyond = body("And", body("And", body("Greater", width, zero), body("Greater", height, zero)),
-                  body("Not", body("LessOrEqual", overlap, threshold)))
-    hits = body("ReduceSum", body("Cast", body("And", beyond, kept_in.name), to=TensorProto.FLOAT),
-                e.const(np.array([2]), "axis2"), keepdims=1)
-    keep = body("And", pick(valid), body("Not", body("Greater", hits, e.const(np.float32(0.5), "half_mark"))))
-    kept_out = body("Or", kept_in.name, body("And", body("Equal", positions, iteration.name), keep))
-    more = body("Less", body("Add", iteration.name, e.const(np.int64(1), "i1")), count)
-    carried = [(more, TensorProto.BOOL), (kept_out, TensorProto.BOOL)]
-    start = [e("Cast", e.fill(valid, 0), to=TensorProto.BOOL)]
-    if adaptive:
-        shrink = body("And", keep, body("Greater", threshold_in.name, e.const(np.float32(0.5), "half_mark")))
-        carried.append((body("Where", shrink, body("Mul", threshold_in.name, e.const(plan.eta, "eta")),
-                             threshold_in.name), TensorProto.FLOAT))
-        first = e("Slice", valid, e.const(np.array([0]), "zero"), e.const(np.array([1]), "one"),
-                  e.const(np.array([2]), "axis2"))
-        start.append(e.fill(first, float(plan.nms_threshold)))
-    inputs = [iteration, again, kept_in] + ([threshold_in] if adaptive else [])
-    outputs = e.many("Loop", [e.const(np.int64(plan.per_class), "rounds"), e("Greater", count, e.const(np.int64(0), "i0")),
-                              *start], len(start), body=body.graph(inputs, carried))
-    return outputs[0]
-
-
 def _keep_top_k(e: Emitter, values: str, kept: Optional[str], plan: DetectionPlan) -> Optional[str]:
     """Per image, the detections that survive keep_top_k, flattened [B, classes * K] (bool;
     None: all). Kept scores (the others -inf) are padded with keep_top_k -inf so that TopK's
@@ -380,7 +314,8 @@ def lower_detection_output(ctx: LoweringContext, layer: Layer, inputs: list[str]
         return
     values, indices, valid = _candidates(e, _scores(e, conf, plan), plan)
     boxes = _candidate_boxes(e, _decoded(e, loc, prior, plan, layer), indices, batch_scalar, plan)
-    kept = _nms_kept(e, boxes, valid, plan) if plan.nms else valid
+    kept = greedy_nms(e, boxes, valid, plan.nms_threshold, plan.eta, ctx.shape(conf)[0] * len(plan.classes),
+                      plan.per_class) if plan.nms else valid
     final = _keep_top_k(e, values, kept, plan)
     grid = e("Concat", e("Shape", values), e.const(np.array([1]), "one"), axis=0)
     rows = e("Concat", e("Expand", e("Reshape", images, e.const(np.array([-1, 1, 1, 1]), "image_col")), grid),
