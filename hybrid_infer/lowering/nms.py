@@ -146,6 +146,18 @@ def _in_order(e: Emitter, c: Candidates, kept: str, start: str, step) -> str:
              body=body.graph([iteration, again, kept_in], [(more, TensorProto.BOOL), (kept_out, TensorProto.BOOL)]))
 
 
+def adaptive_threshold(threshold: np.float32, eta: np.float32) -> bool:
+    """Whether ApplyNMSFast's threshold changes as boxes are kept (eta < 1, above 0.5)."""
+    return bool(eta < 1 and threshold > 0.5)
+
+
+def uses_matrix(threshold: np.float32, eta: np.float32, groups: int, max_steps: int) -> bool:
+    """Whether ``greedy_nms`` builds the suppression matrix (see the module docstring) for
+    ``groups`` = B x C and K = ``max_steps``."""
+    return (not adaptive_threshold(threshold, eta) and groups * max_steps <= SMALL_STEP
+            and groups * max_steps * max_steps <= PAIRWISE_LIMIT)
+
+
 def greedy_nms(e: Emitter, boxes: str, valid: str, threshold: np.float32, eta: np.float32,
                static_groups: int, max_steps: int) -> str:
     """Which candidates Caffe's NMS keeps, [B, C, K] bool. ``boxes`` [B, C, K, 4] and
@@ -153,9 +165,8 @@ def greedy_nms(e: Emitter, boxes: str, valid: str, threshold: np.float32, eta: n
     static sizes and ``max_steps`` the largest K (top_k): they pick the way (see the module
     docstring)."""
     c = Candidates(e, boxes, valid, max_steps)
-    adaptive = bool(eta < 1 and threshold > 0.5)
-    step_size = static_groups * max_steps
-    if adaptive or step_size > SMALL_STEP or step_size * max_steps > PAIRWISE_LIMIT:
+    adaptive = adaptive_threshold(threshold, eta)
+    if not uses_matrix(threshold, eta, static_groups, max_steps):
         return _sequential(e, c, threshold, eta if adaptive else None)
     suppress = _suppression(e, c, threshold)
     kept, done = _rounds(e, suppress, c)

@@ -93,6 +93,21 @@ def boundaries(p: Partition) -> list[dict[str, Any]]:
     return rows
 
 
+def cost_notes(p: Partition) -> dict[str, str]:
+    """Layers on TensorRT whose lowering's cost grows with the data, and what it is
+    (DetectionOutput's NMS: see lowering/detection.py)."""
+    from ..lowering.detection import cost_note
+    notes = {}
+    for s in p.segments:
+        if s.backend == TENSORRT:
+            for name in s.layers:
+                layer = p.graph.layers[name]
+                note = cost_note(layer, p.graph) if layer.type == "DetectionOutput" else None
+                if note:
+                    notes[name] = note
+    return notes
+
+
 def to_json(p: Partition) -> dict[str, Any]:
     cov = coverage(p)
     flops = model_flops(p.graph)
@@ -114,6 +129,7 @@ def to_json(p: Partition) -> dict[str, Any]:
         "dropped_layers": [{"layer": d.name, "type": d.type, "reason": d.reason}
                            for d in p.graph.model.dropped_layers],
         "user_lowerings": user_lowerings(p),
+        "cost_notes": cost_notes(p),
         "coverage": {"layers": cov.layers_total, "layers_tensorrt": cov.layers_tensorrt,
                      "layer_share": round(cov.layer_share, 4), "flops_per_image": cov.flops_total,
                      "flops_tensorrt": cov.flops_tensorrt, "flop_share": round(cov.flop_share, 4)},
@@ -163,6 +179,10 @@ def to_text(p: Partition) -> str:
     if lowerings:
         out += ["", "lowerings not built into hybrid_infer"]
         out += _table(["for", "function", "from", "layers on TensorRT"], [_lowering_row(r) for r in lowerings])
+    costs = cost_notes(p)
+    if costs:
+        out += ["", "lowered layers whose run time depends on the data"]
+        out += _table(["layer", "type", "cost"], [[n, p.graph.layers[n].type, why] for n, why in costs.items()])
     if p.fallback_reasons:
         out += ["", "layers in Caffe and why"]
         out += _table(["layer", "type", "reason"],
