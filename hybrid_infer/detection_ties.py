@@ -34,11 +34,14 @@ infinite score, are never explained.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from .detection_rows import BOX, IMAGE, LABEL, SCORE, close, group_ids, groups, margin, overlaps
+from .detection_rows import BOX, IMAGE, LABEL, SCORE, VALUES, close, group_ids, groups, margin, overlaps
+
+if TYPE_CHECKING:
+    from .detections import Thresholds
 
 #: Rows whose boxes overlap at least this much (same image and label) are one detection.
 MATCH_IOU = 0.5
@@ -97,7 +100,7 @@ def _counterparts(a: np.ndarray, b: np.ndarray, tolerance: float) -> np.ndarray:
     same_image = a[:, None, IMAGE] == b[None, :, IMAGE]
     same_label = a[:, None, LABEL] == b[None, :, LABEL]
     moved = same_label & (overlaps(a[:, BOX], b[:, BOX]) >= MATCH_IOU)
-    relabelled = ~same_label & close(b[None, :, 2:7], a[:, None, 2:7], tolerance).all(axis=2)
+    relabelled = ~same_label & close(b[None, :, VALUES], a[:, None, VALUES], tolerance).all(axis=2)
     return same_image & (moved | relabelled)
 
 
@@ -113,7 +116,7 @@ class Explainer:
 
     def __init__(self, expected: np.ndarray, actual: np.ndarray, matched_expected: np.ndarray,
                  matched_actual: np.ndarray, real_expected: np.ndarray, real_actual: np.ndarray,
-                 thresholds, tolerance: float):
+                 thresholds: "Thresholds", tolerance: float):
         self.caffe = _Side.of(expected, matched_expected, real_expected)
         self.hybrid = _Side.of(actual, matched_actual, real_actual)
         self.t = thresholds
@@ -146,11 +149,11 @@ class Explainer:
         if self.t.confidence is None:
             return
         limit = float(margin(np.array(self.t.confidence), self.tolerance))
+        why = f"score within {self.tolerance:g} of confidence_threshold {self.t.confidence:g} (kept only above it)"
         for side in (self.caffe, self.hybrid):
-            for p in side.open(np.arange(len(side.rows))):
-                if abs(side.scores[p] - self.t.confidence) <= limit:
-                    side.explain(p, f"score within {self.tolerance:g} of confidence_threshold {self.t.confidence:g} "
-                                    "(kept only above it)", grounded=True)
+            rows = side.open(np.arange(len(side.rows)))
+            for p in rows[np.abs(side.scores[rows] - self.t.confidence) <= limit]:
+                side.explain(int(p), why, grounded=True)
 
     # -- one image and class: top_k and NMS -----------------------------------------------
     def _class_group(self, in_c: np.ndarray, in_h: np.ndarray) -> None:

@@ -69,11 +69,14 @@ def detection_outputs(graph: "LayerGraph") -> dict[str, Thresholds]:
         prior_shape = graph.values[layer.bottoms[2]].shape if len(layer.bottoms) > 2 else None
         priors = prior_shape[2] // 4 if prior_shape is not None and len(prior_shape) > 2 else None
         top_k = p.nms_param.top_k if nms and p.nms_param.HasField("top_k") else -1
+        classes = sum(c != p.background_label_id for c in range(p.num_classes))
+        # without NMS every prior of every class is a detection: keep_top_k cuts only below that
+        cuts = p.keep_top_k > -1 and (nms or priors is None or p.keep_top_k < classes * priors)
         thresholds = Thresholds(
             p.confidence_threshold if nms and p.HasField("confidence_threshold") else None,
             p.nms_param.nms_threshold if nms else None,
             top_k if top_k > -1 and (priors is None or top_k < priors) else None,
-            p.keep_top_k if p.keep_top_k > -1 else None,
+            p.keep_top_k if cuts else None,
             p.nms_param.eta if nms else 1.0)
         for value in layer.tops:
             found[value] = thresholds
@@ -329,6 +332,34 @@ def _order_diffs(got: np.ndarray, got_index: np.ndarray, want_index: np.ndarray,
     return diffs
 
 
+def _lone_diffs(want_all: np.ndarray, got_all: np.ndarray, want_index: np.ndarray, got_index: np.ndarray,
+                missing: np.ndarray, extra: np.ndarray, ties: Explainer,
+                relabelled: tuple[np.ndarray, np.ndarray]) -> list[DetectionDiff]:
+    """The rows on one side only: near-ties with their reasons, then the real ones, pairs
+    that are one detection changed (``relabelled``: positions into ``missing``/``extra``
+    under another label; moved boxes) first."""
+    want, got = want_all[want_index], got_all[got_index]
+    caffe_row = lambda e: Detection.at(want_all, int(want_index[e]))
+    hybrid_row = lambda a: Detection.at(got_all, int(got_index[a]))
+    diffs = [DetectionDiff("missing", caffe_row(e), None, NEAR_TIE, ties.why_expected[e])
+             for e in missing if ties.why_expected[e] is not None]
+    diffs += [DetectionDiff("extra", None, hybrid_row(a), NEAR_TIE, ties.why_actual[a])
+              for a in extra if ties.why_actual[a] is not None]
+    re, ra = missing[relabelled[0]], extra[relabelled[1]]
+    paired_e, paired_a = set(re.tolist()), set(ra.tolist())
+    real_e = np.array([e for e in missing if ties.why_expected[e] is None and e not in paired_e], dtype=np.int64)
+    real_a = np.array([a for a in extra if ties.why_actual[a] is None and a not in paired_a], dtype=np.int64)
+    moved, real_e, real_a = _moved(want, got, real_e, real_a)
+    for e, a, kind in [(e, a, "label") for e, a in zip(re, ra)] + [(e, a, "moved") for e, a in moved]:
+        nonfinite = "; the hybrid's row holds NaN or Inf" if not np.isfinite(got[a]).all() else ""
+        diffs.append(DetectionDiff(kind, caffe_row(e), hybrid_row(a), REAL,
+                                   ("another label for the same box and score" if kind == "label" else
+                                    "score or box differ beyond the tolerance") + nonfinite))
+    diffs += [DetectionDiff("missing", caffe_row(e), None, REAL, _lone_why(want, e, "Caffe's")) for e in real_e]
+    diffs += [DetectionDiff("extra", None, hybrid_row(a), REAL, _lone_why(got, a, "the hybrid's")) for a in real_a]
+    return diffs
+
+
 def compare_detections(actual: np.ndarray, expected: np.ndarray, thresholds: Thresholds,
                        tolerance: float) -> DetectionComparison:
     """Compare a hybrid's DetectionOutput blob with Caffe's (``expected``), see the module
@@ -346,30 +377,9 @@ def compare_detections(actual: np.ndarray, expected: np.ndarray, thresholds: Thr
     relabelled_e, relabelled_a = np.zeros(len(want), bool), np.zeros(len(got), bool)
     relabelled_e[missing[re]], relabelled_a[extra[ra]] = True, True
     ties = Explainer(want, got, matched_e, matched_a, relabelled_e, relabelled_a, thresholds, tolerance)
-    diffs: list[DetectionDiff] = []
-    for kind, lone, why, rows_all, index in (("missing", missing, ties.why_expected, want_all, want_index),
-                                             ("extra", extra, ties.why_actual, got_all, got_index)):
-        for i in lone:
-            if why[i] is not None:
-                d = Detection.at(rows_all, int(index[i]))
-                diffs.append(DetectionDiff(kind, d if kind == "missing" else None, d if kind == "extra" else None,
-                                           NEAR_TIE, why[i]))
-    real_e = np.array([i for i in missing if ties.why_expected[i] is None and not relabelled_e[i]], dtype=np.int64)
-    real_a = np.array([i for i in extra if ties.why_actual[i] is None and not relabelled_a[i]], dtype=np.int64)
-    moved, real_e, real_a = _moved(want, got, real_e, real_a)
-    pairs = [(e, a, "label") for e, a in zip(missing[re], extra[ra])] + [(e, a, "moved") for e, a in moved]
-    for e, a, kind in pairs:
-        nonfinite = "; the hybrid's row holds NaN or Inf" if not np.isfinite(got[a]).all() else ""
-        diffs.append(DetectionDiff(kind, Detection.at(want_all, int(want_index[e])),
-                                   Detection.at(got_all, int(got_index[a])), REAL,
-                                   ("another label for the same box and score" if kind == "label" else
-                                    "score or box differ beyond the tolerance") + nonfinite))
-    diffs += [DetectionDiff("missing", Detection.at(want_all, int(want_index[e])), None, REAL,
-                            _lone_why(want, e, "Caffe's")) for e in real_e]
-    diffs += [DetectionDiff("extra", None, Detection.at(got_all, int(got_index[a])), REAL,
-                            _lone_why(got, a, "the hybrid's")) for a in real_a]
+    diffs = _lone_diffs(want_all, got_all, want_index, got_index, missing, extra, ties, (re, ra))
     diffs += _overlap_diffs(got, got_index, got_all, thresholds, tolerance)
-    lone_real = bool(len(real_e) or len(real_a) or pairs)
+    lone_real = any(d.cause == REAL for d in diffs)
     diffs += _placeholder_diffs(want_all, got_all, not lone_real, tolerance)
     diffs += _order_diffs(got, got_index, want_index, pe, pa, got_all, want_all, thresholds, tolerance)
     nonfinite = int((~_finite(want[missing])).sum() + (~_finite(got[extra])).sum())
