@@ -76,25 +76,39 @@ def groups(ids_a: np.ndarray, ids_b: np.ndarray) -> Iterator[tuple[np.ndarray, n
                order_b[np.searchsorted(sorted_b, gid, "left"):np.searchsorted(sorted_b, gid, "right")])
 
 
+def _windows(expected: np.ndarray, actual: np.ndarray, tolerance: float
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For rows of one group: the actual rows sorted by one of the score and box columns, and
+    for each expected row the window [lo, hi) of that order whose values in that column lie
+    within its margin. The column is the one whose windows hold the fewest rows (scores of a
+    random net cluster, boxes repeat across the classes of one prior: either alone may be
+    poor)."""
+    best = None
+    for column in range(VALUES.start, VALUES.stop):
+        order = np.argsort(actual[:, column], kind="stable")
+        values = actual[order, column]
+        want = expected[:, column]
+        slack = margin(want, tolerance)
+        with np.errstate(invalid="ignore"):
+            lo = np.searchsorted(values, want - slack, "left")
+            hi = np.searchsorted(values, want + slack, "right")
+        nan = np.isnan(want)  # NaN sorts last: try the NaN values
+        lo[nan], hi[nan] = np.searchsorted(values, np.nan, "left"), len(values)
+        size = int((hi - lo).sum())
+        if best is None or size < best[0]:
+            best = (size, order, lo, hi)
+    assert best is not None
+    return best[1], best[2], best[3]
+
+
 def _candidates(expected: np.ndarray, actual: np.ndarray, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
     """For rows of one group: [n, w] positions in ``actual`` and whether each is close to the
-    expected row in score and box. Only actual rows whose score lies within the margin of the
-    expected score are tried (a window in score order), so distinct scores cost n log n."""
-    order = np.argsort(actual[:, SCORE], kind="stable")
-    scores = actual[order, SCORE]
-    want = expected[:, SCORE]
-    slack = margin(want, tolerance)
-    with np.errstate(invalid="ignore"):
-        lo = np.searchsorted(scores, want - slack, "left")
-        hi = np.searchsorted(scores, want + slack, "right")
-    nan = np.isnan(want)  # NaN sorts last: try the NaN scores
-    lo[nan], hi[nan] = np.searchsorted(scores, np.nan, "left"), len(scores)
+    expected row in score and box. Only actual rows in the row's window (``_windows``) are
+    tried, so distinct values cost n log n; a window wider than the chunk is tried in parts."""
+    order, lo, hi = _windows(expected, actual, tolerance)
     width = int((hi - lo).max(initial=0))
     if width == 0:
         return np.zeros((len(expected), 0), dtype=np.int64), np.zeros((len(expected), 0), dtype=bool)
-    if len(expected) * width > _CHUNK:  # many equal scores: every actual row, in chunks
-        lo, width = np.zeros_like(lo), len(scores)
-        hi = np.full_like(hi, len(scores))
     positions = np.empty((len(expected), width), dtype=np.int64)
     ok = np.empty((len(expected), width), dtype=bool)
     step = max(1, _CHUNK // width)
@@ -106,6 +120,19 @@ def _candidates(expected: np.ndarray, actual: np.ndarray, tolerance: float) -> t
         positions[part] = slots
         ok[part] = inside & close(actual[slots][:, :, VALUES], expected[part, None, VALUES], tolerance).all(axis=2)
     return positions, ok
+
+
+def _equal_pairs(expected: np.ndarray, actual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows equal in every column (bit for bit), paired one to one in order: the usual case
+    for rows computed the same way, found by sorting instead of by windows."""
+    ids_e, ids_a = group_ids(expected, actual)
+    rank = lambda ids: np.argsort(np.argsort(ids, kind="stable"), kind="stable") - \
+        np.searchsorted(np.sort(ids), ids, "left")  # how many earlier rows share the id
+    scale = max(len(expected), len(actual)) + 1
+    key_e = ids_e * scale + rank(ids_e)
+    key_a = ids_a * scale + rank(ids_a)
+    common, at_e, at_a = np.intersect1d(key_e, key_a, assume_unique=True, return_indices=True)
+    return at_e, at_a
 
 
 def _assign(expected: np.ndarray, actual: np.ndarray, positions: np.ndarray, ok: np.ndarray) -> list[tuple[int, int]]:
@@ -132,13 +159,18 @@ def _assign(expected: np.ndarray, actual: np.ndarray, positions: np.ndarray, ok:
 def match(expected: np.ndarray, actual: np.ndarray, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
     """Pairs of rows that are the same detection: same image and label, score and box
     ``close``. Returns (expected positions, actual positions), one-to-one. Rows already in
-    the same place and close are paired first (the usual case: the same rows in the same order)."""
+    the same place and close are paired first (the usual case: the same rows in the same
+    order), then rows equal bit for bit, then the rest by windows (``_candidates``)."""
     n = min(len(expected), len(actual))
     in_place = np.flatnonzero((actual[:n, :2] == expected[:n, :2]).all(axis=1)
                               & close(actual[:n, VALUES], expected[:n, VALUES], tolerance).all(axis=1))
     left_e = np.setdiff1d(np.arange(len(expected)), in_place)
     left_a = np.setdiff1d(np.arange(len(actual)), in_place)
     pairs_e, pairs_a = [in_place], [in_place]
+    equal_e, equal_a = _equal_pairs(expected[left_e], actual[left_a])
+    pairs_e.append(left_e[equal_e])
+    pairs_a.append(left_a[equal_a])
+    left_e, left_a = np.delete(left_e, equal_e), np.delete(left_a, equal_a)
     ids_e, ids_a = group_ids(expected[left_e, :2], actual[left_a, :2])
     for ge, ga in groups(ids_e, ids_a):
         if not len(ge) or not len(ga):

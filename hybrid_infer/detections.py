@@ -97,9 +97,9 @@ class Detection:
 
     @staticmethod
     def at(rows: np.ndarray, row: int) -> "Detection":
-        r = rows[row]
-        image, label = (int(v) if np.isfinite(v) else v for v in r[:2])
-        return Detection(row, image, label, float(r[SCORE]), tuple(float(v) for v in r[BOX]))  # type: ignore[arg-type]
+        image, label, score, x1, y1, x2, y2 = rows[row].tolist()
+        whole = lambda v: int(v) if v == v and abs(v) != float("inf") else v
+        return Detection(row, whole(image), whole(label), score, (x1, y1, x2, y2))
 
     def describe(self) -> str:
         return (f"row {self.row}: image {self.image} label {self.label} score {self.score:.7g} box "
