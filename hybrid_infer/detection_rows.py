@@ -139,10 +139,12 @@ def _assign(expected: np.ndarray, actual: np.ndarray, positions: np.ndarray, ok:
     """One-to-one pairs (expected row, actual row) among close candidates: rows with a single
     candidate that no other row wants are paired at once; the rest, the most constrained
     first, take their closest free candidate."""
+    if not ok.any():
+        return []
     counts = ok.sum(axis=1)
     wanted = np.bincount(positions[ok], minlength=len(actual))
-    first = positions[np.arange(len(positions)), ok.argmax(axis=1)] if ok.shape[1] else np.zeros(0, np.int64)
-    sure = (counts == 1) & (wanted[first] == 1) if len(first) else np.zeros(0, dtype=bool)
+    first = positions[np.arange(len(positions)), ok.argmax(axis=1)]
+    sure = (counts == 1) & (wanted[first] == 1)
     pairs = list(zip(np.flatnonzero(sure).tolist(), first[sure].tolist()))
     taken = set(first[sure].tolist())
     for row in np.flatnonzero(~sure & (counts > 0))[np.argsort(counts[~sure & (counts > 0)], kind="stable")]:

@@ -421,3 +421,10 @@ def test_a_wrong_lowering_fails_run_compare_and_diff(shared_models, tmp_path, ca
         assert main(["diff", model, *common]) == 1
         out = capsys.readouterr().out
         assert "first value above" in out and "detection_out" in out.split("first value above")[1], out
+
+
+def test_rows_with_no_candidate_at_all():
+    """Every hybrid row of a label moved: no row of the group is even a candidate."""
+    moved = [[r[0], r[1], r[2], r[3] + 0.05, r[4], r[5] + 0.05, r[6]] for r in CAFFE]
+    found = compare_detections(blob(*moved), blob(*CAFFE), THRESHOLDS, 1e-4)
+    assert not found.ok and found.matched == 0 and len(found.real) == 3
