@@ -50,10 +50,11 @@ def _return_freed_memory() -> None:
 class CheckResult:
     """The hybrid against pure Caffe on the same inputs (``HybridNet.check``).
 
-    ``rows`` compares every output and, after them, the input of every Softmax that
-    produces an output (``softmax_inputs`` maps each such row's name to the Softmax):
-    probabilities of random or confident logits saturate to exactly 0 and 1, so an error
-    upstream only shows in the logits.
+    ``rows`` compares every output and, after them, the input of every Softmax layer of
+    the net (``softmax_inputs`` maps each such row's name to its Softmax): probabilities of
+    random or confident logits saturate to exactly 0 and 1, so an error upstream only
+    shows in the logits, also where the probabilities feed other layers (SSD's
+    ``mbox_conf_softmax`` -> Flatten -> DetectionOutput).
     """
     rows: list[OutputDifference]
     softmax_inputs: dict[str, str]
@@ -72,8 +73,8 @@ class HybridNet:
     ``device=N`` runs the Caffe segments on GPU N (checked here, so a wrong id fails
     before any work); tensors then pass between GPU engines as device pointers, or
     through the host with ``zero_copy=False`` (to measure the difference).
-    ``keep_logits=True`` also makes the input of each final Softmax a segment output
-    from the start, so that ``check`` builds no second set of engines.
+    ``keep_logits=True`` also makes the input of every Softmax a segment output from the
+    start, so that ``check`` and ``run_values`` build no second set of engines.
     """
 
     def __init__(self, model: CaffeModel, *, engine: str = "auto", profile: str = "tensorrt",
@@ -99,7 +100,7 @@ class HybridNet:
         self._output_values = [self.graph.value_of_blob(b) for b in self.output_blobs]
         self._capability = Capability(profile, fallback)
         self._min_segment_size = min_segment_size
-        self._kept = self._output_values + (list(self._logit_values()) if keep_logits else [])
+        self._kept = list(self.checked_values()) if keep_logits else list(self._output_values)
         self.partition: Partition = partition(self.graph, self._capability, min_segment_size,
                                               keep_outputs=self._kept)
         self._executor: Optional["HybridExecutor"] = None
@@ -216,11 +217,11 @@ class HybridNet:
         for name, array in checked.items():
             net.blobs[name].data[...] = array
         index = {name: i for i, name in enumerate(net._layer_names)}
-        wanted = sorted(set(values), key=lambda v: index[self.graph.values[v].producer])
+        wanted = sorted(set(values), key=lambda v: index[self.graph.caffe_layer(v)])
         got: dict[str, np.ndarray] = {}
         start = 0
         for value in wanted:
-            stop = index[self.graph.values[value].producer]
+            stop = index[self.graph.caffe_layer(value)]
             if stop >= start:
                 net._forward(start, stop)
                 start = stop + 1
@@ -228,44 +229,63 @@ class HybridNet:
         return got
 
     def _logit_values(self) -> dict[str, str]:
-        """The input value of each Softmax that writes an output value -> that Softmax."""
+        """The input value of every Softmax layer -> that Softmax (net inputs and the
+        outputs already compared left out)."""
         logits: dict[str, str] = {}
-        for value in self._output_values:
-            layer = self.graph.layers[self.graph.values[value].producer]
-            if layer.type == "Softmax":
-                logits.setdefault(layer.bottoms[0], layer.name)
+        for layer in self.graph.compute_layers():
+            value = layer.bottoms[0] if layer.type == "Softmax" else None
+            if value is not None and value not in self.graph.inputs and value not in self._output_values:
+                logits.setdefault(value, layer.name)
         return logits
 
-    def outputs_with_logits(self) -> list[str]:
-        """The output blobs plus the input blob of each final Softmax.
+    def _name(self, value: str) -> str:
+        """How results name ``value``: its blob, unless a later write took the blob's name."""
+        blob = self.graph.values[value].blob
+        return blob if self.graph.final_value[blob] == value else value
 
-        Accuracy checks compare those logits too: the softmax of random (or confident)
-        logits saturates to 0 and 1 and would hide errors.
-        """
-        return list(self.output_blobs) + [self.graph.values[v].blob for v in self._logit_values()]
+    def checked_values(self) -> dict[str, str]:
+        """What accuracy checks compare (``check``, ``compare``, ``--min-segment-size auto``):
+        value id -> the name its row gets; the outputs, then the input of every Softmax."""
+        names = dict(zip(self._output_values, self.output_blobs))
+        names.update((v, self._name(v)) for v in self._logit_values())
+        return names
+
+    def outputs_with_logits(self) -> list[str]:
+        """The output blobs plus the input of every Softmax (a blob name, or the value id
+        where an in-place layer rewrites the blob later)."""
+        return list(self.checked_values().values())
+
+    def run_values(self, inputs: Mapping[str, np.ndarray], values: Sequence[str]) -> dict[str, np.ndarray]:
+        """Run the hybrid and return ``values`` (value ids). Values not yet segment outputs
+        become outputs now, which re-cuts and, once engines exist, rebuilds them."""
+        if any(v not in self._kept for v in values):
+            self.close()
+            self._kept = list(dict.fromkeys([*self._kept, *values]))
+            self.partition = partition(self.graph, self._capability, self._min_segment_size,
+                                       keep_outputs=self._kept)
+        feeds = {self.graph.input_value(name): a for name, a in self.check_inputs(inputs).items()}
+        return self._ensure_executor().run(feeds, list(values))
+
+    def reference_values(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Pure Caffe's values of ``checked_values`` on ``inputs`` (value id -> array)."""
+        return self.run_caffe_values(inputs, list(self.checked_values()))
+
+    def compare_values(self, got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray]) -> list[OutputDifference]:
+        """Rows (named as in ``checked_values``) comparing the hybrid's ``got`` with Caffe's
+        ``want``, both keyed by value id, for every value in ``checked_values``."""
+        names = self.checked_values()
+        return compare_outputs({names[v]: got[v] for v in names}, {names[v]: want[v] for v in names})
 
     def check(self, inputs: Mapping[str, np.ndarray], tolerance: float = 1e-4) -> CheckResult:
         """Run the hybrid and pure Caffe on ``inputs`` and compare the outputs and the input
-        of each final Softmax (relative L2 against ``tolerance``; see ``CheckResult``).
+        of every Softmax (relative L2 against ``tolerance``; see ``CheckResult``).
 
         Without ``keep_logits=True`` at load, the logits become segment outputs now, which
         rebuilds the engines once."""
-        logits = self._logit_values()
-        if any(v not in self._kept for v in logits):
-            self.close()
-            self._kept = self._output_values + list(logits)
-            self.partition = partition(self.graph, self._capability, self._min_segment_size,
-                                       keep_outputs=self._kept)
-        wanted = self._output_values + [v for v in logits if v not in self._output_values]
-        got = self._ensure_executor().run(
-            {self.graph.input_value(name): a for name, a in self.check_inputs(inputs).items()}, wanted)
-        want = self.run_caffe_values(inputs, wanted)
-        names = dict(zip(self._output_values, self.output_blobs))
-        for value in wanted[len(self._output_values):]:
-            blob = self.graph.values[value].blob
-            names[value] = blob if self.graph.final_value[blob] == value else value
-        rows = compare_outputs({names[v]: got[v] for v in wanted}, {names[v]: want[v] for v in wanted})
-        return CheckResult(rows, {names[v]: softmax for v, softmax in logits.items()}, tolerance)
+        wanted = list(self.checked_values())
+        rows = self.compare_values(self.run_values(inputs, wanted), self.run_caffe_values(inputs, wanted))
+        names = self.checked_values()
+        return CheckResult(rows, {names[v]: softmax for v, softmax in self._logit_values().items()}, tolerance)
 
     def partition_report(self, fmt: str = "text") -> str:
         """The partition as the CLI shows it: "text", "json", "dot" or "svg"."""

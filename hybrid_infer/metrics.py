@@ -6,6 +6,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from .errors import HybridInferError
+
 
 def relative_l2(actual: np.ndarray, expected: np.ndarray) -> float:
     """||actual - expected|| / ||expected||, in float64; NaN/Inf in the same places count as equal."""
@@ -30,9 +32,15 @@ class OutputDifference:
 
 
 def compare_outputs(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]) -> list[OutputDifference]:
+    """One row per blob of ``expected`` (Caffe's); raises HybridInferError naming the blob
+    when the hybrid's array has another shape (a lowering computed a wrong shape)."""
     rows = []
     for name, ref in expected.items():
         got = actual[name]
+        if got.shape != ref.shape:
+            raise HybridInferError(f"'{name}' has shape {tuple(got.shape)} in the hybrid but {tuple(ref.shape)} in "
+                                   "Caffe: a lowering computes a wrong shape ('hybrid-infer diff' shows which layer; "
+                                   "--fallback NAME runs it in Caffe)")
         diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
         finite = diff[np.isfinite(diff)]
         top1 = None

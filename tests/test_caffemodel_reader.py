@@ -239,7 +239,8 @@ def test_errors_say_what_is_wrong(make_prototxt, tmp_path):
              r"w\.caffemodel has no weights for layer\(s\) fc2 \(closest in the caffemodel: fc\) of .*; pass the "
              r"caffemodel trained for this prototxt"),
             (NET.replace("num_output: 5 }", "num_output: 5 bias_term: false }"),
-             r"layer 'fc' has 1 parameter blob\(s\) in the prototxt but 2 in the caffemodel"),
+             r"layer 'fc' \(InnerProduct\): blob count 1 vs 2 in the caffemodel \(its layer at byte \d+; Caffe "
+             r"refuses: \"Incompatible number of blobs for layer fc\"\)"),
             (NET.replace("num_output: 4 kernel_size: 3", "num_output: 6 kernel_size: 3"),
              r"does not fit .*: layer 'conv' blob 0: shape mismatch: the caffemodel holds 4x3x3x3, the prototxt "
              r"needs 6x3x3x3")):

@@ -34,7 +34,7 @@ def test_check_rows_include_the_logits_and_decide_the_verdict(make_prototxt, tmp
     args = ["run", str(path), "--random-weights", str(seed), "--input", f"data={tmp_path / 'x.npy'}", "--check"]
     assert main([*args, "--tolerance", "0"]) == 1
     out = capsys.readouterr().out
-    assert "the input of each final Softmax" in out
+    assert "the input of every Softmax ('prob')" in out
     assert "prob: max abs error 0, relative L2 0 OK" in out and "fc (input of Softmax 'prob'):" in out
     assert main([*args, "--tolerance", "1e-5"]) == 0
 

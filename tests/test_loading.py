@@ -110,10 +110,11 @@ def test_weights_from_caffemodel_and_missing_weights(make_prototxt, tmp_path):
 
 
 def test_weights_of_other_model_are_rejected(shared_models):
-    # cifar10's ip1 is the closest to lenet's ip2; conv1's shapes differ too, but a layer
-    # without weights is named first.
+    # conv1's shapes differ too, but a layer without weights is named first; cifar10's ip1,
+    # the name closest to ip2, goes to lenet's own ip1 and so is not suggested.
     with pytest.raises(ModelError, match=r"cifar10_full_iter_70000.caffemodel has no weights for layer\(s\) ip2 "
-                                         r"\(closest in the caffemodel: ip1\) of .*mnist_deploy.prototxt"):
+                                         r"of .*mnist_deploy.prototxt; pass the caffemodel trained for this "
+                                         r"prototxt$"):
         CaffeModel(shared_models / "lenet_mnist/mnist_deploy.prototxt",
                    shared_models / "cifar10_full/cifar10_full_iter_70000.caffemodel")
 

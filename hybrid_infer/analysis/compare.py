@@ -15,7 +15,7 @@ import numpy as np
 
 from ..api import HybridNet
 from ..errors import OptionError
-from ..metrics import OutputDifference, compare_outputs
+from ..metrics import OutputDifference
 from ..model.caffe_model import CaffeModel
 from ..partition.partitioner import TENSORRT
 from ..report.partition_report import boundaries, coverage
@@ -68,7 +68,7 @@ def open_partition(model: CaffeModel, spec: PartitionSpec, *, engine: str = "aut
     """The hybrid for ``spec`` on an already loaded model; a bad fallback name names the spec."""
     try:
         return HybridNet(model, engine=engine, profile=spec.profile, min_segment_size=spec.min_segment_size,
-                         fallback=spec.fallback, outputs=outputs)
+                         fallback=spec.fallback, outputs=outputs, keep_logits=True)
     except OptionError as exc:
         raise OptionError(f"partition {spec.label}: {exc}") from None
 
@@ -76,15 +76,18 @@ def open_partition(model: CaffeModel, spec: PartitionSpec, *, engine: str = "aut
 def measure_partition(net: HybridNet, spec: PartitionSpec, inputs: Mapping[str, np.ndarray],
                       reference: Mapping[str, np.ndarray], *, tolerance: float, runs: int, warmup: int,
                       tick: Optional[Callable[[], None]] = None) -> PartitionResult:
-    """Build (first run), check against ``reference``, then, if within ``tolerance``, time
-    ``net`` on ``inputs``."""
+    """Build (first run), check against ``reference`` (pure Caffe's ``reference_values``: the
+    outputs and every Softmax's input), then, if within ``tolerance``, time ``net`` on ``inputs``."""
     batch = next(iter(inputs.values())).shape[0]
+    values = list(net.checked_values())
     if spec.pure_caffe:
         run: Callable[[], dict[str, np.ndarray]] = lambda: net.run_caffe(inputs)
+        checked = lambda: net.run_caffe_values(inputs, values)
     else:
         run = lambda: net.run(inputs)
+        checked = lambda: net.run_values(inputs, values)
     start = time.perf_counter()
-    accuracy = compare_outputs(run(), reference)
+    accuracy = net.compare_values(checked(), reference)
     setup = time.perf_counter() - start
     timing = time_calls(run, runs, warmup, tick) if within(accuracy, tolerance) else None
     if spec.pure_caffe:
@@ -111,7 +114,7 @@ def compare_partitions(model: CaffeModel, specs: Sequence[PartitionSpec], inputs
     """Every spec measured on ``inputs``; nets are opened one at a time (they hold engines and
     weights) and closed after their measurement. Specs are all checked before any is run."""
     nets = [open_partition(model, spec, engine=engine, outputs=outputs) for spec in specs]
-    reference = nets[0].run_caffe(inputs)
+    reference = nets[0].reference_values(inputs)
     results = []
     for spec, net in zip(specs, nets):
         with net:
@@ -168,7 +171,8 @@ def to_text(results: Sequence[PartitionResult]) -> str:
     batch = results[0].batch if results else 0
     tolerance = results[0].tolerance if results else 0
     lines += ["", f"batch {batch}; layers/FLOPs: share on TensorRT; bounds: tensors handed between segments; "
-                  f"error against pure Caffe on the same inputs (worst output); partitions beyond relative L2 "
+                  f"error against pure Caffe on the same inputs (worst of the outputs and every Softmax input); "
+                  f"partitions beyond relative L2 "
                   f"{tolerance:g} are refused, not timed"]
     if notes:
         lines += ["notes:", *notes]

@@ -119,7 +119,7 @@ def auto_min_segment_size(net: HybridNet, args: argparse.Namespace, inputs: Mapp
     from ..analysis.auto_min import choose_min_segment_size
     net.close()
     choice = choose_min_segment_size(lambda size: HybridNet(net.model, **_net_options(args, engine, batch, size)),
-                                     inputs, net.run_caffe(inputs), tolerance=getattr(args, "tolerance", 1e-4))
+                                     inputs, net.reference_values(inputs), tolerance=getattr(args, "tolerance", 1e-4))
     print(choice.reason)
     return choice.net
 

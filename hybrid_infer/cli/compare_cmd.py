@@ -77,7 +77,7 @@ def _auto_spec(probe: HybridNet, args: argparse.Namespace, inputs: dict) -> Part
     fallback = tuple(args.fallback[0]) if args.fallback else ()
     make_net = lambda size: HybridNet(probe.model, engine=args.engine, profile=args.profile, min_segment_size=size,
                                       fallback=fallback, outputs=args.output_blob)
-    choice = choose_min_segment_size(make_net, inputs, probe.run_caffe(inputs), tolerance=args.tolerance)
+    choice = choose_min_segment_size(make_net, inputs, probe.reference_values(inputs), tolerance=args.tolerance)
     choice.net.close()
     print(choice.reason)
     return PartitionSpec(profile=args.profile, min_segment_size=choice.min_segment_size, fallback=fallback)

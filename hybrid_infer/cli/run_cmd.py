@@ -84,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         result = net.check(inputs, args.tolerance)
         status = 0 if result.ok else 1
-        print("\ncheck against pure Caffe (the outputs, and the input of each final Softmax, whose "
-              "saturated probabilities would hide errors):")
+        compared = ", ".join(f"'{name}'" for name in result.softmax_inputs.values())
+        print("\ncheck against pure Caffe: the outputs" + (f", and the input of every Softmax ({compared}), whose "
+              "saturated probabilities would hide errors" if compared else "") + ":")
         for row in result.rows:
             role = f" (input of Softmax '{result.softmax_inputs[row.name]}')" if row.name in result.softmax_inputs else ""
             print(f"  {row.name}{role}: max abs error {row.max_abs:.3g}, relative L2 {row.rel_l2:.3g} "

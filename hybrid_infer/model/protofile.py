@@ -71,6 +71,9 @@ def read_prototxt(path: str | os.PathLike[str]) -> NetParameter:
         raise ModelError(f"{where}: not a valid Caffe prototxt for this Caffe: {message}") from None
     except UnicodeDecodeError:
         raise ModelError(f"{p}: not a text prototxt (is it a .caffemodel?)") from None
+    if len(net.layers) and len(net.layer):
+        raise ModelError(f"{p}: uses both 'layer {{}}' and the old 'layers {{}}' entries, which Caffe refuses "
+                         "(\"Refusing to upgrade inconsistent NetParameter input\"); write every layer as 'layer {}'")
     if len(net.layers):
         net = _upgrade_v1(p)
     return net
@@ -97,7 +100,8 @@ def _layer_included(state: Any, layer: LayerParameter) -> bool:
 
 
 def _input_layers(net: NetParameter, source: str) -> list[LayerParameter]:
-    """Turn the legacy ``input:`` + ``input_shape``/``input_dim`` fields into Input layers."""
+    """Turn the legacy ``input:`` + ``input_shape``/``input_dim`` fields into Input layers
+    (without a shape where the file gives none)."""
     names = list(net.input)
     if not names:
         return []
@@ -111,13 +115,14 @@ def _input_layers(net: NetParameter, source: str) -> list[LayerParameter]:
                              f"values, found {len(dims)}")
         shapes = [dims[4 * i:4 * i + 4] for i in range(len(names))]
     else:
-        raise ModelError(f"{source}: inputs {names} have no input_shape or input_dim")
-    if len(shapes) != len(names):
+        shapes = []
+    if shapes and len(shapes) != len(names):
         raise ModelError(f"{source}: {len(names)} input(s) but {len(shapes)} input_shape entries")
     layers = []
-    for name, dims in zip(names, shapes):
+    for index, name in enumerate(names):
         layer = caffe_pb2().LayerParameter(name=name, type="Input", top=[name])
-        layer.input_param.shape.add().dim.extend(dims)
+        if shapes:
+            layer.input_param.shape.add().dim.extend(shapes[index])
         layers.append(layer)
     return layers
 
@@ -125,9 +130,14 @@ def _input_layers(net: NetParameter, source: str) -> list[LayerParameter]:
 def normalise(net: NetParameter, source: str) -> tuple[NetParameter, dict[str, str]]:
     """Return a copy of ``net`` holding the TEST-phase layers with inputs as Input layers.
 
-    Caffe tolerates two layers of one name (weights then go by name to both); the graph
-    needs unique names, so repeats become ``name#2``, ``name#3``. The returned dict maps
-    each such new name to the original one.
+    Caffe tolerates two layers of one name, but a caffemodel's blobs of that name go to the
+    first of them only (``Net::CopyTrainedLayersFrom`` searches the layers from the start;
+    the others keep their fillers' values, see ``weight_fitting``). The graph needs unique
+    names, so repeats become ``name#2``, ``name#3``; the returned dict maps each such new
+    name to the original one.
+
+    Legacy ``input:`` fields without ``input_shape``/``input_dim`` become Input layers without
+    a shape, which ``--input-shape`` must then supply (``CaffeModel`` checks).
     """
     pb2 = caffe_pb2()
     state = pb2.NetState()

@@ -93,6 +93,13 @@ def boundaries(p: Partition) -> list[dict[str, Any]]:
     return rows
 
 
+def views(p: Partition) -> list[dict[str, Any]]:
+    """Each value a synthetic view layer makes (LayerGraph: blobs sharing memory that an
+    in-place layer rewrote through another of them)."""
+    return [{"value": layer.tops[0], "blob": p.graph.values[layer.tops[0]].blob, "layer": layer.name,
+             "written_by": layer.alias_of, "written_value": layer.bottoms[0]} for layer in p.graph.views()]
+
+
 def to_json(p: Partition) -> dict[str, Any]:
     cov = coverage(p)
     flops = model_flops(p.graph)
@@ -113,6 +120,7 @@ def to_json(p: Partition) -> dict[str, Any]:
                             "moved_to_caffe": d.moved_to_caffe, "reason": d.reason} for d in p.small_segments],
         "dropped_layers": [{"layer": d.name, "type": d.type, "reason": d.reason}
                            for d in p.graph.model.dropped_layers],
+        "shared_memory_views": views(p),
         "user_lowerings": user_lowerings(p),
         "coverage": {"layers": cov.layers_total, "layers_tensorrt": cov.layers_tensorrt,
                      "layer_share": round(cov.layer_share, 4), "flops_per_image": cov.flops_total,
@@ -171,6 +179,12 @@ def to_text(p: Partition) -> str:
         out += ["", f"TensorRT segments below --min-segment-size {p.min_segment_size}"]
         out += _table(["layers", "compute", "decision"],
                       [[_span(d.layers), str(d.compute_layers), d.reason] for d in p.small_segments])
+    if p.graph.views():
+        out += ["", "blobs sharing memory (Split, Reshape, Flatten, ... tops) that an in-place layer rewrote "
+                    "through another of them: each gets the write, in its own shape"]
+        out += _table(["value", "written by", "as", "layer"],
+                      [[v["value"], f"{v['written_by']} ({p.graph.layers[v['written_by']].type})", v["written_value"],
+                        v["layer"]] for v in views(p)])
     if p.graph.model.dropped_layers:
         out += ["", "training-only layers dropped (their inputs cannot be produced at inference)"]
         out += _table(["layer", "type", "reason"],
