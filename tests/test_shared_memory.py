@@ -126,6 +126,7 @@ def test_split_repro_graph_reports_and_diff(make_prototxt, capsys, tmp_path):
     report = json.loads(capsys.readouterr().out)
     assert {v["value"]: v["written_by"] for v in report["shared_memory_views"]} == {
         "d2@pw": "pw", "d1@relu": "relu", "data@relu": "relu"}
+    assert report["coverage"]["layers"] == 4  # the model's own layers, not the views
     assert main(["partition", str(path)]) == 0
     assert "d2@pw      pw (Power)   d1@pw    pw (view as d2)" in capsys.readouterr().out
     x = {"data": np.random.default_rng(seed).standard_normal((1, 3, 8, 8)).astype(np.float32)}

@@ -33,7 +33,7 @@ class Coverage:
 
 def coverage(p: Partition) -> Coverage:
     flops = model_flops(p.graph)
-    on_trt = [name for s in p.segments if s.backend == TENSORRT for name in s.layers]
+    on_trt = [name for s in p.segments if s.backend == TENSORRT for name in s.layers if name in flops]
     return Coverage(len(flops), len(on_trt), sum(flops.values()), sum(flops[n] for n in on_trt))
 
 
