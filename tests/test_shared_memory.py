@@ -45,6 +45,13 @@ TOPOLOGIES = {
         'name: "relu" type: "ReLU" bottom: "r" top: "r"',
         'name: "fl" type: "Flatten" bottom: "c" top: "f"',
         'name: "sum" type: "Eltwise" bottom: "r" bottom: "f" top: "s"'])),
+    # The Flatten runs before the in-place write, its top is read after: it sees the write.
+    "view_made_before_the_write": INPUT + CONV + "".join(map(_layer, [
+        'name: "rs" type: "Reshape" bottom: "c" top: "r" reshape_param { shape { dim: 0 dim: -1 } }',
+        'name: "fl" type: "Flatten" bottom: "c" top: "f"',
+        'name: "early" type: "Power" bottom: "c" top: "e" power_param { scale: 2 }',
+        'name: "relu" type: "ReLU" bottom: "r" top: "r"',
+        'name: "sum" type: "Eltwise" bottom: "r" bottom: "f" top: "s"'])),
     # A chain of views (Reshape, then Flatten of it), the write two views away from readers of every shape.
     "chain": INPUT + CONV + "".join(map(_layer, [
         'name: "rs" type: "Reshape" bottom: "c" top: "r" reshape_param { shape { dim: 0 dim: 4 dim: 16 } }',
@@ -68,7 +75,7 @@ TOPOLOGIES = {
         'name: "relu" type: "ReLU" bottom: "a2" top: "a2"',
         'name: "sum" type: "Eltwise" bottom: "a1" bottom: "b" top: "s"'])),
 }
-IN_PLACE = {"split": ["pw", "relu"], "reshape_flatten": ["relu"], "chain": ["pw"], "identity_ops": ["tanh"],
+IN_PLACE = {"split": ["pw", "relu"], "reshape_flatten": ["relu"], "view_made_before_the_write": ["relu"], "chain": ["pw"], "identity_ops": ["tanh"],
             "chained_writes": ["pw", "relu"]}
 
 
