@@ -21,9 +21,8 @@ from hybrid_infer.metrics import relative_l2
 from hybrid_infer.model.caffe_import import caffe, caffe_pb2
 from hybrid_infer.model.caffe_model import CaffeModel
 from hybrid_infer.model.caffemodel import read_caffemodel
-from hybrid_infer.model.isolated import CaffeFailure, call_isolated
 
-from pycaffe_reference import REPRO, caffe_forward
+from pycaffe_reference import REPRO, caffe_forward, caffe_refuses
 
 NET = '''input: "data" input_shape { dim: 2 dim: 3 dim: 8 dim: 8 }
 layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 4 kernel_size: 3 } }
@@ -82,15 +81,6 @@ def _fork_file(src, out) -> None:
     out.write_bytes(net.SerializePartialToString())
 
 
-def _caffe_refuses(prototxt, caffemodel) -> str:
-    def load() -> None:
-        cf = caffe()
-        cf.Net(str(prototxt), cf.TEST, weights=str(caffemodel))
-    with pytest.raises(CaffeFailure) as caught:
-        call_isolated(load)
-    return str(caught.value)
-
-
 def test_other_fork_weights_repro_runs_and_matches_caffe_on_the_original(shared_models, tmp_path, capsys):
     prototxt = shared_models / "lenet_mnist/mnist_deploy.prototxt"
     original = shared_models / "lenet_mnist/lenet_iter_10000.caffemodel"
@@ -100,7 +90,7 @@ def test_other_fork_weights_repro_runs_and_matches_caffe_on_the_original(shared_
         subprocess.run([sys.executable, str(script), str(original), str(forked)], check=True)
     else:
         _fork_file(original, forked)
-    assert "Failed to parse NetParameter file" in _caffe_refuses(prototxt, forked)
+    assert "Failed to parse NetParameter file" in caffe_refuses(prototxt, forked)
     x = np.random.default_rng().uniform(0, 1, (3, 1, 28, 28)).astype(np.float32)
     want = caffe_forward(prototxt, x_in := {"data": x}, ["ip2", "loss"], caffemodel=original)
     net = hybrid_infer.load(prototxt, forked, engine="onnxruntime", outputs=["ip2", "loss"])
@@ -354,7 +344,7 @@ def test_negative_dims_and_mixed_layer_formats(make_prototxt, tmp_path):
     mixed.layers.add(name="old")
     both = tmp_path / "both.caffemodel"
     both.write_bytes(mixed.SerializeToString())
-    assert "Refusing to upgrade inconsistent NetParameter input" in _caffe_refuses(path, both)
+    assert "Refusing to upgrade inconsistent NetParameter input" in caffe_refuses(path, both)
     with pytest.raises(ModelError, match=r"holds both 'layer' \(current\) and 'layers' \(V1\) entries, which "
                                          r"Caffe refuses"):
         CaffeModel(path, both)

@@ -18,11 +18,9 @@ from hybrid_infer.analysis.layer_diff import Settings, layer_diff
 from hybrid_infer.cli.main import main
 from hybrid_infer.errors import ModelError
 from hybrid_infer.metrics import relative_l2
-from hybrid_infer.model.caffe_import import caffe
-from hybrid_infer.model.isolated import CaffeFailure, call_isolated
 
 from conftest import REPO
-from pycaffe_reference import caffe_forward
+from pycaffe_reference import caffe_forward, caffe_refuses
 
 INPUT = 'input: "data" input_shape { dim: 2 dim: 3 dim: 4 dim: 4 }\n'
 CONV = 'layer { name: "conv" type: "Convolution" bottom: "data" top: "c" convolution_param { num_output: 4 kernel_size: 1 } }\n'
@@ -157,15 +155,6 @@ def test_output_blob_of_the_shared_source_is_caffes_last_write(make_prototxt, tm
                  "--output-blob", "c", "--check"]) == 0
 
 
-def _caffe_refuses(prototxt) -> str:
-    def load() -> None:
-        cf = caffe()
-        cf.Net(str(prototxt), cf.TEST)
-    with pytest.raises(CaffeFailure) as caught:
-        call_isolated(load)
-    return str(caught.value)
-
-
 @pytest.mark.parametrize("text, layer, other", [
     # An in-place layer on a net input that an earlier layer also reads.
     (INPUT + CONV + _layer('name: "bn" type: "ReLU" bottom: "data" top: "data"'), "bn", "conv"),
@@ -176,7 +165,7 @@ def _caffe_refuses(prototxt) -> str:
 ])
 def test_in_place_rewrite_of_a_blob_read_before_is_refused_as_caffe_does(make_prototxt, text, layer, other):
     path = make_prototxt(text)
-    assert "produced by multiple sources" in _caffe_refuses(path)
+    assert "produced by multiple sources" in caffe_refuses(path)
     clash = f"but layer '{other}' also reads that write of 'data'" if other else "and reads that write of 'data' twice"
     with pytest.raises(ModelError, match=rf"layer '{layer}' rewrites blob 'data' in place, {clash} \(Caffe refuses "
                                          rf"this: \"Top blob 'data' produced by multiple sources\"\); give '{layer}' "

@@ -16,9 +16,8 @@ from hybrid_infer.errors import ModelError
 from hybrid_infer.metrics import relative_l2
 from hybrid_infer.model.caffe_import import caffe, caffe_pb2
 from hybrid_infer.model.caffe_model import CaffeModel
-from hybrid_infer.model.isolated import CaffeFailure, call_isolated
 
-from pycaffe_reference import caffe_forward
+from pycaffe_reference import caffe_forward, caffe_refuses
 
 
 def _seed() -> int:
@@ -39,15 +38,6 @@ def _write(path, layers) -> None:
 
 def _random(rng, *shape) -> np.ndarray:
     return rng.standard_normal(shape).astype(np.float32)
-
-
-def _caffe_refuses(prototxt, caffemodel) -> str:
-    def load() -> None:
-        cf = caffe()
-        cf.Net(str(prototxt), cf.TEST, weights=str(caffemodel))
-    with pytest.raises(CaffeFailure) as caught:
-        call_isolated(load)
-    return str(caught.value)
 
 
 def _assert_runs_as_pycaffe(path, caffemodel, blobs, **options) -> hybrid_infer.HybridNet:
@@ -90,7 +80,7 @@ def test_repeated_layer_name_only_the_first_gets_stored_blobs(make_prototxt, tmp
         _assert_runs_as_pycaffe(path, weights, ["a", "b"], **options)
     # Each stored "fc" must fit the first "fc": Caffe checks them all against it.
     _write(weights, [("fc", first), ("fc", [_random(rng, 5, 3), _random(rng, 5)])])
-    assert "shape mismatch" in _caffe_refuses(path, weights)
+    assert "shape mismatch" in caffe_refuses(path, weights)
     with pytest.raises(ModelError, match=r"layer 'fc' blob 0: shape mismatch: the caffemodel holds 5x3, the "
                                          r"prototxt needs 3x3"):
         CaffeModel(path, weights)
@@ -188,7 +178,7 @@ def test_every_stored_layer_of_the_net_is_checked_as_caffe_does(make_prototxt, t
     path = make_prototxt(IP)
     weights = tmp_path / "w.caffemodel"
     _write(weights, stored)
-    assert "Incompatible number of blobs" in _caffe_refuses(path, weights)
+    assert "Incompatible number of blobs" in caffe_refuses(path, weights)
     with pytest.raises(ModelError, match=message):
         CaffeModel(path, weights)
 

@@ -18,7 +18,7 @@ data flow, while each of them still works on plain values.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import networkx as nx
 
@@ -28,6 +28,15 @@ from ..model.caffe_model import CaffeModel
 from .memory_sharing import sharing_tops
 
 Shape = tuple[int, ...]
+
+
+def _fresh(wanted: str, taken: Callable[[str], bool]) -> str:
+    """``wanted``, or ``wanted#2``, ``wanted#3``, ... : the first that is not ``taken``."""
+    candidate, n = wanted, 1
+    while taken(candidate):
+        n += 1
+        candidate = f"{wanted}#{n}"
+    return candidate
 
 
 @dataclass(frozen=True)
@@ -169,19 +178,12 @@ class LayerGraph:
         writer.views.append(_Spec(name, param, (written,), (value_id,), writer.name))
 
     def _fresh_id(self, wanted: str) -> str:
-        candidate, n = wanted, 1
-        while candidate in self.values or candidate in self._shapes:
-            n += 1
-            candidate = f"{wanted}#{n}"
-        return candidate
+        return _fresh(wanted, lambda c: c in self.values or c in self._shapes)
 
     def _fresh_name(self, wanted: str) -> str:
-        candidate, n = wanted, 1
-        while candidate in self._names:
-            n += 1
-            candidate = f"{wanted}#{n}"
-        self._names.add(candidate)
-        return candidate
+        name = _fresh(wanted, self._names.__contains__)
+        self._names.add(name)
+        return name
 
     def caffe_layer(self, value_id: str) -> str:
         """The layer of the model after which Caffe's blob of ``value_id`` holds it: its

@@ -139,6 +139,11 @@ def _check_top_shapes(ctx: LoweringContext, layer: Layer, graph: LayerGraph, low
         dims = _dims(inferred[top]) if top in inferred else None
         fits = dims is not None and len(dims) == len(caffe_shape) and all(
             d == c or (i == 0 and d == BATCH) for i, (d, c) in enumerate(zip(dims, caffe_shape)))
+        unknown_ops = sorted({n.op_type for n in ctx.nodes[first_node:] if not onnx.defs.has(n.op_type, n.domain)})
+        if not fits and unknown_ops:
+            raise LoweringError(layer.name, layer.type, f"{lowering} uses operator(s) ONNX does not define "
+                                                        f"({', '.join(unknown_ops)}), so the shape of top '{top}' "
+                                                        "cannot be checked against Caffe's")
         if not fits:
             shown = "unknown" if dims is None else \
                 "(" + ", ".join("N" if d == BATCH else "?" if d is None else str(d) for d in dims) + ")"
