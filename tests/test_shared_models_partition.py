@@ -21,8 +21,9 @@ from partition_checks import check_partition_invariants
 EXPECTED_ERRORS = {
     "opencv_dnn_layers/layer_interp.prototxt": r"layer_interp.prototxt:14: .*no field named \"interp_param\"",
     "opencv_dnn_layers/net_roi_pooling.prototxt": r"net_roi_pooling.prototxt:41: .*roi_pooling_param",
-    "opencv_dnn_layers/net_faster_rcnn_proposal.prototxt": r"Caffe cannot set this net up: Check failed",
-    "opencv_dnn_layers/reshape_and_slice_routines.prototxt": r"inputs \['input'\] have no input_shape",
+    "opencv_dnn_layers/net_faster_rcnn_proposal.prototxt":
+        r"input\(s\) rpn_cls_prob_reshape, rpn_bbox_pred, im_info have no shape .*; give it with --input-shape",
+    "opencv_dnn_layers/reshape_and_slice_routines.prototxt": r"input\(s\) input have no shape .*--input-shape",
 }
 
 PROTOTXTS = sorted(str(p.relative_to(SHARED_MODELS)) for p in SHARED_MODELS.glob("**/*.prototxt")) \

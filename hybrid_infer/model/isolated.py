@@ -7,6 +7,7 @@ user's model in a child turns such an abort into an exception carrying Caffe's m
 from __future__ import annotations
 
 import faulthandler
+import gc
 import os
 import pickle
 import re
@@ -35,7 +36,15 @@ def call_isolated(fn: Callable[..., Any], *args: Any) -> Any:
     """Return ``fn(*args)`` computed in a forked child; raise CaffeFailure if it fails."""
     result_r, result_w = os.pipe()
     err_r, err_w = os.pipe()
-    pid = os.fork()
+    # The child must never collect the parent's garbage: an ONNX Runtime session in it would
+    # wait forever, in its destructor, for thread-pool threads that only the parent has.
+    collecting, pid = gc.isenabled(), -1
+    gc.disable()
+    try:
+        pid = os.fork()
+    finally:
+        if pid != 0 and collecting:
+            gc.enable()
     if pid == 0:  # child: never return into the caller's stack
         status = 0
         try:
