@@ -174,3 +174,19 @@ def test_in_place_rewrite_of_a_blob_read_before_is_refused_as_caffe_does(make_pr
     proc = subprocess.run([sys.executable, "-m", "hybrid_infer.cli.main", "partition", str(path)],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("topology", sorted(TOPOLOGIES))
+def test_segments_with_views_build_tensorrt_engines(make_prototxt, rtx, topology):
+    """The views' ONNX (Identity, Reshape with the batch kept free) passes the full ONNX check
+    and TensorRT-RTX's parser and builder, with every blob a segment output."""
+    from hybrid_infer.engines.tensorrt_build import BuildSettings, build_engine
+    from hybrid_infer.executor.engine_factory import segment_onnx
+    path = make_prototxt(TOPOLOGIES[topology])
+    net = hybrid_infer.load(path, random_weights=1, outputs=_blobs(path), min_segment_size=1)
+    (segment,) = net.partition.segments
+    views = {v.name for v in net.graph.views()}
+    assert views <= set(segment.layers)
+    built = build_engine(segment_onnx(net.graph, net.model, segment, check=True), BuildSettings(batch_max=4),
+                         api=rtx, label=topology)
+    assert built.plan_size > 0 and sorted(built.output_names) == sorted(segment.outputs)
