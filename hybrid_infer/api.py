@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError, OptionError
+from .errors import InputError, ModelError, OptionError
 from .graph.layer_graph import LayerGraph
 from .model.caffe_import import caffe
+from .model.caffe_limits import check_batch, refuse_cpu_unsupported
 from .model.caffe_model import CaffeModel
+from .model.isolated import CaffeFailure, Rehearsal, describe_exception
 from .partition.capability import Capability
 from .partition.partitioner import Partition, partition
 
@@ -79,6 +81,7 @@ class HybridNet:
                                               keep_outputs=self._output_values)
         self._executor: Optional["HybridExecutor"] = None
         self._first_run_done = False
+        self._reference_rehearsal = Rehearsal()
 
     @property
     def input_blobs(self) -> list[str]:
@@ -149,6 +152,8 @@ class HybridNet:
                 raise InputError(f"inputs have different batch sizes ({batch} and {array.shape[0]} for '{name}')")
             batch = array.shape[0]
             checked[name] = np.ascontiguousarray(array, dtype=np.float32)
+        if batch is not None:
+            check_batch(self.model.layers, batch, next(iter(expected.values()))[0], str(self.model.prototxt))
         return checked
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -166,22 +171,36 @@ class HybridNet:
         """The same model in pure Caffe (the reference hybrid_infer must reproduce), on the
         CPU or on GPU ``device``; outputs are copied to the host either way."""
         checked = self.check_inputs(inputs)
+        where = f"{self.model.prototxt} in pure Caffe"
+        if device is None:
+            refuse_cpu_unsupported(self.model.layers, where)
         net = self.model.reference_net()
         if device is None:
             caffe().set_mode_cpu()  # another engine may have left Caffe in GPU mode
         else:
             from .engines.caffe_gpu_engine import use_gpu
             use_gpu(device)
-        reshaped = False
-        for name, array in checked.items():
-            if tuple(net.blobs[name].shape) != array.shape:
-                net.blobs[name].reshape(*array.shape)
-                reshaped = True
-        if reshaped:
-            net.reshape()
-        for name, array in checked.items():
-            net.blobs[name].data[...] = array
-        net._forward(0, len(net.layers) - 1)
+
+        def step() -> None:
+            reshaped = False
+            for name, array in checked.items():
+                if tuple(net.blobs[name].shape) != array.shape:
+                    net.blobs[name].reshape(*array.shape)
+                    reshaped = True
+            if reshaped:
+                net.reshape()
+            for name, array in checked.items():
+                net.blobs[name].data[...] = array
+            net._forward(0, len(net.layers) - 1)
+        try:
+            if device is None:  # rehearsed in a child first (model/isolated.py); CUDA cannot be
+                self._reference_rehearsal.run(tuple((n, a.shape) for n, a in checked.items()), step)
+            else:
+                step()
+        except CaffeFailure as exc:
+            raise ModelError(f"{where}: Caffe failed: {exc}") from None
+        except Exception as exc:  # a Python layer's own exception, raised through Caffe's forward
+            raise ModelError(f"{where}: a layer raised {describe_exception(exc)}") from None
         return {blob: np.array(net.blobs[blob].data, copy=True) for blob in self.output_blobs}
 
     def outputs_with_logits(self) -> list[str]:

@@ -10,30 +10,24 @@ import numpy as np
 from ..api import HybridNet
 from ..errors import InputError, OptionError
 from ..inputs import Preprocessing, load_input, random_input
+from .option_types import float_type, int_type, resize
 
 
 def add_input_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", action="extend", nargs="+", default=[], metavar="[NAME=]FILE",
                    help="input blob from .npy arrays or images; several files of one input form a "
                         "batch; FILE alone feeds the only input")
-    p.add_argument("--batch", type=int, help="repeat the inputs to this batch size")
+    p.add_argument("--batch", type=int_type(1), help="repeat the inputs to this batch size")
     prep = p.add_argument_group("image preprocessing: value = (pixel - mean[c]) * scale, pixels 0..255")
-    prep.add_argument("--scale", type=float, default=1.0)
-    prep.add_argument("--mean", type=float, nargs="+", default=[], help="one value, or one per channel")
+    prep.add_argument("--scale", type=float_type(), default=1.0)
+    prep.add_argument("--mean", type=float_type(), nargs="+", default=[], help="one value, or one per channel")
     prep.add_argument("--channel-order", choices=("bgr", "rgb"), default="bgr",
                       help="channel order the model expects (Caffe models: usually bgr)")
-    prep.add_argument("--resize", metavar="HxW", help="resize images to HxW (default: the input's size)")
+    prep.add_argument("--resize", metavar="HxW", type=resize, help="resize images to HxW (default: the input's size)")
 
 
 def preprocessing(args: argparse.Namespace) -> Preprocessing:
-    resize = None
-    if args.resize:
-        try:
-            h, w = (int(x) for x in args.resize.lower().split("x"))
-        except ValueError:
-            raise OptionError(f"--resize {args.resize}: expected HxW, e.g. 224x224") from None
-        resize = (h, w)
-    return Preprocessing(args.scale, tuple(args.mean), args.channel_order, resize)
+    return Preprocessing(args.scale, tuple(args.mean), args.channel_order, args.resize)
 
 
 def gather_inputs(net: HybridNet, specs: list[str], prep: Preprocessing,

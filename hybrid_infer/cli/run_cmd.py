@@ -12,9 +12,10 @@ from ..executor.engine_factory import ENGINES
 from ..metrics import compare_outputs
 from ..partition.partitioner import TENSORRT
 from ..report import handoff_report
-from .common import (add_build_options, add_model_options, auto_min_segment_size, open_net, require_weights,
-                     write_atomically)
+from ..files import check_output_path, write_atomically
+from .common import add_build_options, add_model_options, auto_min_segment_size, open_net, require_weights
 from .input_options import add_input_options, gather_inputs, preprocessing
+from .option_types import float_type, int_type
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,14 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="engine for supported segments (auto: TensorRT if it can run here, else ONNX Runtime; "
                         "caffe: Caffe too, on the same cut)")
-    p.add_argument("--device", type=int, metavar="N",
+    p.add_argument("--device", type=int_type(0), metavar="N",
                    help="run the Caffe segments on GPU N (needs the CUDA Caffe: scripts/setup.sh --cuda); "
                         "tensors then stay on the GPU between GPU engines")
     p.add_argument("-o", "--output", type=Path, help="save outputs to FILE.npz")
     p.add_argument("--check", action="store_true", help="also run pure Caffe and report the difference")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="relative L2 limit for --check (1e-4)")
+    p.add_argument("--tolerance", type=float_type(0), default=1e-4, help="relative L2 limit for --check (1e-4)")
     p.add_argument("--labels", type=Path, help="class names, one per line, for classifier outputs")
-    p.add_argument("--top", type=int, default=5, help="classes to show per image (5)")
+    p.add_argument("--top", type=int_type(1), default=5, help="classes to show per image (5)")
     add_build_options(p)
     p.set_defaults(func=run)
 
@@ -52,6 +53,8 @@ def _describe_output(name: str, array: np.ndarray, labels: list[str], names: lis
 
 def run(args: argparse.Namespace) -> int:
     require_weights(args)
+    if args.output:
+        check_output_path(args.output, "-o")
     net = open_net(args, engine=args.engine, batch=args.batch or 1)
     inputs, labels = gather_inputs(net, args.input, preprocessing(args), args.batch)
     net = auto_min_segment_size(net, args, inputs, engine=args.engine, batch=args.batch or 1)
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         buffer = io.BytesIO()
         np.savez(buffer, **outputs)
-        write_atomically(args.output, buffer.getvalue())
+        write_atomically(args.output, buffer.getvalue(), option="-o")
         print(f"wrote {args.output}")
     net.close()
     return status

@@ -5,6 +5,11 @@ segment's layers with their parameters copied verbatim (so fork-specific fields 
 Python layers' ``param_str`` survive), and their weights copied by layer name. Blobs
 are renamed to value ids, which turns in-place chains into plain ones and lets a
 sub-net expose a value that a later in-place layer of the same segment overwrites.
+
+Caffe aborts the process on what it cannot do, so on the CPU each sub-net's set-up and
+its first reshape and forward at each new input shape are rehearsed in a forked child
+(``model/isolated.py``); what fails there, or a Python layer raising during forward,
+becomes a ``ModelError`` naming the segment and quoting Caffe or the layer.
 """
 from __future__ import annotations
 
@@ -16,8 +21,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..errors import ModelError
 from ..graph.layer_graph import LayerGraph
 from ..model.caffe_import import caffe, caffe_pb2
+from ..model.caffe_limits import refuse_cpu_unsupported
+from ..model.isolated import CaffeFailure, Rehearsal, call_isolated, describe_exception
 from ..model.protofile import write_prototxt
 
 
@@ -59,11 +67,17 @@ class CaffeEngine:
                  outputs: Sequence[str], weights: Mapping[str, list[np.ndarray]], *, name: str = "segment"):
         self.input_names = list(inputs)
         self.output_names = list(outputs)
+        shown = ", ".join(layer_names[:4]) + (f" and {len(layer_names) - 4} more" if len(layer_names) > 4 else "")
+        #: How messages name this segment.
+        self.label = f"Caffe {name} ({shown})"
+        self._rehearsal = Rehearsal()
+        self._check_layers([graph.layers[n].param for n in layer_names])
         self._workdir = Path(tempfile.mkdtemp(prefix="hybrid_infer_caffe_"))
         prototxt = self._workdir / f"{name}.prototxt"
         write_prototxt(subnet_parameter(graph, layer_names, inputs, name), prototxt)
         cf = caffe()
         self._use_mode()
+        self._set_up_in_child(str(prototxt))
         self._net = cf.Net(str(prototxt), cf.TEST)
         for layer_name in layer_names:
             if layer_name in self._net.params:
@@ -75,6 +89,25 @@ class CaffeEngine:
         """Caffe's mode is one setting per thread, shared by every net: set this engine's
         before it creates or runs its net, since another engine may have changed it."""
         caffe().set_mode_cpu()
+
+    def _check_layers(self, layers: Sequence[Any]) -> None:
+        """Refuse layers Caffe's CPU code would abort on (the GPU engine runs them)."""
+        refuse_cpu_unsupported(layers, self.label)
+
+    def _set_up_in_child(self, prototxt: str) -> None:
+        """Set the sub-net up once in a forked child, so that an abort there is an error here."""
+        def set_up() -> None:
+            caffe().Net(prototxt, caffe().TEST)
+        self._isolated(call_isolated, set_up)
+
+    def _isolated(self, runner: Any, *args: Any) -> None:
+        """``runner(*args)`` with Caffe's aborts and a Python layer's exceptions as ModelError."""
+        try:
+            runner(*args)
+        except CaffeFailure as exc:
+            raise ModelError(f"{self.label}: Caffe failed: {exc}") from None
+        except Exception as exc:  # a Python layer's own exception, raised through Caffe's forward
+            raise ModelError(f"{self.label}: a layer raised {describe_exception(exc)}") from None
 
     def _reshape(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Resize the input blobs (and, through Caffe, the rest) only when a shape changed."""
@@ -93,10 +126,14 @@ class CaffeEngine:
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the sub-net; returned arrays are Caffe's blob memory, valid until the next run."""
         self._use_mode()
-        self._reshape({name: tuple(feeds[name].shape) for name in self.input_names})
-        for name in self.input_names:
-            self._blobs[name].data[...] = feeds[name]
-        self._forward()
+        shapes = {name: tuple(feeds[name].shape) for name in self.input_names}
+
+        def step() -> None:
+            self._reshape(shapes)
+            for name in self.input_names:
+                self._blobs[name].data[...] = feeds[name]
+            self._forward()
+        self._isolated(self._rehearsal.run, tuple(shapes.items()), step)
         return {name: self._blobs[name].data for name in self.output_names}
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import EnvironmentProblem, ModelError
 from .caffe_import import caffe, registered_layer_types
+from .caffe_limits import check_set_up_net
 from .isolated import CaffeFailure, call_isolated
 from .protofile import LayerParameter, NetParameter, normalise, read_caffemodel, read_prototxt, write_prototxt
 from .random_weights import random_weights
@@ -49,6 +50,7 @@ def _inspect_net(prototxt: str, weights: str | None) -> NetInfo:
 
 def _check_layers(net: NetParameter, source: str) -> None:
     """Catch what Caffe would abort on, before Caffe sees the net."""
+    check_set_up_net(net, source)
     known = registered_layer_types()
     produced: set[str] = set()
     for layer in net.layer:
@@ -87,6 +89,8 @@ def _override_input_shapes(net: NetParameter, shapes: Mapping[str, Sequence[int]
         layer = inputs[blob]
         index = list(layer.top).index(blob)
         params = layer.input_param.shape
+        if not len(params):
+            params.add()
         shape = params[index] if len(params) > 1 else params[0]
         if len(params) == 1 and len(layer.top) > 1:
             raise ModelError(f"{source}: inputs {list(layer.top)} share one shape; set them together")
