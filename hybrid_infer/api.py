@@ -9,13 +9,15 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from . import arguments
 from .errors import InputError, ModelError, OptionError
 from .graph.layer_graph import LayerGraph
 from .model.caffe_import import caffe
 from .model.caffe_limits import check_batch, refuse_cpu_unsupported
 from .model.caffe_model import CaffeModel
+from .memory_budget import check_fits
 from .model.isolated import CaffeFailure, Rehearsal, describe_exception
-from .partition.capability import Capability
+from .partition.capability import PROFILES, Capability
 from .partition.partitioner import Partition, partition
 
 if TYPE_CHECKING:  # the engines pull in ONNX and ONNX Runtime: loaded when a run needs them
@@ -52,6 +54,8 @@ class HybridNet:
     ``device=N`` runs the Caffe segments on GPU N (checked here, so a wrong id fails
     before any work); tensors then pass between GPU engines as device pointers, or
     through the host with ``zero_copy=False`` (to measure the difference).
+
+    Arguments of the wrong type or range raise ``OptionError`` naming the argument.
     """
 
     def __init__(self, model: CaffeModel, *, engine: str = "auto", profile: str = "tensorrt",
@@ -59,8 +63,21 @@ class HybridNet:
                  outputs: Sequence[str] = (), build_settings: Optional["BuildSettings"] = None,
                  engine_cache: Optional["EngineCache"] = None, tensorrt_module: Optional[str] = None,
                  device: Optional[int] = None, zero_copy: bool = True):
+        from .executor.engine_factory import ENGINES
+        if not isinstance(model, CaffeModel):
+            raise OptionError(f"model must be a CaffeModel (hybrid_infer.load reads one from files), "
+                              f"not {type(model).__name__}")
+        engine = arguments.choice(engine, "engine", ENGINES)
+        profile = arguments.choice(profile, "profile", PROFILES)
+        min_segment_size = arguments.integer(min_segment_size, "min_segment_size")
+        fallback = arguments.names(fallback, "fallback")
+        outputs = arguments.names(outputs, "outputs")
+        device = arguments.optional(arguments.integer, device, "device")
+        tensorrt_module = arguments.optional(arguments.choice, tensorrt_module, "tensorrt_module",
+                                             ("tensorrt", "tensorrt_rtx"))
+        self._check_types(build_settings=build_settings, engine_cache=engine_cache)
         self.model = model
-        self.zero_copy = zero_copy
+        self.zero_copy = bool(zero_copy)
         #: The GPU Caffe segments run on, or None for the CPU.
         self.gpu: Optional["GpuDevice"] = None
         if device is not None:
@@ -82,6 +99,15 @@ class HybridNet:
         self._executor: Optional["HybridExecutor"] = None
         self._first_run_done = False
         self._reference_rehearsal = Rehearsal()
+
+    @staticmethod
+    def _check_types(**given: object) -> None:
+        from .engines.engine_cache import EngineCache
+        from .engines.tensorrt_build import BuildSettings
+        expected = {"build_settings": BuildSettings, "engine_cache": EngineCache}
+        for name, value in given.items():
+            if value is not None and not isinstance(value, expected[name]):
+                raise OptionError(f"{name} must be a {expected[name].__name__} or None, not {type(value).__name__}")
 
     @property
     def input_blobs(self) -> list[str]:
@@ -127,7 +153,12 @@ class HybridNet:
         return self._executor
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate names, shapes and dtypes; return FP32 arrays keyed by input blob."""
+        """Validate names, shapes and dtypes; return FP32 arrays keyed by input blob.
+
+        Raises ``InputError`` for anything that does not fit the model, including a batch
+        whose activations would not fit in memory (``memory_budget.py``)."""
+        if not isinstance(inputs, Mapping):
+            raise InputError(f"inputs must be a dict of input name -> array, not {type(inputs).__name__}")
         expected = self.input_shapes()
         unknown = [name for name in inputs if name not in expected]
         if unknown:
@@ -140,7 +171,10 @@ class HybridNet:
         checked = {}
         batch = None
         for name, array in inputs.items():
-            array = np.asarray(array)
+            try:
+                array = np.asarray(array)
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"input '{name}' is not an array ({exc})") from None
             if not np.issubdtype(array.dtype, np.floating):
                 raise InputError(f"input '{name}' has dtype {array.dtype}; Caffe nets take floating "
                                  "point (FP32) inputs: convert and scale it first")
@@ -154,7 +188,20 @@ class HybridNet:
             checked[name] = np.ascontiguousarray(array, dtype=np.float32)
         if batch is not None:
             check_batch(self.model.layers, batch, next(iter(expected.values()))[0], str(self.model.prototxt))
+            if batch < 1:
+                raise InputError(f"inputs have batch size 0: there is nothing to run {self.model.prototxt} on")
+            self.check_memory(batch)
         return checked
+
+    def activation_bytes(self, batch: int) -> int:
+        """FP32 bytes of every value of the net at ``batch``: about what one run holds in its
+        activations (the hybrid holds about this much, the Caffe reference as much again)."""
+        return batch * sum(v.bytes_per_item for v in self.graph.values.values())
+
+    def check_memory(self, batch: int, extra_bytes: int = 0) -> None:
+        """Raise ``InputError`` if a run at ``batch`` (plus ``extra_bytes``) cannot fit in memory."""
+        check_fits(self.activation_bytes(batch) + extra_bytes, f"running {self.model.prototxt} at batch {batch}",
+                   "use a smaller batch (--batch) or input size (--input-shape)")
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the hybrid; returns the output blobs (or those named in ``outputs=``)."""
@@ -170,6 +217,7 @@ class HybridNet:
     def run_caffe(self, inputs: Mapping[str, np.ndarray], device: Optional[int] = None) -> dict[str, np.ndarray]:
         """The same model in pure Caffe (the reference hybrid_infer must reproduce), on the
         CPU or on GPU ``device``; outputs are copied to the host either way."""
+        device = arguments.optional(arguments.integer, device, "device")
         checked = self.check_inputs(inputs)
         where = f"{self.model.prototxt} in pure Caffe"
         if device is None:
@@ -258,7 +306,12 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
     batch axis stays free either way. ``build_settings``, ``engine_cache`` and
     ``tensorrt_module`` ("tensorrt" or "tensorrt_rtx") steer TensorRT engine builds.
     ``device=N`` runs Caffe segments on GPU N (see ``HybridNet``).
+    Arguments of the wrong type or range raise ``OptionError`` naming the argument.
     """
+    prototxt = arguments.path(prototxt, "prototxt")
+    weights = arguments.optional(arguments.path, weights, "weights")
+    random_weights = arguments.optional(arguments.integer, random_weights, "random_weights", 0, 2**64 - 1)
+    input_shapes = arguments.shapes(input_shapes, "input_shapes")
     model = CaffeModel(prototxt, weights, input_shapes)
     if random_weights is not None:
         model.set_random_weights(random_weights)

@@ -1,4 +1,9 @@
-"""Writing the user's output files without ever damaging what stands at their paths.
+"""The user's files: read without hanging, written without damaging what stands there.
+
+Reading (inputs, labels, models, engine cache entries): a path must name a regular file.
+It is opened with ``O_NONBLOCK`` (a FIFO would otherwise block the open forever) and
+checked with ``fstat`` on the open descriptor, so a FIFO, a device such as ``/dev/zero``
+(an endless read) or a folder is refused, as is a file larger than the caller's limit.
 
 Every file hybrid_infer writes for the user (``-o``, ``--json``, ``--plot``, ``export``'s
 folder) and every engine cache entry goes through here:
@@ -12,6 +17,8 @@ folder) and every engine cache entry goes through here:
   destination (``os.replace``), so readers see the old file or the whole new one. A
   replaced file keeps its permission bits; a new one gets ``0o666`` less the umask, like
   any file the user's shell would create (``mkstemp`` alone would make it ``0o600``).
+- Folders are not created (a typo in a folder name is reported, not made real), except
+  the one folder ``export`` is asked to fill.
 - Any ``OSError`` (a read-only or missing folder, a file where a folder should be,
   ``/proc``, a full disk, a name too long) becomes an ``OptionError`` naming the option
   and the path; the temporary file is removed.
@@ -22,9 +29,9 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import BinaryIO, Mapping, Optional, Type
 
-from .errors import OptionError
+from .errors import HybridInferError, OptionError
 
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
@@ -37,6 +44,42 @@ def _reason(exc: OSError) -> str:
 def kind_of(mode: int) -> str:
     """'a folder', 'a FIFO (named pipe)', ... for a non-regular ``st_mode``; 'a regular file' otherwise."""
     return next((name for test, name in _KINDS if test(mode)), "a regular file")
+
+
+def open_regular_file(path: Path, what: str, error: Type[HybridInferError], *,
+                      max_bytes: Optional[int] = None, follow_symlinks: bool = True) -> BinaryIO:
+    """Open ``path`` for reading if it is a regular file of at most ``max_bytes``.
+
+    ``what`` names it in messages ("input file", "--labels"); failures raise ``error``.
+    ``follow_symlinks=False`` refuses links too (the engine cache trusts nothing it finds).
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise error(f"{what} '{path}' does not exist") from None
+    except OSError as exc:
+        raise error(f"{what} '{path}': cannot read it ({_reason(exc)})") from None
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = f"is {kind_of(st.st_mode)}, not a regular file"
+    elif max_bytes is not None and st.st_size > max_bytes:
+        problem = f"is {st.st_size} bytes, more than the {max_bytes} this can be"
+    if problem:
+        os.close(fd)
+        raise error(f"{what} '{path}' {problem}")
+    return os.fdopen(fd, "rb")
+
+
+def read_regular_file(path: Path, what: str, error: Type[HybridInferError], *,
+                      max_bytes: Optional[int] = None, follow_symlinks: bool = True) -> bytes:
+    """The bytes of ``path`` (see ``open_regular_file``)."""
+    with open_regular_file(path, what, error, max_bytes=max_bytes, follow_symlinks=follow_symlinks) as f:
+        try:
+            return f.read()
+        except OSError as exc:
+            raise error(f"{what} '{path}': cannot read it ({_reason(exc)})") from None
 
 
 def output_target(path: Path, option: str) -> Path:
@@ -58,14 +101,16 @@ def output_target(path: Path, option: str) -> Path:
     return target
 
 
-def check_output_folder(folder: Path, option: str, given: Path | None = None) -> None:
-    """Fail early unless ``folder`` is a folder or can be created as one; messages name
-    ``given`` (the path the user gave) when the folder is only its parent."""
+def check_output_folder(folder: Path, option: str, given: Path | None = None, *, may_create: bool = False) -> None:
+    """Fail early unless ``folder`` is a writable folder (or, if ``may_create``, missing);
+    messages name ``given`` (the path the user gave) when the folder is only its parent."""
     shown = given if given is not None else folder
     try:
         st = os.stat(folder)
     except FileNotFoundError:
-        return
+        if may_create:
+            return
+        raise OptionError(f"{option} {shown}: folder {folder} does not exist") from None
     except OSError as exc:
         raise OptionError(f"{option} {shown}: cannot write there ({_reason(exc)})") from None
     if not stat.S_ISDIR(st.st_mode):
@@ -90,7 +135,6 @@ def _new_file_mode() -> int:
 
 def _stage(target: Path, data: bytes, fsync: bool) -> Path:
     """Write ``data`` to a new temporary file next to ``target``; return its path."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         try:

@@ -11,6 +11,7 @@ import onnx
 from ..executor.engine_factory import segment_onnx
 from ..partition.partitioner import TENSORRT
 from ..report.partition_report import to_json
+from ..errors import OptionError
 from ..files import check_output_folder, write_files_atomically
 from .common import add_model_options, open_net, require_weights
 
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     require_weights(args)
     folder: Path = args.output_dir
-    check_output_folder(folder, "-o")
+    check_output_folder(folder, "-o", may_create=True)
     net = open_net(args)
     manifest = to_json(net.partition)
     files: dict[Path, bytes] = {}
@@ -44,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
                      f"({len(data) / 2**20:.1f} MiB)")
     # All segments and the manifest land together (manifest last), or none of them does.
     files[folder / "manifest.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OptionError(f"-o {folder}: cannot create this folder ({exc.strerror or exc})") from None
     write_files_atomically(files, option="-o")
     print("\n".join(lines))
     print(f"wrote {folder / 'manifest.json'}")

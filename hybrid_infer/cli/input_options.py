@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +46,13 @@ def gather_inputs(net: HybridNet, specs: list[str], prep: Preprocessing,
             raise InputError(f"--input {spec}: '{name}' is not an input of {net.model.prototxt}; "
                              f"its inputs are {', '.join(shapes)}")
         files.setdefault(name, []).append(Path(file))
+    # Nothing is allocated for inputs or activations that cannot fit (memory_budget.py).
+    net.check_memory(batch or 1, sum(4 * (batch or shape[0]) * math.prod(shape[1:]) for shape in shapes.values()))
     inputs: dict[str, np.ndarray] = {}
     labels: list[str] = []
     for name, shape in shapes.items():
         if name in files:
-            inputs[name] = np.concatenate([load_input(f, shape, prep) for f in files[name]])
+            inputs[name] = _stack([(f, load_input(f, shape, prep)) for f in files[name]], name)
             labels = labels or [f.name for f in files[name]]
         else:
             inputs[name] = random_input(shape)
@@ -60,3 +63,13 @@ def gather_inputs(net: HybridNet, specs: list[str], prep: Preprocessing,
             inputs[name] = np.concatenate([array] * reps)[:batch]
         labels = (labels * batch)[:batch] if labels else []
     return inputs, labels
+
+
+def _stack(arrays: list[tuple[Path, np.ndarray]], name: str) -> np.ndarray:
+    """One batch from the files of input ``name``, which must agree on everything but the batch."""
+    first_path, first = arrays[0]
+    for path, array in arrays[1:]:
+        if array.shape[1:] != first.shape[1:]:
+            raise InputError(f"--input {name}: {path} holds items of shape {array.shape[1:]}, {first_path} of shape "
+                             f"{first.shape[1:]}; the files of one input must agree (they form one batch)")
+    return np.concatenate([array for _, array in arrays])

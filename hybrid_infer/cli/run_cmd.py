@@ -13,6 +13,7 @@ from ..metrics import compare_outputs
 from ..partition.partitioner import TENSORRT
 from ..report import handoff_report
 from ..files import check_output_path, write_atomically
+from ..inputs import read_labels
 from .common import add_build_options, add_model_options, auto_min_segment_size, open_net, require_weights
 from .input_options import add_input_options, gather_inputs, preprocessing
 from .option_types import float_type, int_type
@@ -40,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _describe_output(name: str, array: np.ndarray, labels: list[str], names: list[str], top: int) -> str:
     out = io.StringIO()
+    if array.size == 0:
+        return f"{name}: shape {tuple(array.shape)}, empty"
     flat = array.reshape(array.shape[0], -1) if array.ndim >= 2 else array.reshape(1, -1)
     looks_like_scores = array.ndim >= 2 and all(d == 1 for d in array.shape[2:]) and 1 < flat.shape[1] <= 100000
     print(f"{name}: shape {tuple(array.shape)}, min {array.min():.4g}, max {array.max():.4g}", file=out)
@@ -55,10 +58,12 @@ def run(args: argparse.Namespace) -> int:
     require_weights(args)
     if args.output:
         check_output_path(args.output, "-o")
+    if args.labels:
+        read_labels(args.labels)  # a bad file is reported before the model is loaded
     net = open_net(args, engine=args.engine, batch=args.batch or 1)
     inputs, labels = gather_inputs(net, args.input, preprocessing(args), args.batch)
     net = auto_min_segment_size(net, args, inputs, engine=args.engine, batch=args.batch or 1)
-    class_names = args.labels.read_text().split("\n") if args.labels else []
+    class_names = read_labels(args.labels) if args.labels else []
     start = time.perf_counter()
     outputs = net.run(inputs)
     first = time.perf_counter() - start
@@ -66,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     outputs = net.run(inputs)
     again = time.perf_counter() - start
     for name, array in outputs.items():
-        print(_describe_output(name, array, labels, [c.strip() for c in class_names], args.top))
+        print(_describe_output(name, array, labels, class_names, args.top))
     print(f"\n{len(net.partition.segments)} segment(s); first run {first * 1e3:.1f} ms "
           f"(includes engine set-up), second run {again * 1e3:.1f} ms")
     trt_kinds = sorted({se.engine.kind for se in net.segment_engines if se.segment.backend == TENSORRT})
@@ -89,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
             status |= 0 if ok else 1
             print(f"  {row.name}: max abs error {row.max_abs:.3g}, relative L2 {row.rel_l2:.3g} "
                   f"{'OK' if ok else 'ABOVE'} (tolerance {args.tolerance:g})"
-                  + (f", top-1 agreement {row.top1_agreement:.0%}" if row.top1_agreement is not None else ""))
+                  + (f", top-1 agreement {row.top1_agreement:.0%}" if row.top1_agreement is not None else "")
+                  + (f" ({row.note})" if row.note else ""))
     if args.output:
         buffer = io.BytesIO()
         np.savez(buffer, **outputs)

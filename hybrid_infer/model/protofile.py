@@ -15,17 +15,13 @@ from typing import Any
 from google.protobuf import text_format
 
 from ..errors import EnvironmentProblem, ModelError
+from ..files import read_regular_file
 from .caffe_import import caffe, caffe_pb2
 
 NetParameter = Any  # caffe_pb2.NetParameter of the user's Caffe
 LayerParameter = Any
 
 
-def _existing_file(path: str | os.PathLike[str], what: str) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise ModelError(f"{what} '{p}' does not exist or is not a file")
-    return p
 
 
 def _upgrade_tool(name: str) -> Path:
@@ -45,8 +41,10 @@ def _upgrade_v1(path: Path, tool_name: str, binary: bool) -> NetParameter:
     tool = _upgrade_tool(tool_name)
     with tempfile.TemporaryDirectory(prefix="hybrid_infer_upgrade_") as tmp:
         out = Path(tmp) / path.name
+        # logtostderr: the tool calls InitGoogleLogging, which otherwise leaves a log file in
+        # the temporary folder (/tmp/upgrade_net_proto_*.INFO...) on every load.
         proc = subprocess.run([str(tool), str(path), str(out)], capture_output=True, text=True,
-                              env={**os.environ, "GLOG_minloglevel": "0"})
+                              env={**os.environ, "GLOG_minloglevel": "0", "GLOG_logtostderr": "1"})
         if proc.returncode != 0 or not out.exists():
             last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
             raise ModelError(f"{path}: Caffe could not upgrade this old-format file: {last}")
@@ -60,10 +58,11 @@ def _upgrade_v1(path: Path, tool_name: str, binary: bool) -> NetParameter:
 
 def read_prototxt(path: str | os.PathLike[str]) -> NetParameter:
     """Parse a network definition; syntax errors name the file and line."""
-    p = _existing_file(path, "prototxt")
+    p = Path(path)
+    data = read_regular_file(p, "prototxt", ModelError)
     net = caffe_pb2().NetParameter()
     try:
-        text_format.Merge(p.read_text(), net)
+        text_format.Merge(data.decode(), net)
     except text_format.ParseError as exc:
         line = exc.GetLine() if hasattr(exc, "GetLine") else None
         where = f"{p}:{line}" if line else str(p)
@@ -78,10 +77,11 @@ def read_prototxt(path: str | os.PathLike[str]) -> NetParameter:
 
 def read_caffemodel(path: str | os.PathLike[str]) -> NetParameter:
     """Parse trained weights; old-format (V1) files are upgraded by Caffe's tool."""
-    p = _existing_file(path, "caffemodel")
+    p = Path(path)
+    data = read_regular_file(p, "caffemodel", ModelError)
     net = caffe_pb2().NetParameter()
     try:
-        net.ParseFromString(p.read_bytes())
+        net.ParseFromString(data)
     except Exception:  # protobuf raises DecodeError or a RuntimeError depending on backend
         raise ModelError(f"{p}: not a binary Caffe model (.caffemodel); is it a prototxt?") from None
     if len(net.layers):
