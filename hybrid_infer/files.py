@@ -25,6 +25,7 @@ folder) and every engine cache entry goes through here:
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tempfile
@@ -59,6 +60,8 @@ def open_regular_file(path: Path, what: str, error: Type[HybridInferError], *,
     except FileNotFoundError:
         raise error(f"{what} '{path}' does not exist") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_symlinks:
+            raise error(f"{what} '{path}' is a symbolic link, which is not followed here") from None
         raise error(f"{what} '{path}': cannot read it ({_reason(exc)})") from None
     st = os.fstat(fd)
     problem = None
@@ -138,8 +141,9 @@ def _stage(target: Path, data: bytes, fsync: bool) -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         try:
-            mode = stat.S_IMODE(os.stat(target).st_mode)
-        except FileNotFoundError:
+            st = os.lstat(target)
+            mode = stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else _new_file_mode()
+        except OSError:
             mode = _new_file_mode()
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
@@ -153,28 +157,35 @@ def _stage(target: Path, data: bytes, fsync: bool) -> Path:
     return Path(tmp)
 
 
-def write_atomically(path: Path, data: bytes, *, option: str = "output", fsync: bool = False) -> None:
+def write_atomically(path: Path, data: bytes, *, option: str = "output") -> None:
     """Replace the regular file at ``path`` (or a symlink's target) with ``data``, atomically.
 
-    ``option`` names where the path came from (``-o``, ``--json``) in error messages;
-    ``fsync`` makes the data durable before the rename (caches that other processes read).
+    ``option`` names where the path came from (``-o``, ``--json``) in error messages.
     Raises ``OptionError`` for special files and for any ``OSError`` while writing.
     """
-    write_files_atomically({Path(path): data}, option=option, fsync=fsync)
+    write_files_atomically({Path(path): data}, option=option)
 
 
-def write_files_atomically(files: Mapping[Path, bytes], *, option: str = "output", fsync: bool = False) -> None:
+def write_files_atomically(files: Mapping[Path, bytes], *, option: str = "output",
+                           error: Type[HybridInferError] = OptionError, owned_folder: bool = False) -> None:
     """Write several files as one step, in the order given: every file is staged first,
     and only when all are staged are they renamed into place. A failure leaves none of
-    the new files behind (``export`` never leaves ONNX files without their manifest)."""
-    targets = {path: output_target(Path(path), option) for path in files}
+    the new files behind (``export`` never leaves ONNX files without their manifest).
+
+    ``owned_folder``: the paths lie in a folder hybrid_infer owns (the engine cache), where
+    whatever stands at an entry's name, a link or a FIFO included, is junk to be replaced
+    (the rename replaces the directory entry, never writes through it), and the data is
+    made durable (``fsync``) before the rename, since other processes read the entries.
+    Failures raise ``error``.
+    """
+    targets = {path: Path(path) if owned_folder else output_target(Path(path), option) for path in files}
     staged: dict[Path, Path] = {}
     placed: list[Path] = []
     current = next(iter(files), Path("."))
     try:
         for path, data in files.items():
             current = path
-            staged[targets[path]] = _stage(targets[path], data, fsync)
+            staged[targets[path]] = _stage(targets[path], data, fsync=owned_folder)
         for target, tmp in staged.items():
             current = target
             os.replace(tmp, target)
@@ -184,7 +195,7 @@ def write_files_atomically(files: Mapping[Path, bytes], *, option: str = "output
             tmp.unlink(missing_ok=True)
         for target in placed:  # its old content is gone already; half a set is worse than none
             target.unlink(missing_ok=True)
-        raise OptionError(f"{option} {current}: cannot write there ({_reason(exc)})") from None
+        raise error(f"{option} {current}: cannot write there ({_reason(exc)})") from None
     except BaseException:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)

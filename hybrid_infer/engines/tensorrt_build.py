@@ -99,9 +99,39 @@ class BuiltEngine:
         return d
 
     @classmethod
-    def from_metadata(cls, plan: bytes, metadata: dict[str, Any]) -> BuiltEngine:
-        fields = {f.name for f in dataclasses.fields(cls)} - {"plan"}
-        return cls(plan=plan, **{k: metadata[k] for k in fields})
+    def from_metadata(cls, plan: bytes, metadata: Any) -> BuiltEngine:
+        """The engine whose ``metadata()`` this was; raises ``ValueError`` naming the first field
+        that is missing or of the wrong type (the metadata comes from a file on disk)."""
+        if not isinstance(metadata, dict):
+            raise ValueError(f"engine metadata is a {type(metadata).__name__}, not an object")
+        for name, check in _METADATA_FIELDS.items():
+            if name not in metadata:
+                raise ValueError(f"engine metadata has no '{name}'")
+            if not check(metadata[name]):
+                raise ValueError(f"engine metadata field '{name}' has the wrong type")
+        return cls(plan=plan, **{name: metadata[name] for name in _METADATA_FIELDS})
+
+
+def _str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _layer_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+
+
+#: Every BuiltEngine field but the plan, with the check its value from JSON must pass.
+_METADATA_FIELDS = {
+    "build_seconds": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "input_names": _str_list,
+    "output_names": _str_list,
+    "network_layers": _layer_list,
+    "engine_layers": lambda v: v is None or _layer_list(v),
+    "engine_layers_note": lambda v: isinstance(v, str),
+    "module": lambda v: isinstance(v, str),
+    "module_version": lambda v: isinstance(v, str),
+    "fp16_onnx": lambda v: isinstance(v, bool),
+}
 
 
 def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
