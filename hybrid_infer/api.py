@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from . import arguments
-from .errors import InputError, ModelError, OptionError
+from .errors import InputError, OptionError
 from .graph.layer_graph import LayerGraph
 from .model.caffe_import import caffe
 from .model.caffe_limits import check_batch, refuse_cpu_unsupported
 from .model.caffe_model import CaffeModel
 from .memory_budget import check_fits
-from .model.isolated import CaffeFailure, Rehearsal, describe_exception
+from .model.isolated import Rehearsal, caffe_errors
 from .partition.capability import PROFILES, Capability
 from .partition.partitioner import Partition, partition
 
@@ -240,15 +240,10 @@ class HybridNet:
             for name, array in checked.items():
                 net.blobs[name].data[...] = array
             net._forward(0, len(net.layers) - 1)
-        try:
-            if device is None:  # rehearsed in a child first (model/isolated.py); CUDA cannot be
-                self._reference_rehearsal.run(tuple((n, a.shape) for n, a in checked.items()), step)
-            else:
-                step()
-        except CaffeFailure as exc:
-            raise ModelError(f"{where}: Caffe failed: {exc}") from None
-        except Exception as exc:  # a Python layer's own exception, raised through Caffe's forward
-            raise ModelError(f"{where}: a layer raised {describe_exception(exc)}") from None
+        if device is None:  # rehearsed in a child first (model/isolated.py); CUDA cannot be
+            caffe_errors(where, self._reference_rehearsal.run, tuple((n, a.shape) for n, a in checked.items()), step)
+        else:
+            caffe_errors(where, step)
         return {blob: np.array(net.blobs[blob].data, copy=True) for blob in self.output_blobs}
 
     def outputs_with_logits(self) -> list[str]:

@@ -44,8 +44,10 @@ def real(value: Any, name: str, minimum: float = -math.inf, maximum: float = mat
     value = float(value)
     if not math.isfinite(value):
         raise _error(name, f"must be a finite number, not {value}")
-    if value < minimum or (positive and value <= 0):
-        raise _error(name, f"must be {'above' if positive else 'at least'} {minimum:g}, not {value:g}")
+    if positive and value <= 0:
+        raise _error(name, f"must be above 0, not {value:g}")
+    if value < minimum:
+        raise _error(name, f"must be at least {minimum:g}, not {value:g}")
     if value > maximum:
         raise _error(name, f"must be at most {maximum:g}, not {value:g}")
     return value

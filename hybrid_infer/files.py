@@ -62,6 +62,12 @@ def open_regular_file(path: Path, what: str, error: Type[HybridInferError], *,
     except OSError as exc:
         if exc.errno == errno.ELOOP and not follow_symlinks:
             raise error(f"{what} '{path}' is a symbolic link, which is not followed here") from None
+        try:  # a socket cannot even be opened (ENXIO): say what it is
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = stat.S_IFREG
+        if not stat.S_ISREG(mode):
+            raise error(f"{what} '{path}' is {kind_of(mode)}, not a regular file") from None
         raise error(f"{what} '{path}': cannot read it ({_reason(exc)})") from None
     st = os.fstat(fd)
     problem = None

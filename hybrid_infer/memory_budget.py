@@ -29,6 +29,11 @@ def _meminfo_kib(key: str, path: str = "/proc/meminfo") -> Optional[int]:
     return None
 
 
+def address_space_bytes() -> int:
+    """This process's virtual memory size (``VmSize``), in bytes; 0 where unknown."""
+    return (_meminfo_kib("VmSize", f"/proc/{os.getpid()}/status") or 0) * 1024
+
+
 def available_bytes() -> Optional[int]:
     """Memory this process may still take, in bytes: the kernel's ``MemAvailable``, lowered to
     what an address-space limit (``ulimit -v``) leaves; None where neither is known."""
@@ -38,8 +43,7 @@ def available_bytes() -> Optional[int]:
         limits.append(avail * 1024)
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
-        used = _meminfo_kib("VmSize", f"/proc/{os.getpid()}/status") or 0
-        limits.append(max(0, soft - used * 1024))
+        limits.append(max(0, soft - address_space_bytes()))
     return min(limits) if limits else None
 
 

@@ -42,7 +42,8 @@ class OutputDifference:
     note: str = ""
 
 
-def _note(got: np.ndarray, ref: np.ndarray) -> str:
+def nonfinite_note(got: np.ndarray, ref: np.ndarray) -> str:
+    """Why ``relative_l2(got, ref)`` is infinite other than by distance ("" if it is not)."""
     if got.shape != ref.shape:
         return f"shape {got.shape} where Caffe gives {ref.shape}"
     if ref.size and not np.isfinite(ref).any():
@@ -55,7 +56,7 @@ def compare_outputs(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.
     rows = []
     for name, ref in expected.items():
         got = actual[name]
-        note = _note(got, ref)
+        note = nonfinite_note(got, ref)
         top1 = None
         max_abs = float("inf")
         if got.shape == ref.shape:

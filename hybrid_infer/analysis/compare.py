@@ -87,17 +87,19 @@ def measure_partition(net: HybridNet, spec: PartitionSpec, inputs: Mapping[str, 
     accuracy = compare_outputs(run(), reference)
     setup = time.perf_counter() - start
     timing = time_calls(run, runs, warmup, tick) if within(accuracy, tolerance) else None
+    refused = []
+    if timing is None:
+        why = "".join(f" ({a.name}: {a.note})" for a in accuracy if a.note)
+        refused.append(f"refused: outputs differ from Caffe's by relative L2 {max(a.rel_l2 for a in accuracy):.3g} "
+                       f"> {tolerance:g}{why}; not timed")
     if spec.pure_caffe:
         layers = len(net.graph.compute_layers())
         return PartitionResult(spec, batch, 1, 0, 0, 0, 0.0, 0.0, setup, accuracy, tolerance, timing,
-                               [f"{layers} layers in one Caffe net"])
+                               [f"{layers} layers in one Caffe net", *refused])
     part = net.partition  # after the first run: engines that refused layers may have re-cut it
     cov = coverage(part)
     bounds = boundaries(part)
-    notes = [se.fallback_note for se in net.segment_engines if se.fallback_note]
-    if timing is None:
-        notes.append(f"refused: outputs differ from Caffe's by relative L2 {max(a.rel_l2 for a in accuracy):.3g} "
-                     f"> {tolerance:g}; not timed")
+    notes = [se.fallback_note for se in net.segment_engines if se.fallback_note] + refused
     return PartitionResult(
         spec, batch, len(part.segments), sum(s.backend == TENSORRT for s in part.segments), len(bounds),
         sum(b["bytes_per_image"] for b in bounds), cov.layer_share, cov.flop_share, setup, accuracy, tolerance,

@@ -23,7 +23,8 @@ from ..api import HybridNet
 from ..executor.engine_factory import build_engines, resolve_engine
 from ..executor.hybrid_executor import HybridExecutor
 from ..graph.layer_graph import LayerGraph
-from ..metrics import relative_l2
+from ..metrics import nonfinite_note, relative_l2
+from ..model.isolated import caffe_errors
 from ..partition.capability import Capability
 from ..partition.partitioner import Partition, partition
 
@@ -47,6 +48,8 @@ class ValueDiff:
     shape: tuple[int, ...]
     max_abs: float
     rel_l2: float
+    #: Why ``rel_l2`` is infinite when NaN/Inf rather than distance made it so ("" otherwise).
+    note: str = ""
 
 
 @dataclass
@@ -71,7 +74,7 @@ def caffe_values(net: HybridNet, inputs: Mapping[str, np.ndarray]) -> dict[str, 
     caffe = net.model.reference_net()
     snapshots: dict[str, np.ndarray] = {}
     for index, name in enumerate(caffe._layer_names):
-        caffe._forward(index, index)
+        caffe_errors(f"{net.model.prototxt} in pure Caffe", caffe._forward, index, index)
         layer = net.graph.layers.get(name)  # Caffe's own inserted Split layers are not in the graph
         if layer is None or layer.is_input:
             continue
@@ -113,7 +116,8 @@ def diff_values(graph: LayerGraph, got: Mapping[str, np.ndarray], want: Mapping[
         finite = np.abs(a.astype(np.float64) - b.astype(np.float64))
         finite = finite[np.isfinite(finite)]
         rows.append(ValueDiff(value, layer.name, layer.type, kinds.get(segment.id, segment.backend), segment.id,
-                              tuple(b.shape), float(finite.max()) if finite.size else 0.0, relative_l2(a, b)))
+                              tuple(b.shape), float(finite.max()) if finite.size else 0.0, relative_l2(a, b),
+                              nonfinite_note(a, b)))
     return LayerDiff(rows, tolerance)
 
 
@@ -143,7 +147,8 @@ def to_text(diff: LayerDiff) -> str:
         above = sum(r.rel_l2 > diff.tolerance for r in diff.rows)
         out.append(f"first value above relative L2 {diff.tolerance:g}: {first.value} (layer {first.layer}, "
                    f"{first.layer_type}, {first.backend}, segment {first.segment}): rel L2 {first.rel_l2:.3g}, "
-                   f"max abs {first.max_abs:.3g}; {above} of {len(diff.rows)} values above")
+                   f"max abs {first.max_abs:.3g}{f' ({first.note})' if first.note else ''}; {above} of "
+                   f"{len(diff.rows)} values above")
     out += [f"note: {n}" for n in diff.notes]
     return "\n".join(out) + "\n"
 

@@ -43,6 +43,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"hybrid-infer: error: {exc}", file=sys.stderr)
         return 2
+    except MemoryError:
+        if args.debug:
+            raise
+        print("hybrid-infer: error: out of memory; use a smaller --batch or --input-shape, or a machine with "
+              "more memory", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("hybrid-infer: interrupted", file=sys.stderr)
         return 130

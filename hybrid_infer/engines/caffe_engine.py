@@ -21,11 +21,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import ModelError
 from ..graph.layer_graph import LayerGraph
 from ..model.caffe_import import caffe, caffe_pb2
 from ..model.caffe_limits import refuse_cpu_unsupported
-from ..model.isolated import CaffeFailure, Rehearsal, call_isolated, describe_exception
+from ..model.isolated import Rehearsal, caffe_errors, call_isolated
 from ..model.protofile import write_prototxt
 
 
@@ -98,16 +97,7 @@ class CaffeEngine:
         """Set the sub-net up once in a forked child, so that an abort there is an error here."""
         def set_up() -> None:
             caffe().Net(prototxt, caffe().TEST)
-        self._isolated(call_isolated, set_up)
-
-    def _isolated(self, runner: Any, *args: Any) -> None:
-        """``runner(*args)`` with Caffe's aborts and a Python layer's exceptions as ModelError."""
-        try:
-            runner(*args)
-        except CaffeFailure as exc:
-            raise ModelError(f"{self.label}: Caffe failed: {exc}") from None
-        except Exception as exc:  # a Python layer's own exception, raised through Caffe's forward
-            raise ModelError(f"{self.label}: a layer raised {describe_exception(exc)}") from None
+        caffe_errors(self.label, call_isolated, set_up)
 
     def _reshape(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Resize the input blobs (and, through Caffe, the rest) only when a shape changed."""
@@ -133,7 +123,7 @@ class CaffeEngine:
             for name in self.input_names:
                 self._blobs[name].data[...] = feeds[name]
             self._forward()
-        self._isolated(self._rehearsal.run, tuple(shapes.items()), step)
+        caffe_errors(self.label, self._rehearsal.run, tuple(shapes.items()), step)
         return {name: self._blobs[name].data for name in self.output_names}
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import EnvironmentProblem, InputError, OptionError
 from ..graph.layer_graph import LayerGraph
 from ..model.caffe_import import caffe
+from ..model.isolated import caffe_errors
 from ..native import blob_access
 from .caffe_engine import CaffeEngine
 from .device_tensor import DeviceTensor
@@ -125,7 +126,7 @@ class CaffeGpuEngine(CaffeEngine):
             for name in self.input_names:
                 if self._bind_input(name, feeds[name]):
                     lent.append(name)
-            self._isolated(self._forward)  # not rehearsed in a child: see _set_up_in_child
+            caffe_errors(self.label, self._forward)  # not rehearsed in a child: see _set_up_in_child
             outputs = {name: DeviceTensor(self._native.gpu_data(self._blobs[name]),
                                           tuple(int(d) for d in self._blobs[name].shape), FLOAT32)
                        for name in self.output_names}

@@ -2,12 +2,17 @@
 CUDA/TensorRT execution providers where they are installed."""
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 import numpy as np
 import onnx
 
 from ..errors import EngineRejected
+
+# ONNX Runtime 1.32 starts a telemetry session on import, which writes TMPDIR/.ses (left in
+# the user's temporary folder by every run) and may report usage; off unless the user set it.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 
 def _providers(device: str) -> list[str]:

@@ -7,6 +7,7 @@ which also upgrades old caffemodels and ignores layers the prototxt does not hav
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import EnvironmentProblem, ModelError
+from ..memory_budget import check_fits
 from .caffe_import import caffe, registered_layer_types
 from .caffe_limits import check_set_up_net
 from .isolated import CaffeFailure, call_isolated
@@ -165,6 +167,8 @@ class CaffeModel:
     def set_random_weights(self, seed: int) -> None:
         """Replace every parameter with random values drawn for its layer type (tests, benchmarks)."""
         layer_types = {layer.name: layer.type for layer in self.net.layer}
+        count = sum(math.prod(shape) for shapes in self.info.param_shapes.values() for shape in shapes)
+        check_fits(12 * count, f"random weights for {self.prototxt}", "this model is too large for this machine")
         self._weights = random_weights(self.info.param_shapes, layer_types, seed)
         if self._reference is not None:
             self._push_weights(self._reference)

@@ -18,11 +18,15 @@ import faulthandler
 import os
 import pickle
 import re
+import resource
 import signal
 import sys
 import threading
 import traceback
 from typing import Any, Callable, Hashable
+
+from ..errors import ModelError
+from ..memory_budget import address_space_bytes, available_bytes
 
 _GLOG_PREFIX = re.compile(r"^[IWEF]\d{4,8} [\d:.]+\s+\d+ ([^\]]+)\] ")
 
@@ -53,6 +57,30 @@ def describe_exception(exc: BaseException) -> str:
     return text
 
 
+def _limit_memory() -> None:
+    """Cap the child's address space at what the machine has available, so that a net too
+    large for it makes Caffe's allocation fail (an abort, reported with its message) rather
+    than wake the kernel's OOM killer, which may pick another process."""
+    available = available_bytes()
+    if available is None:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = address_space_bytes() + available
+    if soft == resource.RLIM_INFINITY or limit < soft:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def caffe_errors(where: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, with a rehearsal's ``CaffeFailure`` and any exception raised through
+    Caffe's forward (a Python layer's own) as ``ModelError`` naming ``where``."""
+    try:
+        return fn(*args)
+    except CaffeFailure as exc:
+        raise ModelError(f"{where}: Caffe failed: {exc}") from None
+    except Exception as exc:
+        raise ModelError(f"{where}: a layer raised {describe_exception(exc)}") from None
+
+
 def call_isolated(fn: Callable[..., Any], *args: Any) -> Any:
     """Return ``fn(*args)`` computed in a forked child; raise CaffeFailure if it fails.
 
@@ -73,6 +101,7 @@ def call_isolated(fn: Callable[..., Any], *args: Any) -> Any:
             os.dup2(err_w, 2)
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
+            _limit_memory()
             faulthandler.disable()  # Caffe's abort is expected here; its message is in stderr
             try:
                 payload = pickle.dumps(("ok", fn(*args)))
