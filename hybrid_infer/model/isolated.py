@@ -156,9 +156,14 @@ class Rehearsal:
     def __init__(self) -> None:
         self._seen: set[Hashable] = set()
 
-    def run(self, shapes: Hashable, step: Callable[[], None]) -> None:
-        """``step()`` here, after it survived in a child if ``shapes`` is new."""
+    def check(self, shapes: Hashable, step: Callable[[], None]) -> None:
+        """Run ``step()`` in a child if ``shapes`` is new (raising ``CaffeFailure`` if it dies
+        there); the caller then does the work in this process."""
         if shapes not in self._seen:
             call_isolated(step)
             self._seen.add(shapes)
+
+    def run(self, shapes: Hashable, step: Callable[[], None]) -> None:
+        """``step()`` here, after it survived in a child if ``shapes`` is new."""
+        self.check(shapes, step)
         step()
