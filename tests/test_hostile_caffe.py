@@ -1,5 +1,7 @@
 """Caffe's aborts and a model's structure (issue 13, kinds 1 and 6), with real pycaffe.
 
+(V1 models leaving no glog files is tested in test_loading.py.)
+
 What Caffe would abort on is refused before Caffe is asked, with a message saying what to
 change; what cannot be foreseen is rehearsed in a forked child, so these tests calling
 Caffe in-process survive every case (a regression would kill the test process itself).
@@ -7,7 +9,6 @@ Caffe in-process survive every case (a regression would kill the test process it
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 import pytest
@@ -188,28 +189,3 @@ def test_input_dimension_below_one_is_refused(make_prototxt):
         layer { name: "relu" type: "ReLU" bottom: "data" top: "relu" }''')
     with pytest.raises(ModelError, match=r"gives 'data' the shape \(1, 0, 4\); every dimension must be 1 or more"):
         hybrid_infer.load(path)
-
-
-V1_PROTOTXT = '''name: "v1net"
-input: "data"
-input_dim: 1
-input_dim: 3
-input_dim: 8
-input_dim: 8
-layers { name: "conv" type: CONVOLUTION bottom: "data" top: "conv" convolution_param { num_output: 4 kernel_size: 3 } }
-layers { name: "relu" type: RELU bottom: "conv" top: "conv" }
-'''
-
-
-def test_old_format_models_leave_no_log_files_in_the_temporary_folder(make_prototxt, tmp_path, monkeypatch):
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    monkeypatch.setenv("TMPDIR", str(scratch))
-    monkeypatch.setattr(tempfile, "tempdir", None)
-    path = make_prototxt(V1_PROTOTXT)
-    net = hybrid_infer.load(path, random_weights=5)
-    x = _inputs((1, 3, 8, 8))
-    assert relative_l2(net.run(x)["conv"], net.run_caffe(x)["conv"]) < 1e-5
-    net.close()
-    leftovers = [p.name for p in scratch.iterdir() if not p.name.startswith("hybrid_infer_")]
-    assert leftovers == []

@@ -22,7 +22,8 @@ from hybrid_infer.cli.main import main
 from hybrid_infer.errors import InputError, ModelError, OptionError
 from hybrid_infer.files import write_atomically, write_files_atomically
 from hybrid_infer.inputs import Preprocessing, load_input, read_labels
-from hybrid_infer.model.protofile import read_caffemodel, read_prototxt
+from hybrid_infer.model.caffemodel import read_caffemodel
+from hybrid_infer.model.protofile import read_prototxt
 
 from conftest import GRAPHS
 
