@@ -184,6 +184,9 @@ class HybridNet:
         whose activations would not fit in memory (``memory_budget.py``)."""
         if not isinstance(inputs, Mapping):
             raise InputError(f"inputs must be a dict of input name -> array, not {type(inputs).__name__}")
+        wrong = [name for name in inputs if not isinstance(name, str)]
+        if wrong:
+            raise InputError(f"input names must be str (blob names), not {type(wrong[0]).__name__} {wrong[0]!r}")
         expected = self.input_shapes()
         unknown = [name for name in inputs if name not in expected]
         if unknown:

@@ -132,6 +132,8 @@ API_CALLS = {
     "input object": (lambda: hybrid_infer.load(PROTOTXT, WEIGHTS).run({"data": object()}), InputError, "dtype object"),
     "input complex": (lambda: hybrid_infer.load(PROTOTXT, WEIGHTS).run({"data": np.zeros((1, 1, 16, 16), np.complex64)}),
                       InputError, "dtype complex64"),
+    "input name int": (lambda: hybrid_infer.load(PROTOTXT, WEIGHTS).run({1: np.zeros((1, 1, 16, 16), np.float32)}),
+                       InputError, "input names must be str"),
     "empty batch": (lambda: hybrid_infer.load(PROTOTXT, WEIGHTS).run({"data": np.zeros((0, 1, 16, 16), np.float32)}),
                     InputError, "batch size 0"),
     "caffe device": (lambda: hybrid_infer.load(PROTOTXT, WEIGHTS).run_caffe({"data": np.zeros((1, 1, 16, 16), np.float32)},
