@@ -19,6 +19,7 @@ from hybrid_infer.engines import engine_cache, trt_api
 from hybrid_infer.engines.engine_cache import EngineCache
 from hybrid_infer.errors import EnvironmentProblem, OptionError
 
+from child_process import public_folder, run_in_child
 from conftest import GRAPHS
 from test_tensorrt_build import SETTINGS, gemm
 
@@ -140,31 +141,16 @@ def test_an_unusable_cache_folder_is_reported_before_building(rtx, tmp_path, mon
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="dropping to another user needs root")
-def test_a_cache_folder_without_permissions_is_reported(tmp_path):
-    folder = tmp_path / "locked"
-    folder.mkdir(mode=0o700)
-    tmp_path.chmod(0o755)
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read)
-        message = "no error"
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            EngineCache(folder).check_directory()
-            EngineCache(folder / "sub").check_directory()
-        except Exception as exc:  # reported to the parent, which asserts on it
-            message = f"{type(exc).__name__}: {exc}"
-        os.write(write, message.encode())
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as f:
-        message = f.read().decode()
-    os.waitpid(pid, 0)
-    # pytest's own folders are private to root: the folder cannot even be reached.
-    assert message.startswith(f"EnvironmentProblem: engine cache {folder}: ")
-    assert ("Permission denied" in message or "not a writable folder" in message) and "--engine-cache DIR" in message
+def test_a_cache_folder_without_permissions_is_reported():
+    with public_folder() as parent:
+        locked = parent / "locked"
+        locked.mkdir(mode=0o700)
+        assert run_in_child(lambda: EngineCache(locked).check_directory(), as_nobody=True) == \
+            f"EnvironmentProblem: engine cache {locked}: not a writable folder; pass --engine-cache DIR or set " \
+            "HYBRID_INFER_ENGINE_CACHE to a writable folder"
+        assert run_in_child(lambda: EngineCache(locked / "sub").check_directory(), as_nobody=True) == \
+            f"EnvironmentProblem: engine cache {locked / 'sub'}: Permission denied; pass --engine-cache DIR or set " \
+            "HYBRID_INFER_ENGINE_CACHE to a writable folder"
 
 
 def test_build_command_rebuilds_over_a_damaged_entry(tmp_path, capsys):

@@ -19,6 +19,7 @@ from hybrid_infer.errors import InputError, ModelError
 from hybrid_infer.metrics import relative_l2
 
 from conftest import GRAPHS
+from fuzz_mutators import HOSTILE_LAYERS
 
 LENET = GRAPHS / "lenet_digits"
 RNG = np.random.default_rng(13)
@@ -92,50 +93,31 @@ def test_an_unforeseen_caffe_abort_becomes_an_error_with_caffes_message(make_pro
     assert relative_l2(net.run(x)["cb"], net.run_caffe(x)["cb"]) < 1e-6
 
 
-COUNTING_LAYER = '''
-import os
-import caffe
-
+COUNTING_LAYER = HOSTILE_LAYERS + '''
 
 class CountForward(caffe.Layer):
     """Appends a line per forward call to the file named by param_str (child or parent)."""
     def setup(self, bottom, top): pass
     def reshape(self, bottom, top): top[0].reshape(*bottom[0].data.shape)
     def forward(self, bottom, top):
+        import os
         with open(self.param_str, "a") as f:
             f.write(f"{os.getpid()}\\n")
         top[0].data[...] = bottom[0].data * 2
-
-
-class RaiseInForward(caffe.Layer):
-    def setup(self, bottom, top): pass
-    def reshape(self, bottom, top): top[0].reshape(*bottom[0].data.shape)
-    def forward(self, bottom, top): raise ValueError("refusing this input")
-
-
-class RaiseOnSecondCall(caffe.Layer):
-    calls = 0
-    def setup(self, bottom, top): pass
-    def reshape(self, bottom, top): top[0].reshape(*bottom[0].data.shape)
-    def forward(self, bottom, top):
-        type(self).calls += 1
-        if type(self).calls > 1:
-            raise ArithmeticError("second call refused")
-        top[0].data[...] = bottom[0].data
 '''
 
 
 @pytest.fixture
 def python_layer_net(make_prototxt, tmp_path, monkeypatch):
     """A net with one Python layer of the given class from COUNTING_LAYER."""
-    (tmp_path / "fuzz_layers13.py").write_text(COUNTING_LAYER)
+    (tmp_path / "hostile_layers.py").write_text(COUNTING_LAYER)
     monkeypatch.syspath_prepend(str(tmp_path))
 
     def make(layer: str, param: str = "") -> str:
         return str(make_prototxt(f'''
             layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 1 dim: 2 dim: 3 dim: 3 }} }} }}
             layer {{ name: "py" type: "Python" bottom: "data" top: "py"
-                    python_param {{ module: "fuzz_layers13" layer: "{layer}" param_str: "{param}" }} }}'''))
+                    python_param {{ module: "hostile_layers" layer: "{layer}" param_str: "{param}" }} }}'''))
     return make
 
 
@@ -159,7 +141,7 @@ def test_each_new_input_shape_is_rehearsed_once_in_a_child(python_layer_net, tmp
 def test_a_python_layer_raising_in_forward_is_a_clear_error(python_layer_net):
     net = hybrid_infer.load(python_layer_net("RaiseInForward"), random_weights=0)
     for call in (net.run, net.run_caffe):
-        with pytest.raises(ModelError, match=r"ValueError: refusing this input \(raised in fuzz_layers13\.py:\d+, forward\)"):
+        with pytest.raises(ModelError, match=r"ValueError: hostile layer: forward refuses \(raised in hostile_layers\.py:\d+, forward\)"):
             call(_inputs((1, 2, 3, 3)))
 
 
@@ -167,7 +149,7 @@ def test_a_python_layer_raising_after_the_rehearsal_is_a_clear_error_too(python_
     net = hybrid_infer.load(python_layer_net("RaiseOnSecondCall"), random_weights=0)
     x = _inputs((1, 2, 3, 3))
     np.testing.assert_array_equal(net.run(x)["py"], x["data"])  # the child's call does not count here
-    with pytest.raises(ModelError, match=r"a layer raised ArithmeticError: second call refused"):
+    with pytest.raises(ModelError, match=r"a layer raised ArithmeticError: hostile layer: second call refused"):
         net.run(x)
 
 

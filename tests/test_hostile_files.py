@@ -25,6 +25,7 @@ from hybrid_infer.inputs import Preprocessing, load_input, read_labels
 from hybrid_infer.model.caffemodel import read_caffemodel
 from hybrid_infer.model.protofile import read_prototxt
 
+from child_process import public_folder, run_in_child
 from conftest import GRAPHS
 
 LENET = [str(GRAPHS / "lenet_digits/deploy.prototxt"), "--weights", str(GRAPHS / "lenet_digits/lenet_digits.caffemodel")]
@@ -245,38 +246,18 @@ def test_too_long_and_looping_paths_are_clean_errors(tmp_path):
         read_prototxt(tmp_path / ("m" * 300))
 
 
-def _as_nobody(fn) -> str:
-    """Run ``fn()`` in a child that gave up root; return the error message it raised."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read)
-        message = b"no error"
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            fn()
-        except Exception as exc:  # reported to the parent, which asserts on it
-            message = f"{type(exc).__name__}: {exc}".encode()
-        os.write(write, message)
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as f:
-        message = f.read().decode()
-    os.waitpid(pid, 0)
-    return message
-
-
 @pytest.mark.skipif(not IS_ROOT, reason="dropping to another user needs root")
-def test_unreadable_files_are_clean_errors(tmp_path):
-    tmp_path.chmod(0o755)
-    for name in ("x.npy", "labels.txt", "m.prototxt"):
-        (tmp_path / name).write_bytes(b"x")
-        (tmp_path / name).chmod(0o600)
-    assert _as_nobody(lambda: load_input(tmp_path / "x.npy", SHAPE, Preprocessing())) == \
-        f"InputError: input file '{tmp_path / 'x.npy'}': cannot read it (Permission denied)"
-    assert _as_nobody(lambda: read_labels(tmp_path / "labels.txt")).startswith("InputError: --labels")
-    assert _as_nobody(lambda: read_prototxt(tmp_path / "m.prototxt")).endswith("(Permission denied)")
+def test_unreadable_files_are_clean_errors():
+    with public_folder() as folder:
+        for name in ("x.npy", "labels.txt", "m.prototxt"):
+            (folder / name).write_bytes(b"x")
+            (folder / name).chmod(0o600)
+        assert run_in_child(lambda: load_input(folder / "x.npy", SHAPE, Preprocessing()), as_nobody=True) == \
+            f"InputError: input file '{folder / 'x.npy'}': cannot read it (Permission denied)"
+        assert run_in_child(lambda: read_labels(folder / "labels.txt"), as_nobody=True) == \
+            f"InputError: --labels '{folder / 'labels.txt'}': cannot read it (Permission denied)"
+        assert run_in_child(lambda: read_prototxt(folder / "m.prototxt"), as_nobody=True) == \
+            f"ModelError: prototxt '{folder / 'm.prototxt'}': cannot read it (Permission denied)"
 
 
 @pytest.mark.parametrize("data, says", [

@@ -9,6 +9,7 @@ from hybrid_infer.cli.main import main
 from hybrid_infer.errors import HybridInferError, InputError, OptionError
 from hybrid_infer.metrics import compare_outputs, relative_l2
 
+from child_process import run_in_child
 from conftest import GRAPHS
 
 PROTOTXT = str(GRAPHS / "lenet_digits/deploy.prototxt")
@@ -73,42 +74,15 @@ def test_a_batch_too_large_for_memory_is_refused_before_allocating(capsys):
         net.check_memory(2**31 - 1)
 
 
-def _in_child_with_memory(limit_bytes: int, fn) -> str:
-    """Run ``fn()`` in a forked child whose address space may grow by ``limit_bytes`` only;
-    return the message of what it raised ("no error" otherwise)."""
-    import os
-    import resource
-
-    from hybrid_infer.memory_budget import address_space_bytes
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read)
-        message = "no error"
-        try:
-            limit = address_space_bytes() + limit_bytes
-            resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
-            fn()
-        except BaseException as exc:  # reported to the parent, which asserts on it
-            message = f"{type(exc).__name__}: {exc}"
-        os.write(write, message.encode())
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as f:
-        message = f.read().decode()
-    os.waitpid(pid, 0)
-    return message
-
-
 def test_random_weights_too_large_for_memory_are_refused(make_prototxt):
     """25 M parameters: Caffe sets them up in 100 MB, random weights need 300 MB more, and the
     process may take 250 MB: refused with the budget's message, not a MemoryError."""
     path = make_prototxt('''
         layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 5000 } } }
         layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { num_output: 5000 } }''')
-    message = _in_child_with_memory(250 * 2**20, lambda: hybrid_infer.load(path, random_weights=1))
+    message = run_in_child(lambda: hybrid_infer.load(path, random_weights=1), extra_address_space=250 * 2**20)
     assert message.startswith("InputError: random weights for") and "needs about 0.3 GiB of memory" in message
-    assert _in_child_with_memory(1 * 2**30, lambda: hybrid_infer.load(path, random_weights=1)) == "no error"
+    assert run_in_child(lambda: hybrid_infer.load(path, random_weights=1), extra_address_space=2**30) == "no error"
 
 
 API_CALLS = {
