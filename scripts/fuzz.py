@@ -44,6 +44,8 @@ def main() -> int:
     lock = threading.Lock()
     start = time.monotonic()
 
+    failures: list[BaseException] = []
+
     def work(job: int) -> None:
         runner = Runner(root / f"job{job}", args.timeout)
         try:
@@ -59,6 +61,9 @@ def main() -> int:
                         print(describe(outcome), flush=True)
                     if done % 100 == 0:
                         print(f"{done}/{args.cases} cases, {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+        except BaseException as exc:  # a fault of the harness itself: reported after the others finish
+            failures.append(exc)
+            raise
         finally:
             runner.close()
 
@@ -67,6 +72,8 @@ def main() -> int:
         t.start()
     for t in threads:
         t.join()
+    if failures:
+        raise RuntimeError(f"the fuzz harness itself failed after {len(outcomes)} cases") from failures[0]
     ordered = [outcomes[i] for i in sorted(outcomes)]
     seconds = time.monotonic() - start
     broken = [o for o in ordered if o.category in BROKEN]

@@ -238,6 +238,13 @@ def _tolerance(argv: list[str]) -> float:
     return 1e-4
 
 
+def _onnx_without_manifest(out: Path) -> bool:
+    try:
+        return out.is_dir() and any(out.glob("*.onnx")) and not (out / "manifest.json").is_file()
+    except OSError:  # a name too long to be a folder: nothing was exported
+        return False
+
+
 def judge(case: Case, folder: Path, report: dict, specials: dict, before: set[str]) -> tuple[str, str]:
     """The outcome category of a finished case, and the line that shows why."""
     stdout, stderr = _read(folder / "stdout"), _read(folder / "stderr")
@@ -255,10 +262,8 @@ def judge(case: Case, folder: Path, report: dict, specials: dict, before: set[st
     leftovers = sorted(p for p in _tree(folder) - before if _LEFTOVER.search(p) or p.startswith("tmp/"))
     if leftovers:
         return LEFTOVER, ", ".join(leftovers[:3])
-    if case.export_dir:
-        out = folder / case.export_dir
-        if out.is_dir() and any(out.glob("*.onnx")) and not (out / "manifest.json").is_file():
-            return LEFTOVER, f"{case.export_dir} holds ONNX files without manifest.json"
+    if case.export_dir and _onnx_without_manifest(folder / case.export_dir):
+        return LEFTOVER, f"{case.export_dir} holds ONNX files without manifest.json"
     code = report["code"]
     if code == 0:
         return OK, ""
