@@ -319,6 +319,50 @@ def v1_model(ctx: Ctx) -> Case:
     return Case("v1_model", f"V1 prototxt, {step}", command(ctx, seed, name, choices=["run", "run", "partition"]))
 
 
+def _first_input(text: str) -> tuple[str, list[int]]:
+    """The first input's name and shape as the prototxt writes them (legacy fields or Input)."""
+    legacy = re.search(r'^input: *["\']([^"\']+)["\']', text, re.M)
+    if legacy:
+        dims = re.findall(r"^input_dim: *(\d+)", text, re.M)[:4] or re.findall(r"dim: *(\d+)", text)[:4]
+        return legacy.group(1), [int(d) for d in dims]
+    layer = re.search(r'type: *["\']Input["\'].*?top: *["\']([^"\']+)["\'].*?shape *:? *\{([^}]*)\}', text, re.S)
+    if layer:
+        return layer.group(1), [int(d) for d in re.findall(r"dim: *(\d+)", layer.group(2))]
+    return "data", [1, 3, 8, 8]
+
+
+def input_shape(ctx: Ctx) -> Case:
+    """--input-shape on every kind of seed: spatial sizes halved, doubled, 1x1, tiny, absurd,
+    another batch, another rank; big nets become cheap to run, or refuse their size."""
+    rng = ctx.rng
+    seed = rng.choice(SEEDS)
+    name, dims = _first_input(seed.prototxt.read_text())
+    dims = dims or [1, 3, 8, 8]
+    how = rng.choice(["half", "double", "ones", "small", "absurd", "batch 3", "drop axis", "add axis", "as is"])
+    new = list(dims)
+    if how == "half":
+        new = dims[:2] + [max(1, d // 2) for d in dims[2:]]
+    elif how == "double" and seed.runnable:
+        new = dims[:2] + [2 * d for d in dims[2:]]
+    elif how == "ones":
+        new = dims[:2] + [1 for _ in dims[2:]]
+    elif how == "small":
+        new = dims[:2] + [rng.choice([3, 7, 17, 33]) for _ in dims[2:]]
+    elif how == "absurd":
+        new = dims[:2] + [rng.choice([10**5, 2**31 - 1]) for _ in dims[2:]]
+    elif how == "batch 3":
+        new = [3] + dims[1:]
+    elif how == "drop axis":
+        new = dims[:-1]
+    elif how == "add axis":
+        new = dims + [2]
+    spec = f"{name}={'x'.join(map(str, new))}"
+    small_enough = seed.runnable or (len(new) == 4 and new[2] * new[3] <= 64 * 64)
+    cmd = command(ctx, Seed(seed.name, seed.prototxt, seed.weights, runnable=small_enough,
+                            python_layers=seed.python_layers), str(seed.prototxt), extra=("--input-shape", spec))
+    return Case("input_shape", f"{seed.name}: --input-shape {spec} ({how})", cmd)
+
+
 # --- weights ----------------------------------------------------------------------------------
 
 def caffemodel_bytes(ctx: Ctx) -> Case:
@@ -761,6 +805,7 @@ MUTATORS: dict[str, Callable[[Ctx], Case]] = {
     "prototxt_text": prototxt_text,
     "injected_layer": injected_layer,
     "v1_model": v1_model,
+    "input_shape": input_shape,
     "caffemodel_bytes": caffemodel_bytes,
     "input_file": input_file,
     "labels_file": labels_file,
@@ -774,7 +819,7 @@ MUTATORS: dict[str, Callable[[Ctx], Case]] = {
 #: How often each mutator is drawn (the model mutators find the most).
 WEIGHTS = {"prototxt_text": 5, "injected_layer": 4, "caffemodel_bytes": 2, "input_file": 3, "option_value": 2,
            "output_path": 2, "engine_cache": 1, "api_call": 1, "model_path": 1, "labels_file": 1,
-           "command_line": 1, "v1_model": 1}
+           "command_line": 1, "v1_model": 1, "input_shape": 2}
 
 
 def make_case(index: int, seed: int, folder: Path, golden_cache: Optional[Path]) -> Case:

@@ -46,7 +46,9 @@ def _upgrade_v1(path: Path) -> NetParameter:
         out = Path(tmp) / path.name
         # logtostderr: the tool calls InitGoogleLogging, which otherwise leaves a log file in
         # the temporary folder (/tmp/upgrade_net_proto_*.INFO...) on every load.
+        # errors="replace": the tool echoes parts of the file, which need not be UTF-8.
         proc = subprocess.run([str(tool), str(path), str(out)], capture_output=True, text=True,
+                              errors="replace",
                               env={**os.environ, "GLOG_minloglevel": "0", "GLOG_logtostderr": "1"})
         if proc.returncode != 0 or not out.exists():
             last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
