@@ -89,7 +89,7 @@ def shape(value: Any, name: str) -> tuple[int, ...]:
         raise _error(name, f"must be a sequence of dimensions, not {type(value).__name__} {value!r}")
     dims = tuple(integer(d, f"{name} dimension", 1) for d in value)
     if not dims:
-        raise _error(name, f"needs at least one dimension")
+        raise _error(name, "needs at least one dimension")
     return dims
 
 

@@ -64,6 +64,7 @@ def compare_outputs(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.
             finite = diff[np.isfinite(diff)]
             max_abs = float(finite.max()) if finite.size else 0.0
             if ref.ndim >= 2 and all(d == 1 for d in ref.shape[2:]) and ref.shape[1] > 1 and len(ref):
-                top1 = float(np.mean(np.argmax(got.reshape(len(got), -1), 1) == np.argmax(ref.reshape(len(ref), -1), 1)))
+                top1 = float(np.mean(np.argmax(got.reshape(len(got), -1), 1)
+                                     == np.argmax(ref.reshape(len(ref), -1), 1)))
         rows.append(OutputDifference(name, max_abs, relative_l2(got, ref), top1, note))
     return rows

@@ -32,7 +32,8 @@ from hybrid_infer.model.isolated import Rehearsal, call_isolated
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "models"
 MODELS = {
-    "lenet_digits": (REPO / "graphs/lenet_digits/deploy.prototxt", REPO / "graphs/lenet_digits/lenet_digits.caffemodel"),
+    "lenet_digits": (REPO / "graphs/lenet_digits/deploy.prototxt",
+                     REPO / "graphs/lenet_digits/lenet_digits.caffemodel"),
     "python_layer_net": (REPO / "graphs/python_layer_net/deploy.prototxt", None),
     "squeezenet1.1": (SHARED / "squeezenet_v1.1/deploy.prototxt", None),
     "googlenet": (SHARED / "bvlc_googlenet/deploy.prototxt", None),

@@ -60,7 +60,8 @@ def main() -> int:
                     if outcome.category in BROKEN:
                         print(describe(outcome), flush=True)
                     if done % 100 == 0:
-                        print(f"{done}/{args.cases} cases, {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+                        print(f"{done}/{args.cases} cases, {time.monotonic() - start:.0f} s", file=sys.stderr,
+                              flush=True)
         except BaseException as exc:  # a fault of the harness itself: reported after the others finish
             failures.append(exc)
             raise

@@ -5,11 +5,12 @@ exit 2 and one clean error line; never a Python traceback, a signal (Caffe's abo
 a special file replaced, or a temporary file left behind.
 
 How a case runs: a worker process (this file run with ``--worker``) imports hybrid_infer,
-pycaffe, ONNX Runtime and Pillow once, then forks one child per case. The child becomes
+pycaffe, ONNX and Pillow once, then forks one child per case. The child becomes
 exactly what ``hybrid-infer ARGS`` is, only without the start-up cost: it moves to the case
 folder, points ``TMPDIR`` there, sends its output to files, calls ``cli.main.main(argv)``
 and exits through the interpreter (so finalizers, atexit and tracebacks behave as in the
-real command; ONNX Runtime is the one library each case imports anew, see ``serve``). The worker waits with a timeout and kills the child's whole process group
+real command; ONNX Runtime is the one library each case imports anew, see ``serve``).
+The worker waits with a timeout and kills the child's whole process group
 on a hang; a signal or a timeout is recorded for the harness. Children get no core files
 and an 8 GiB address-space limit, so a runaway case cannot take the shared machine down.
 

@@ -59,7 +59,8 @@ def _seeds() -> list[Seed]:
     seeds += [
         Seed("lenet_mnist", s / "lenet_mnist/mnist_deploy.prototxt", s / "lenet_mnist/lenet_iter_10000.caffemodel",
              tuple(sorted((s / "lenet_mnist/samples").glob("*.png")))[:3], ("--scale", "0.00390625")),
-        Seed("cifar10_full", s / "cifar10_full/cifar10_full.prototxt", s / "cifar10_full/cifar10_full_iter_70000.caffemodel"),
+        Seed("cifar10_full", s / "cifar10_full/cifar10_full.prototxt",
+             s / "cifar10_full/cifar10_full_iter_70000.caffemodel"),
         *(Seed(f"mtcnn_{d}", s / f"mtcnn/{d}.prototxt", s / f"mtcnn/{d}.caffemodel",
                (s / "mtcnn/test1.jpg",) if d != "det4" else ()) for d in ("det1", "det2", "det3", "det4")),
         Seed("fsrcnn", s / "fsrcnn/FSRCNN_mat.prototxt", s / "fsrcnn/snapshot_iter_2546000.caffemodel"),
@@ -69,7 +70,8 @@ def _seeds() -> list[Seed]:
         *(Seed(name, s / path, runnable=False) for name, path in (
             ("googlenet", "bvlc_googlenet/deploy.prototxt"), ("resnet50", "resnet_50/ResNet-50-deploy.prototxt"),
             ("alexnet", "bvlc_alexnet/deploy.prototxt"), ("caffenet", "bvlc_caffenet/deploy.prototxt"),
-            ("squeezenet", "squeezenet_v1.1/deploy.prototxt"), ("mobilenet_v1", "mobilenet_v1/mobilenet_deploy.prototxt"),
+            ("squeezenet", "squeezenet_v1.1/deploy.prototxt"),
+            ("mobilenet_v1", "mobilenet_v1/mobilenet_deploy.prototxt"),
             ("mobilenet_ssd", "mobilenet_ssd/MobileNetSSD_deploy.prototxt"))),
     ]
     return seeds
@@ -201,32 +203,35 @@ def prototxt_text(ctx: Ctx) -> Case:
     return Case("prototxt_text", f"{seed.name}: {'; '.join(steps)}", command(ctx, seed, name))
 
 
-# Layers appended after a small trained model's last layer; BOTTOM is replaced by its last top.
+def _after(layer_type: str, params: str = "", tops: str = 'top: "inj"') -> str:
+    """A layer reading BOTTOM (replaced by the model's last top)."""
+    return f'layer {{ name: "inj" type: "{layer_type}" bottom: "BOTTOM" {tops} {params} }}'
+
+
+def _python(layer: str, module: str = "hostile_layers") -> str:
+    return _after("Python", f'python_param {{ module: "{module}" layer: "{layer}" }}')
+
+
+# Layers appended after a small model's last layer.
 INJECTED = {
-    "stochastic pooling": 'layer { name: "inj" type: "Pooling" bottom: "BOTTOM" top: "inj" '
-                          'pooling_param { pool: STOCHASTIC kernel_size: 1 } }',
-    "power nan": 'layer { name: "inj" type: "Power" bottom: "BOTTOM" top: "inj" power_param { power: 0.5 scale: 0 shift: -1 } }',
-    "log": 'layer { name: "inj" type: "Log" bottom: "BOTTOM" top: "inj" }',
-    "exp overflow": 'layer { name: "inj" type: "Exp" bottom: "BOTTOM" top: "inj" exp_param { scale: 1000 } }',
-    "reshape fixed batch": 'layer { name: "inj" type: "Reshape" bottom: "BOTTOM" top: "inj" reshape_param { shape { dim: 1 dim: -1 } } }',
-    "reshape bad count": 'layer { name: "inj" type: "Reshape" bottom: "BOTTOM" top: "inj" reshape_param { shape { dim: 0 dim: 7 dim: 3 } } }',
-    "slice batch axis": 'layer { name: "inj" type: "Slice" bottom: "BOTTOM" top: "inj" top: "inj2" slice_param { axis: 0 slice_point: 1 } }',
-    "softmax bad axis": 'layer { name: "inj" type: "Softmax" bottom: "BOTTOM" top: "inj" softmax_param { axis: 7 } }',
-    "huge inner product": 'layer { name: "inj" type: "InnerProduct" bottom: "BOTTOM" top: "inj" inner_product_param { num_output: 2000000000 } }',
-    "zero inner product": 'layer { name: "inj" type: "InnerProduct" bottom: "BOTTOM" top: "inj" inner_product_param { num_output: 0 } }',
-    "argmax": 'layer { name: "inj" type: "ArgMax" bottom: "BOTTOM" top: "inj" argmax_param { top_k: 3 } }',
-    "threshold": 'layer { name: "inj" type: "Threshold" bottom: "BOTTOM" top: "inj" threshold_param { threshold: 0.5 } }',
-    "tile": 'layer { name: "inj" type: "Tile" bottom: "BOTTOM" top: "inj" tile_param { axis: 1 tiles: 3 } }',
-    "python raises in forward": 'layer { name: "inj" type: "Python" bottom: "BOTTOM" top: "inj" '
-                                'python_param { module: "hostile_layers" layer: "RaiseInForward" } }',
-    "python raises in setup": 'layer { name: "inj" type: "Python" bottom: "BOTTOM" top: "inj" '
-                              'python_param { module: "hostile_layers" layer: "RaiseInSetup" } }',
-    "python wrong top shape": 'layer { name: "inj" type: "Python" bottom: "BOTTOM" top: "inj" '
-                              'python_param { module: "hostile_layers" layer: "WrongShape" } }',
-    "python raises sometimes": 'layer { name: "inj" type: "Python" bottom: "BOTTOM" top: "inj" '
-                               'python_param { module: "hostile_layers" layer: "RaiseOnSecondCall" } }',
-    "python missing module": 'layer { name: "inj" type: "Python" bottom: "BOTTOM" top: "inj" '
-                             'python_param { module: "no_such_module" layer: "X" } }',
+    "stochastic pooling": _after("Pooling", "pooling_param { pool: STOCHASTIC kernel_size: 1 }"),
+    "power nan": _after("Power", "power_param { power: 0.5 scale: 0 shift: -1 }"),
+    "log": _after("Log"),
+    "exp overflow": _after("Exp", "exp_param { scale: 1000 }"),
+    "reshape fixed batch": _after("Reshape", "reshape_param { shape { dim: 1 dim: -1 } }"),
+    "reshape bad count": _after("Reshape", "reshape_param { shape { dim: 0 dim: 7 dim: 3 } }"),
+    "slice batch axis": _after("Slice", "slice_param { axis: 0 slice_point: 1 }", 'top: "inj" top: "inj2"'),
+    "softmax bad axis": _after("Softmax", "softmax_param { axis: 7 }"),
+    "huge inner product": _after("InnerProduct", "inner_product_param { num_output: 2000000000 }"),
+    "zero inner product": _after("InnerProduct", "inner_product_param { num_output: 0 }"),
+    "argmax": _after("ArgMax", "argmax_param { top_k: 3 }"),
+    "threshold": _after("Threshold", "threshold_param { threshold: 0.5 }"),
+    "tile": _after("Tile", "tile_param { axis: 1 tiles: 3 }"),
+    "python raises in forward": _python("RaiseInForward"),
+    "python raises in setup": _python("RaiseInSetup"),
+    "python wrong top shape": _python("WrongShape"),
+    "python raises sometimes": _python("RaiseOnSecondCall"),
+    "python missing module": _python("X", module="no_such_module"),
     "memory data": 'layer { name: "inj" type: "MemoryData" top: "inj" top: "inj_label" '
                    'memory_data_param { batch_size: 1 channels: 1 height: 4 width: 4 } }',
     "input without shape": 'layer { name: "inj" type: "Input" top: "inj" }',
@@ -457,7 +462,8 @@ def _hostile_input(ctx: Ctx, seed: Seed, shape: tuple[int, ...]) -> tuple[str, s
     elif kind == "pgm maxval 0":
         ctx.write("in.pgm", b"P5\n4 4\n0\n" + bytes(16))
     elif kind == "truncated png":
-        data = seed.samples[0].read_bytes() if seed.samples and seed.samples[0].suffix == ".png" else _png(4, 4, bytes(20))
+        png = seed.samples and seed.samples[0].suffix == ".png"
+        data = seed.samples[0].read_bytes() if png else _png(4, 4, bytes(20))
         ctx.write("in.png", data[:rng.randrange(8, max(9, len(data)))])
     elif kind == "random bytes png":
         ctx.write("in.png", bytes(rng.randrange(256) for _ in range(200)))
@@ -496,7 +502,8 @@ def input_file(ctx: Ctx) -> Case:
     kind, name = _hostile_input(ctx, seed, _SHAPES[seed.name])
     extra = ["--input", name, *seed.input_args]
     if ctx.rng.random() < 0.3:
-        extra += ctx.rng.choice([["--batch", "2"], ["--resize", "8x8"], ["--channel-order", "rgb"], ["--mean", "1", "2"]])
+        extra += ctx.rng.choice([["--batch", "2"], ["--resize", "8x8"], ["--channel-order", "rgb"],
+                                 ["--mean", "1", "2"]])
     return Case("input_file", f"{seed.name}: input {kind}", command(ctx, seed, str(seed.prototxt), extra=tuple(extra),
                                                                      choices=["run", "run", "run", "diff"]))
 
@@ -576,11 +583,13 @@ def command_line(ctx: Ctx) -> Case:
     m, w = str(seed.prototxt), str(seed.weights)
     argv = ctx.rng.choice([
         [], ["bogus"], ["run"], ["run", m, "--weights"], ["run", m, "--weights", w, "--random-weights", "1"],
-        ["partition", m, "--check"], ["run", m, "--weights", w, "--engine", "cuda"], ["run", "", "--random-weights", "1"],
+        ["partition", m, "--check"], ["run", m, "--weights", w, "--engine", "cuda"],
+        ["run", "", "--random-weights", "1"],
         ["run", m, "--weights", ""], ["--debug"], ["run", m, "--random-weights", "1", "--input", "="],
         ["run", m, "--random-weights", "1", "--input", "nothere=x.npy"], ["compare", m, "--random-weights", "1",
                                                                           "--partition", "profile=bogus"],
-        ["compare", m, "--random-weights", "1", "--partition", "min=x"], ["run", m, "--random-weights", "1", "--fallback"],
+        ["compare", m, "--random-weights", "1", "--partition", "min=x"],
+        ["run", m, "--random-weights", "1", "--fallback"],
         ["run", m, "--random-weights", "1", "--output-blob", "nothere"], ["partition", m, "--format", "pdf"],
         ["run", m, "--random-weights", "1", "--profile", "x"], ["run", m, "--random-weights", "1", "--", "x"],
         ["partition", m, "--fallback", "Convolution", "--require-full"], ["export", m, "--random-weights", "1"],
@@ -652,7 +661,8 @@ def output_path(ctx: Ctx) -> Case:
         if plot and kind in ("plain", "symlink to file"):
             name += ".png"
             specials = _special(ctx, kind, name) if kind == "symlink to file" else []
-        argv = ["compare", m, *w, "--partition", "caffe", "--runs", "1", "--warmup", "0", "--plot" if plot else "--json", name]
+        argv = ["compare", m, *w, "--partition", "caffe", "--runs", "1", "--warmup", "0",
+                "--plot" if plot else "--json", name]
     return Case("output_path", f"{cmd} to {kind}", argv, specials=specials,
                 export_dir=name if cmd == "export" and not name.startswith("/") else None)
 

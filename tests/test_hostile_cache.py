@@ -11,6 +11,7 @@ import os
 import stat
 import threading
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -67,17 +68,28 @@ def _replace_with(path: Path, kind: str, tmp_path: Path) -> None:
         path.symlink_to(tmp_path / "copy")
 
 
+def _changed(**fields) -> Callable[[dict], bytes]:
+    """A sidecar like the good one with ``fields`` replaced (``engine`` fields merged in)."""
+    def change(good: dict) -> bytes:
+        data = dict(good)
+        for key, value in fields.items():
+            data[key] = {**good["engine"], **value} if key == "engine" and isinstance(value, dict) else value
+        return json.dumps(data).encode()
+    return change
+
+
 SIDECARS = {
-    "a JSON list": ("[1, 2]", "sidecar from another cache format"),
-    "a JSON string": ('"x"', "sidecar from another cache format"),
-    "not UTF-8": (b"\xff\xfe{", "unreadable sidecar"),
-    "plan_size a string": ({"plan_size": "12"}, "plan size or checksum missing or of the wrong type"),
-    "plan_size true": ({"plan_size": True}, "plan size or checksum missing or of the wrong type"),
-    "plan_size enormous": ({"plan_size": 10**15}, "plan size or checksum missing or of the wrong type"),
-    "checksum a number": ({"plan_sha256": 5}, "plan size or checksum missing or of the wrong type"),
-    "engine a list": ({"engine": []}, "engine metadata is a list, not an object"),
-    "input names a string": ({"engine": {"input_names": "abc"}}, "field 'input_names' has the wrong type"),
-    "engine field missing": ({"engine": {"module": "x"}}, "engine metadata has no"),
+    "a JSON list": (lambda good: b"[1, 2]", "sidecar from another cache format"),
+    "a JSON string": (lambda good: b'"x"', "sidecar from another cache format"),
+    "not UTF-8": (lambda good: b"\xff\xfe{", "unreadable sidecar"),
+    "plan_size a string": (_changed(plan_size="12"), "plan size or checksum missing or of the wrong type"),
+    "plan_size true": (_changed(plan_size=True), "plan size or checksum missing or of the wrong type"),
+    "plan_size enormous": (_changed(plan_size=10**15), "plan size or checksum missing or of the wrong type"),
+    "checksum a number": (_changed(plan_sha256=5), "plan size or checksum missing or of the wrong type"),
+    "engine a list": (_changed(engine=[]), "engine metadata is a list, not an object"),
+    "input names a string": (_changed(engine={"input_names": "abc"}), "field 'input_names' has the wrong type"),
+    "engine field missing": (lambda good: json.dumps({**good, "engine": {"module": "x"}}).encode(),
+                             "engine metadata has no"),
 }
 
 
@@ -85,16 +97,7 @@ SIDECARS = {
 def test_a_sidecar_of_the_wrong_shape_is_a_miss_and_rebuilt(rtx, entry, name):
     cache, plan, meta, good = entry
     change, reason = SIDECARS[name]
-    if isinstance(change, dict):
-        data = dict(good)
-        for key, value in change.items():
-            data[key] = {**good[key], **value} if key == "engine" and isinstance(value, dict) and "module" not in value \
-                else value
-        if name == "engine field missing":
-            data["engine"] = {"module": "x"}
-        meta.write_text(json.dumps(data))
-    else:
-        meta.write_bytes(change if isinstance(change, bytes) else change.encode())
+    meta.write_bytes(change(good))
     lookup, built = _lookup_within(cache, good["key"])
     assert built is None and not lookup.hit and reason in lookup.reason, lookup.reason
     rebuilt, again = cache.get_or_build(MODEL, SETTINGS, api=rtx)

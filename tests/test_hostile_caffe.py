@@ -49,7 +49,8 @@ def test_stochastic_pooling_is_refused_on_the_cpu_before_caffe_aborts(make_proto
 def test_memory_data_layer_is_refused_with_the_input_layer_to_write(make_prototxt):
     text = (LENET / "deploy.prototxt").read_text().replace(
         'type: "Input"\n  top: "data"\n  input_param { shape { dim: 1 dim: 1 dim: 16 dim: 16 } }',
-        'type: "MemoryData"\n  top: "data"\n  top: "label"\n  memory_data_param { batch_size: 1 channels: 1 height: 16 width: 16 }')
+        'type: "MemoryData"\n  top: "data"\n  top: "label"\n'
+        '  memory_data_param { batch_size: 1 channels: 1 height: 16 width: 16 }')
     text += 'layer { name: "silence" type: "Silence" bottom: "label" }\n'
     with pytest.raises(ModelError, match=r"MemoryData.*Replace it with an Input layer.*dim: 1 dim: 1 dim: 16 dim: 16"):
         hybrid_infer.load(make_prototxt(text), random_weights=1)
@@ -58,7 +59,8 @@ def test_memory_data_layer_is_refused_with_the_input_layer_to_write(make_prototx
 def test_reshape_fixing_the_batch_runs_at_its_batch_and_is_refused_at_another(make_prototxt):
     path = make_prototxt('''
         layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 4 dim: 4 } } }
-        layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 4 kernel_size: 1 } }
+        layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+                convolution_param { num_output: 4 kernel_size: 1 } }
         layer { name: "rs" type: "Reshape" bottom: "conv" top: "rs" reshape_param { shape { dim: 1 dim: 64 } } }
         layer { name: "ip" type: "InnerProduct" bottom: "rs" top: "ip" inner_product_param { num_output: 3 } }''')
     net = hybrid_infer.load(path, random_weights=3, min_segment_size=1)
@@ -141,7 +143,8 @@ def test_each_new_input_shape_is_rehearsed_once_in_a_child(python_layer_net, tmp
 def test_a_python_layer_raising_in_forward_is_a_clear_error(python_layer_net):
     net = hybrid_infer.load(python_layer_net("RaiseInForward"), random_weights=0)
     for call in (net.run, net.run_caffe):
-        with pytest.raises(ModelError, match=r"ValueError: hostile layer: forward refuses \(raised in hostile_layers\.py:\d+, forward\)"):
+        with pytest.raises(ModelError, match=r"ValueError: hostile layer: forward refuses "
+                                             r"\(raised in hostile_layers\.py:\d+, forward\)"):
             call(_inputs((1, 2, 3, 3)))
 
 

@@ -28,7 +28,8 @@ from hybrid_infer.model.protofile import read_prototxt
 from child_process import public_folder, run_in_child
 from conftest import GRAPHS
 
-LENET = [str(GRAPHS / "lenet_digits/deploy.prototxt"), "--weights", str(GRAPHS / "lenet_digits/lenet_digits.caffemodel")]
+LENET = [str(GRAPHS / "lenet_digits/deploy.prototxt"),
+         "--weights", str(GRAPHS / "lenet_digits/lenet_digits.caffemodel")]
 IS_ROOT = os.geteuid() == 0
 
 
@@ -134,7 +135,8 @@ def test_export_writes_all_files_or_none(tmp_path, capsys):
     (out / "manifest.json").rmdir()
     assert main(["export", *LENET, "-o", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", *(s["onnx"] for s in manifest["segments"])])
+    onnx_files = [s["onnx"] for s in manifest["segments"]]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", *onnx_files])
 
 
 def test_a_failure_between_staging_and_renaming_removes_the_new_files(tmp_path):

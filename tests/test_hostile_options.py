@@ -85,9 +85,13 @@ def test_random_weights_too_large_for_memory_are_refused(make_prototxt):
     assert run_in_child(lambda: hybrid_infer.load(path, random_weights=1), extra_address_space=2**30) == "no error"
 
 
+def _lenet() -> hybrid_infer.HybridNet:
+    return hybrid_infer.load(PROTOTXT, WEIGHTS)
+
+
 API_CALLS = {
     "prototxt int": (lambda: hybrid_infer.load(123), OptionError, "prototxt must be a file path"),
-    "seed str": (lambda: hybrid_infer.load(PROTOTXT, random_weights="1"), OptionError, "random_weights must be a whole"),
+    "seed str": (lambda: hybrid_infer.load(PROTOTXT, random_weights="1"), OptionError, "must be a whole"),
     "seed negative": (lambda: hybrid_infer.load(PROTOTXT, random_weights=-1), OptionError, "0 or more"),
     "seed bool": (lambda: hybrid_infer.load(PROTOTXT, random_weights=True), OptionError, "not bool True"),
     "fallback str": (lambda: hybrid_infer.load(PROTOTXT, fallback="LRN"), OptionError, "list of names"),
@@ -102,16 +106,16 @@ API_CALLS = {
     "device str": (lambda: hybrid_infer.load(PROTOTXT, device="0"), OptionError, "device must be a whole number"),
     "settings dict": (lambda: hybrid_infer.load(PROTOTXT, build_settings={}), OptionError, "BuildSettings"),
     "cache int": (lambda: hybrid_infer.load(PROTOTXT, engine_cache=3), OptionError, "EngineCache"),
-    "inputs list": (lambda: hybrid_infer.load(PROTOTXT, WEIGHTS).run([1, 2]), InputError, "dict of input name"),
-    "input object": (lambda: hybrid_infer.load(PROTOTXT, WEIGHTS).run({"data": object()}), InputError, "dtype object"),
-    "input complex": (lambda: hybrid_infer.load(PROTOTXT, WEIGHTS).run({"data": np.zeros((1, 1, 16, 16), np.complex64)}),
+    "inputs list": (lambda: _lenet().run([1, 2]), InputError, "dict of input name"),
+    "input object": (lambda: _lenet().run({"data": object()}), InputError, "dtype object"),
+    "input complex": (lambda: _lenet().run({"data": np.zeros((1, 1, 16, 16), np.complex64)}),
                       InputError, "dtype complex64"),
-    "input name int": (lambda: hybrid_infer.load(PROTOTXT, WEIGHTS).run({1: np.zeros((1, 1, 16, 16), np.float32)}),
+    "input name int": (lambda: _lenet().run({1: np.zeros((1, 1, 16, 16), np.float32)}),
                        InputError, "input names must be str"),
-    "empty batch": (lambda: hybrid_infer.load(PROTOTXT, WEIGHTS).run({"data": np.zeros((0, 1, 16, 16), np.float32)}),
+    "empty batch": (lambda: _lenet().run({"data": np.zeros((0, 1, 16, 16), np.float32)}),
                     InputError, "batch size 0"),
-    "caffe device": (lambda: hybrid_infer.load(PROTOTXT, WEIGHTS).run_caffe({"data": np.zeros((1, 1, 16, 16), np.float32)},
-                                                                            device="x"), OptionError, "whole number"),
+    "caffe device": (lambda: _lenet().run_caffe({"data": np.zeros((1, 1, 16, 16), np.float32)}, device="x"),
+                     OptionError, "whole number"),
 }
 
 

@@ -24,7 +24,6 @@ from ..executor.engine_factory import build_engines, resolve_engine
 from ..executor.hybrid_executor import HybridExecutor
 from ..graph.layer_graph import LayerGraph
 from ..metrics import nonfinite_note, relative_l2
-from ..model.isolated import caffe_errors
 from ..partition.capability import Capability
 from ..partition.partitioner import Partition, partition
 
