@@ -504,8 +504,9 @@ def input_file(ctx: Ctx) -> Case:
     if ctx.rng.random() < 0.3:
         extra += ctx.rng.choice([["--batch", "2"], ["--resize", "8x8"], ["--channel-order", "rgb"],
                                  ["--mean", "1", "2"]])
-    return Case("input_file", f"{seed.name}: input {kind}", command(ctx, seed, str(seed.prototxt), extra=tuple(extra),
-                                                                     choices=["run", "run", "run", "diff"]))
+    return Case("input_file", f"{seed.name}: input {kind}",
+                command(ctx, seed, str(seed.prototxt), extra=tuple(extra), choices=["run", "run", "run", "diff"]),
+                nan_inputs=kind == "nan npy")
 
 
 def labels_file(ctx: Ctx) -> Case:
