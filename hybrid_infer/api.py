@@ -320,6 +320,7 @@ class HybridNet:
 
         Without ``keep_logits=True`` at load, the logits become segment outputs now, which
         rebuilds the engines once."""
+        tolerance = arguments.real(tolerance, "tolerance", 0.0)
         logits = self._logit_values()
         if any(v not in self._kept for v in logits):
             self.close()

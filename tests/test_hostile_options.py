@@ -114,6 +114,10 @@ API_CALLS = {
                        InputError, "input names must be str"),
     "empty batch": (lambda: _lenet().run({"data": np.zeros((0, 1, 16, 16), np.float32)}),
                     InputError, "batch size 0"),
+    "check tolerance": (lambda: _lenet().check({"data": np.zeros((1, 1, 16, 16), np.float32)}, tolerance="x"),
+                        OptionError, "tolerance must be a number"),
+    "check tolerance nan": (lambda: _lenet().check({"data": np.zeros((1, 1, 16, 16), np.float32)}, tolerance=float("nan")),
+                            OptionError, "tolerance must be a finite number"),
     "caffe device": (lambda: _lenet().run_caffe({"data": np.zeros((1, 1, 16, 16), np.float32)}, device="x"),
                      OptionError, "whole number"),
 }
