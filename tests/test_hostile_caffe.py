@@ -174,3 +174,17 @@ def test_input_dimension_below_one_is_refused(make_prototxt):
         layer { name: "relu" type: "ReLU" bottom: "data" top: "relu" }''')
     with pytest.raises(ModelError, match=r"gives 'data' the shape \(1, 0, 4\); every dimension must be 1 or more"):
         hybrid_infer.load(path)
+
+
+def test_an_onnx_runtime_failure_at_run_time_names_the_layer_to_move(make_prototxt, capsys):
+    """A kernel taller than its input: Caffe's size formula gives one row, ONNX Runtime refuses
+    the shape only when it runs. The error names the layer and the --fallback that works."""
+    path = str(make_prototxt('''
+        layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 3 dim: 9 } } }
+        layer { name: "tall" type: "Convolution" bottom: "data" top: "tall"
+                convolution_param { num_output: 2 kernel_h: 4 kernel_w: 3 stride: 2 } }'''))
+    assert main(["run", path, "--random-weights", "1", "--min-segment-size", "1", "--check"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "ONNX Runtime failed running layer 'tall'" in err[0] and "--fallback tall" in err[0]
+    assert main(["run", path, "--random-weights", "1", "--min-segment-size", "1", "--check", "--fallback", "tall"]) == 0
+    assert "tall: max abs error 0, relative L2 0 OK" in capsys.readouterr().out

@@ -3,6 +3,7 @@ CUDA/TensorRT execution providers where they are installed."""
 from __future__ import annotations
 
 import os
+import re
 from typing import Mapping
 
 import numpy as np
@@ -43,7 +44,7 @@ class OnnxRuntimeEngine:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: a failure is reported once, by run()
         if not idle_spin:
             options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
@@ -53,10 +54,31 @@ class OnnxRuntimeEngine:
             raise EngineRejected(f"ONNX Runtime rejected the segment: {str(exc).splitlines()[0]}") from exc
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
+        #: ONNX node name -> the Caffe layer it was lowered from (the lowering's doc_string).
+        self._layers = {node.name: node.doc_string for node in model.graph.node if node.doc_string}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = self._session.run(self.output_names, {name: feeds[name] for name in self.input_names})
+        """Run the session; a failure at run time (ONNX Runtime checks some shapes only then)
+        is an ``EngineRejected`` naming the Caffe layer whose node failed."""
+        try:
+            results = self._session.run(self.output_names, {name: feeds[name] for name in self.input_names})
+        except Exception as exc:  # ORT raises its own InvalidArgument/Fail/RuntimeException types
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            node = re.search(r"Name:'([^']+)'", message)
+            layer = self._layer_of(node.group(1)) if node else None
+            advice = (f"; run that layer in Caffe instead with --fallback {layer}" if layer
+                      else "; run the segment's layers in Caffe with --fallback")
+            raise EngineRejected(f"ONNX Runtime failed running{f' layer {layer!r}' if layer else ''}: "
+                                 f"{message}{advice}") from None
         return dict(zip(self.output_names, results))
+
+    def _layer_of(self, node: str) -> "str | None":
+        """The Caffe layer of an ONNX node; ORT's optimizer renames nodes it rewrites by adding
+        to the name ("tall" -> "tall_nchwc"), so the longest layer name it starts with."""
+        if node in self._layers:
+            return self._layers[node]
+        starts = [layer for layer in set(self._layers.values()) if node.startswith(layer)]
+        return max(starts, key=len) if starts else None
 
     def close(self) -> None:
         self._session = None
