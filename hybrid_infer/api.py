@@ -11,12 +11,15 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from . import arguments
+from .engines.caffe_batch import check_feed_batch
 from .errors import InputError, OptionError
-from .graph.layer_graph import LayerGraph
+from .graph.layer_graph import Layer, LayerGraph
+from .index_inputs import check_index_inputs, index_inputs
 from .lowering.plugins import LoweringModule, load_lowering_modules
+from .detections import detection_outputs
 from .metrics import OutputDifference, compare_outputs
 from .model.caffe_import import caffe
-from .model.caffe_limits import check_batch, refuse_cpu_unsupported
+from .model.caffe_limits import refuse_cpu_unsupported
 from .model.caffe_model import CaffeModel
 from .memory_budget import check_fits
 from .model.isolated import Rehearsal, caffe_errors
@@ -65,8 +68,9 @@ class CheckResult:
 
     @property
     def ok(self) -> bool:
-        """Every compared blob, logits included, within ``tolerance`` (relative L2)."""
-        return all(row.rel_l2 <= self.tolerance for row in self.rows)
+        """Every compared blob, logits included, within ``tolerance`` (relative L2; DetectionOutput
+        blobs: no difference between detections other than near-ties, see ``detections``)."""
+        return all(row.within(self.tolerance) for row in self.rows)
 
 
 class HybridNet:
@@ -113,6 +117,8 @@ class HybridNet:
         #: Why the engine for supported segments is what it is (set when engines are built).
         self.engine_reason = ""
         self.graph = LayerGraph(model)
+        #: Net inputs that Embed layers read as indices (value id -> those layers).
+        self._index_inputs = index_inputs(self.graph)
         self.requested_engine = engine
         self.output_blobs = list(outputs) or [self.graph.values[v].blob for v in self.graph.outputs]
         self._output_values = [self.graph.value_of_blob(b) for b in self.output_blobs]
@@ -141,6 +147,10 @@ class HybridNet:
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         return {self.graph.values[v].blob: self.graph.values[v].shape for v in self.graph.inputs}
 
+    def index_readers(self, input_blob: str) -> list[Layer]:
+        """The Embed layers that read net input ``input_blob`` as row indices (empty if none)."""
+        return self._index_inputs.get(self.graph.input_value(input_blob), [])
+
     @property
     def segment_engines(self) -> list["SegmentEngine"]:
         return self._ensure_executor().segment_engines
@@ -158,7 +168,7 @@ class HybridNet:
             while True:
                 built = build_engines(self.graph, self.model, self.partition.segments, engine, factory,
                                       caffe_device=self.gpu)
-                named = {layer: f"{engine} refused it: {se.fallback_note}" for se in built
+                named = {layer: f"{se.refused_by} refused it: {se.fallback_note}" for se in built
                          for layer in se.rejected_layers if layer not in rejected}
                 if not named:
                     break
@@ -167,8 +177,8 @@ class HybridNet:
                 for se in built:
                     se.engine.close()
                 rejected.update(named)
-                log.warning("moving %s to Caffe (refused by %s) and partitioning again",
-                            ", ".join(sorted(named)), engine)
+                for layer, why in named.items():
+                    log.warning("moving %s to Caffe and partitioning again: %s", layer, why)
                 self.partition = partition(self.graph, self._capability, self._min_segment_size,
                                            keep_outputs=self._kept, rejected=rejected)
             for se in built:
@@ -178,7 +188,8 @@ class HybridNet:
         return self._executor
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate names, shapes and dtypes; return FP32 arrays keyed by input blob.
+        """Validate names, shapes and dtypes, and the values of inputs that Embed layers read
+        as indices (``index_inputs``); return FP32 arrays keyed by input blob.
 
         Raises ``InputError`` for anything that does not fit the model, including a batch
         whose activations would not fit in memory (``memory_budget.py``)."""
@@ -215,10 +226,11 @@ class HybridNet:
             batch = array.shape[0]
             checked[name] = np.ascontiguousarray(array, dtype=np.float32)
         if batch is not None:
-            check_batch(self.model.layers, batch, next(iter(expected.values()))[0], str(self.model.prototxt))
             if batch < 1:
                 raise InputError(f"inputs have batch size 0: there is nothing to run {self.model.prototxt} on")
             self.check_memory(batch)
+        check_index_inputs(self.graph, self._index_inputs,
+                           {self.graph.input_value(name): array for name, array in checked.items()})
         return checked
 
     def activation_bytes(self, batch: int) -> int:
@@ -260,6 +272,8 @@ class HybridNet:
         where = f"{self.model.prototxt} in pure Caffe"
         if device is None:
             refuse_cpu_unsupported(self.model.layers, where)
+        check_feed_batch(self.graph, self.graph.layers.values(),
+                         {self.graph.input_value(name): array.shape for name, array in checked.items()})
         net = self.model.reference_net()
         if device is None:
             caffe().set_mode_cpu()  # another engine may have left Caffe in GPU mode
@@ -335,7 +349,9 @@ class HybridNet:
         for value in wanted[len(self._output_values):]:
             blob = self.graph.values[value].blob
             names[value] = blob if self.graph.final_value[blob] == value else value
-        rows = compare_outputs({names[v]: got[v] for v in wanted}, {names[v]: want[v] for v in wanted})
+        detections = {names[v]: t for v, t in detection_outputs(self.graph).items() if v in names}
+        rows = compare_outputs({names[v]: got[v] for v in wanted}, {names[v]: want[v] for v in wanted},
+                               detections=detections, tolerance=tolerance)
         return CheckResult(rows, {names[v]: softmax for v, softmax in logits.items()}, tolerance)
 
     def partition_report(self, fmt: str = "text") -> str:

@@ -143,3 +143,8 @@ def read_labels(path: Path) -> list[str]:
 
 def random_input(shape: Sequence[int], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def random_indices(shape: Sequence[int], bound: int, seed: int = 0) -> np.ndarray:
+    """Random whole numbers in [0, bound) as float32, for inputs that layers read as indices."""
+    return np.random.default_rng(seed).integers(0, bound, size=shape).astype(np.float32)

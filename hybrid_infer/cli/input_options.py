@@ -10,7 +10,8 @@ import numpy as np
 
 from ..api import HybridNet
 from ..errors import InputError, OptionError
-from ..inputs import Preprocessing, load_input, random_input
+from ..index_inputs import index_bound
+from ..inputs import Preprocessing, load_input, random_indices, random_input
 from .option_types import float_type, int_type, resize
 
 
@@ -55,8 +56,16 @@ def gather_inputs(net: HybridNet, specs: list[str], prep: Preprocessing,
             inputs[name] = _stack([(f, load_input(f, shape, prep)) for f in files[name]], name)
             labels = labels or [f.name for f in files[name]]
         else:
-            inputs[name] = random_input(shape)
-            print(f"note: no --input for '{name}': using random normal values of shape {shape}")
+            shape = (batch, *shape[1:]) if batch else shape
+            readers = net.index_readers(name)
+            if readers:
+                bound = index_bound(readers)
+                inputs[name] = random_indices(shape, bound)
+                print(f"note: no --input for '{name}': using random whole numbers in [0, {bound}) of shape "
+                      f"{shape} (indices for {', '.join(repr(layer.name) for layer in readers)})")
+            else:
+                inputs[name] = random_input(shape)
+                print(f"note: no --input for '{name}': using random normal values of shape {shape}")
     if batch:
         for name, array in inputs.items():
             reps = -(-batch // array.shape[0])

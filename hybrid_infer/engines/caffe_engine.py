@@ -27,6 +27,7 @@ from ..model.caffe_limits import refuse_cpu_unsupported
 from ..model.isolated import Rehearsal, caffe_errors, call_isolated
 from ..model.caffe_model import push_weights
 from ..model.protofile import write_prototxt
+from .caffe_batch import check_feed_batch
 
 
 def subnet_parameter(graph: LayerGraph, layer_names: Sequence[str], inputs: Sequence[str],
@@ -67,11 +68,13 @@ class CaffeEngine:
                  outputs: Sequence[str], weights: Mapping[str, list[np.ndarray]], *, name: str = "segment"):
         self.input_names = list(inputs)
         self.output_names = list(outputs)
+        self._graph = graph
+        self._layers = [graph.layers[n] for n in layer_names]
         shown = ", ".join(layer_names[:4]) + (f" and {len(layer_names) - 4} more" if len(layer_names) > 4 else "")
         #: How messages name this segment.
         self.label = f"Caffe {name} ({shown})"
         self._rehearsal = Rehearsal()
-        self._check_layers([graph.layers[n].param for n in layer_names])
+        self._check_layers([layer.param for layer in self._layers])
         self._workdir = Path(tempfile.mkdtemp(prefix="hybrid_infer_caffe_"))
         prototxt = self._workdir / f"{name}.prototxt"
         write_prototxt(subnet_parameter(graph, layer_names, inputs, name), prototxt)
@@ -98,7 +101,9 @@ class CaffeEngine:
         caffe_errors(self.label, call_isolated, set_up)
 
     def _reshape(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        """Resize the input blobs (and, through Caffe, the rest) only when a shape changed."""
+        """Resize the input blobs (and, through Caffe, the rest) only when a shape changed;
+        InputError when a layer of the sub-net cannot run at the new batch (``caffe_batch``)."""
+        check_feed_batch(self._graph, self._layers, shapes)
         reshaped = False
         for name in self.input_names:
             blob = self._blobs[name]
@@ -115,6 +120,7 @@ class CaffeEngine:
         """Run the sub-net; returned arrays are Caffe's blob memory, valid until the next run."""
         self._use_mode()
         shapes = {name: tuple(feeds[name].shape) for name in self.input_names}
+        check_feed_batch(self._graph, self._layers, shapes)  # here, not as a failure in the rehearsal
 
         def step() -> None:
             self._reshape(shapes)

@@ -140,12 +140,15 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     TensorRT 11 and TensorRT-RTX have no FP16 builder flag: precision follows tensor
     types. Float initializers and constants become float16 (clipped to its range), Cast
     nodes at the graph inputs and outputs keep the FP32 interface the executor expects,
-    and casts to FP32 inside the graph become casts to FP16 so types stay consistent.
-    Inputs ONNX requires to be float32 (Resize/Upsample scales) are left alone.
+    and casts to FP32 inside the graph become casts to FP16 so types stay consistent, in the
+    bodies of Loop and If nodes too. Inputs ONNX requires to be float32 (Resize/Upsample
+    scales) are left alone.
     """
     model = _copy(model)
     graph = model.graph
-    fp32_only = {node.input[idx] for node in graph.node for op, idx in _FP32_ONLY_INPUTS
+    graphs = list(_graphs(graph))
+    nodes_everywhere = [node for g in graphs for node in g.node]
+    fp32_only = {node.input[idx] for node in nodes_everywhere for op, idx in _FP32_ONLY_INPUTS
                  if node.op_type == op and len(node.input) > idx}
 
     def to_fp16(tensor: TensorProto) -> None:
@@ -153,9 +156,9 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
             array = np.clip(numpy_helper.to_array(tensor), -FP16_MAX, FP16_MAX).astype(np.float16)
             tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
 
-    for init in graph.initializer:
+    for init in (init for g in graphs for init in g.initializer):
         to_fp16(init)
-    for node in graph.node:
+    for node in nodes_everywhere:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR and not set(node.output) & fp32_only:
                 to_fp16(attr.t)
@@ -163,7 +166,7 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
                 attr.i = TensorProto.FLOAT16
 
     def rename(old: str, new: str) -> None:
-        for node in graph.node:
+        for node in nodes_everywhere:
             node.input[:] = [new if name == old else name for name in node.input]
             node.output[:] = [new if name == old else name for name in node.output]
 
@@ -183,6 +186,18 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.node.extend(nodes)
     del graph.value_info[:]  # stale float32 annotations would contradict the new types
     return model
+
+
+def _graphs(graph: onnx.GraphProto):
+    """``graph`` and every subgraph nested in its nodes' attributes (Loop and If bodies)."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _graphs(sub)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -17,6 +17,7 @@ from ..engines.caffe_engine import CaffeEngine
 from ..engines.caffe_gpu_engine import CaffeGpuEngine, GpuDevice
 from ..errors import EngineRejected, LoweringError, OptionError
 from ..graph.layer_graph import LayerGraph
+from ..index_inputs import embed_requirement
 from ..model.caffe_model import CaffeModel
 from ..partition.partitioner import CAFFE, Segment
 
@@ -35,6 +36,8 @@ class SegmentEngine:
     fallback_note: Optional[str] = None
     #: The Caffe layers the refusing engine named (empty when it named none).
     rejected_layers: tuple[str, ...] = ()
+    #: Who refused: "the lowering" or the engine's name.
+    refused_by: str = ""
 
 
 def segment_onnx(graph: LayerGraph, model: CaffeModel, segment: Segment, *,
@@ -84,11 +87,14 @@ def build_engines(graph: LayerGraph, model: CaffeModel, segments: list[Segment],
             else:
                 from ..engines.onnxruntime_engine import OnnxRuntimeEngine
                 # Alone, its threads may spin between runs; beside other engines they must not.
-                runner = OnnxRuntimeEngine(onnx_model, idle_spin=len(segments) == 1)
+                runner = OnnxRuntimeEngine(onnx_model, idle_spin=len(segments) == 1,
+                                           value_checked={name: embed_requirement(graph.layers[name])
+                                                          for name in segment.layers
+                                                          if graph.layers[name].type == "Embed"})
             built.append(SegmentEngine(segment, runner))
         except (EngineRejected, LoweringError) as exc:
-            layers = ((exc.layer,) if isinstance(exc, LoweringError)
-                      else tuple(getattr(exc, "caffe_layers", ())))
+            layers = tuple(exc.layers if isinstance(exc, LoweringError) else exc.caffe_layers)
             note = f"segment {segment.id} runs in Caffe instead: {exc}"
-            built.append(SegmentEngine(segment, caffe_engine(), note, layers))
+            refused_by = "the lowering" if isinstance(exc, LoweringError) else engine
+            built.append(SegmentEngine(segment, caffe_engine(), note, layers, refused_by))
     return built
