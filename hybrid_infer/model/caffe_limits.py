@@ -12,14 +12,15 @@ that says what to change instead:
   size, which Caffe accepts and every layer after it misreads.
 - ``Pooling`` with ``pool: STOCHASTIC`` has no CPU implementation in Caffe
   (pooling_layer.cpp: ``NOT_IMPLEMENTED`` in ``Forward_cpu``); its GPU code runs.
-- A ``Reshape`` that writes a fixed size into the batch axis fits only the batch it was
-  written for; at another batch Caffe's count check fails (reshape_layer.cpp).
+
+Layers that fix the batch at set-up (a ``Reshape`` writing the batch axis, ...) are refused
+at another batch by ``engines/caffe_batch.py``.
 """
 from __future__ import annotations
 
 from typing import Iterable
 
-from ..errors import InputError, ModelError
+from ..errors import ModelError
 from .protofile import LayerParameter, NetParameter
 
 
@@ -60,26 +61,3 @@ def refuse_cpu_unsupported(layers: Iterable[LayerParameter], where: str) -> None
                 f"{where}: layer '{layer.name}' (Pooling, pool: STOCHASTIC) cannot run on the CPU: Caffe "
                 "implements stochastic pooling only on the GPU (pooling_layer.cpp). Run the Caffe "
                 "segments on a GPU (--device N) or use pool: AVE or MAX")
-
-
-def fixed_batch_layers(layers: Iterable[LayerParameter]) -> dict[str, int]:
-    """Reshape layers that write a fixed size into the batch axis: name -> that size."""
-    fixed = {}
-    for layer in layers:
-        if layer.type != "Reshape":
-            continue
-        p = layer.reshape_param
-        if p.axis == 0 and len(p.shape.dim) and p.shape.dim[0] > 0:
-            fixed[layer.name] = int(p.shape.dim[0])
-    return fixed
-
-
-def check_batch(layers: Iterable[LayerParameter], batch: int, model_batch: int, source: str) -> None:
-    """Raise ``InputError`` when a layer ties the model to ``model_batch`` and ``batch`` differs."""
-    if batch == model_batch:
-        return
-    for name, size in fixed_batch_layers(layers).items():
-        raise InputError(
-            f"{source}: layer '{name}' (Reshape) fixes the batch axis to {size} (reshape_param shape "
-            f"dim[0]), so this model runs only at batch {model_batch}, not {batch}; write dim: 0 there "
-            "to keep the input's batch, or feed one batch of the prototxt's size")
