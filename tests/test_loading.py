@@ -153,11 +153,11 @@ def test_shapeless_legacy_input_takes_its_shape_from_input_shape(make_prototxt, 
     conv = 'layer { name: "conv" type: "Convolution" bottom: "data" top: "c" convolution_param { num_output: 2 kernel_size: 3 } }\n'
     path = make_prototxt('input: "data"\n' + conv)
     shaped = make_prototxt('input: "data" input_shape { dim: 2 dim: 3 dim: 6 dim: 6 }\n' + conv)  # Caffe needs one
-    with pytest.raises(ModelError, match=r"input\(s\) data have no shape \(no input_shape or input_dim\); give it "
-                                         r"with --input-shape, e.g. --input-shape data=1x3x224x224"):
+    with pytest.raises(ModelError, match=r"Input layer 'data' gives no shape for 'data'; .* or pass "
+                                         r"--input-shape data=NxCxHxW"):
         CaffeModel(path)
     assert main(["partition", str(path)]) == 2
-    assert "give it with --input-shape" in capsys.readouterr().err
+    assert "--input-shape data=NxCxHxW" in capsys.readouterr().err
     net = hybrid_infer.load(path, random_weights=1, input_shapes={"data": (2, 3, 6, 6)}, engine="onnxruntime")
     x = {"data": np.random.default_rng().standard_normal((2, 3, 6, 6)).astype(np.float32)}
     want = caffe_forward(shaped, x, ["c"], weights=net.model.weights)["c"]

@@ -25,9 +25,11 @@ MIN_OPSET = 13  # Softmax's single-axis semantics and axes-as-input ops start he
 BATCH = "batch"
 
 
-def _value_info(graph: LayerGraph, value_id: str) -> onnx.ValueInfoProto:
+def _value_info(graph: LayerGraph, value_id: str,
+                declared: Mapping[str, Sequence[int | str]] = {}) -> onnx.ValueInfoProto:
     shape = graph.values[value_id].shape
     dims: list[int | str] = [BATCH, *shape[1:]] if shape else []
+    dims = list(declared.get(value_id, dims))
     return helper.make_tensor_value_info(value_id, TensorProto.FLOAT, dims)
 
 
@@ -63,7 +65,7 @@ def lower_segment(graph: LayerGraph, layer_names: Sequence[str], inputs: Sequenc
     if absent:
         raise ValueError(f"segment '{name}': outputs {', '.join(absent)} are not computed by its layers")
     onnx_graph = helper.make_graph(ctx.nodes, name, [_value_info(graph, v) for v in inputs],
-                                   [_value_info(graph, v) for v in outputs], ctx.initializers)
+                                   [_value_info(graph, v, ctx.declared_dims) for v in outputs], ctx.initializers)
     opset_ids = [helper.make_opsetid("", opset)]
     model = helper.make_model(onnx_graph, opset_imports=opset_ids, producer_name="hybrid_infer",
                               ir_version=helper.find_min_ir_version_for(opset_ids))
@@ -120,7 +122,8 @@ def _check_top_shapes(ctx: LoweringContext, layer: Layer, graph: LayerGraph, low
                       first_node: int, first_initializer: int) -> None:
     """ONNX shape inference on just the nodes a user's lowering added for ``layer`` (its
     bottoms as inputs, with the symbolic batch): every top must come out in Caffe's shape,
-    its batch axis symbolic or Caffe's size. Raises LoweringError naming the layer, the
+    its batch axis symbolic or Caffe's size (or in the dims the lowering declared with
+    ``ctx.declare_dims``, where a name matches any size). Raises LoweringError naming the layer, the
     lowering and both shapes, so that the layer runs in Caffe instead of giving a wrongly
     shaped tensor to the layers after it."""
     inputs = list(dict.fromkeys(layer.bottoms))
@@ -134,12 +137,18 @@ def _check_top_shapes(ctx: LoweringContext, layer: Layer, graph: LayerGraph, low
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
         raise LoweringError(layer.name, layer.type, f"ONNX shape inference fails on the nodes of {lowering}: "
                                                     f"{str(exc).strip().splitlines()[0]}") from exc
+    unknown_ops = sorted({n.op_type for n in ctx.nodes[first_node:] if not onnx.defs.has(n.op_type, n.domain)})
     for top in layer.tops:
-        caffe_shape = graph.values[top].shape
+        caffe_shape, declared = graph.values[top].shape, ctx.declared_dims.get(top)
         dims = _dims(inferred[top]) if top in inferred else None
-        fits = dims is not None and len(dims) == len(caffe_shape) and all(
-            d == c or (i == 0 and d == BATCH) for i, (d, c) in enumerate(zip(dims, caffe_shape)))
-        unknown_ops = sorted({n.op_type for n in ctx.nodes[first_node:] if not onnx.defs.has(n.op_type, n.domain)})
+        if declared is not None:  # ctx.declare_dims: a name stands for a size known only at run time
+            fits = dims is not None and len(dims) == len(declared) and all(
+                isinstance(e, str) or d == e for d, e in zip(dims, declared))
+            wanted = f"its declared dims are {tuple(declared)}"
+        else:
+            fits = dims is not None and len(dims) == len(caffe_shape) and all(
+                d == c or (i == 0 and d == BATCH) for i, (d, c) in enumerate(zip(dims, caffe_shape)))
+            wanted = f"Caffe's is {caffe_shape}"
         if not fits and unknown_ops:
             raise LoweringError(layer.name, layer.type, f"{lowering} uses operator(s) ONNX does not define "
                                                         f"({', '.join(unknown_ops)}), so the shape of top '{top}' "
@@ -148,7 +157,7 @@ def _check_top_shapes(ctx: LoweringContext, layer: Layer, graph: LayerGraph, low
             shown = "unknown" if dims is None else \
                 "(" + ", ".join("N" if d == BATCH else "?" if d is None else str(d) for d in dims) + ")"
             raise LoweringError(layer.name, layer.type, f"{lowering} gives top '{top}' the shape {shown} "
-                                                        f"(ONNX shape inference), but Caffe's is {caffe_shape}")
+                                                        f"(ONNX shape inference), but {wanted}")
 
 
 def layers_named_in(message: str, model: onnx.ModelProto) -> list[str]:

@@ -9,6 +9,7 @@ builds; Caffe's own C++ reader never sees the file.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import shutil
 import tempfile
@@ -20,7 +21,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import EnvironmentProblem, ModelError
+from ..memory_budget import check_fits
 from .caffe_import import caffe, registered_layer_types
+from .caffe_limits import check_set_up_net
 from .caffemodel import read_caffemodel
 from .isolated import CaffeFailure, call_isolated
 from .param_sharing import param_owners
@@ -62,6 +65,7 @@ def _inspect_net(prototxt: str, fillers_of: Sequence[str] = ()) -> NetInfo:
 def _check_layers(net: NetParameter, source: str, dropped: Sequence[DroppedLayer] = ()) -> None:
     """Catch what Caffe would abort on, before Caffe sees the net (``dropped``: the
     training-only layers already removed, named when a layer reads one of their tops)."""
+    check_set_up_net(net, source)
     known = registered_layer_types()
     dropped_top = {top: d for d in dropped for top in d.tops}
     produced: set[str] = set()
@@ -129,7 +133,7 @@ def _override_input_shapes(net: NetParameter, shapes: Mapping[str, Sequence[int]
         layer = inputs[blob]
         index = list(layer.top).index(blob)
         params = layer.input_param.shape
-        if not len(params):  # a legacy input without a shape: each top gets its own
+        if not len(params):  # an input without a shape: each top gets its own
             for _ in layer.top:
                 params.add()
         shape = params[index] if len(params) > 1 else params[0]
@@ -137,16 +141,6 @@ def _override_input_shapes(net: NetParameter, shapes: Mapping[str, Sequence[int]
             raise ModelError(f"{source}: inputs {list(layer.top)} share one shape; set them together")
         del shape.dim[:]
         shape.dim.extend(int(d) for d in dims)
-
-
-def _check_input_shapes(net: NetParameter, source: str) -> None:
-    """Every Input layer must give its tops a shape (a legacy ``input:`` may come without)."""
-    shapeless = [top for layer in net.layer if layer.type == "Input" and not len(layer.input_param.shape)
-                 for top in layer.top]
-    if shapeless:
-        raise ModelError(f"{source}: input(s) {', '.join(shapeless)} have no shape (no input_shape or input_dim); "
-                         f"give it with --input-shape, e.g. --input-shape {shapeless[0]}=1x3x224x224 "
-                         "(input_shapes= from Python)")
 
 
 def push_weights(net: Any, weights: Mapping[str, Sequence[np.ndarray]], source: str) -> None:
@@ -189,7 +183,6 @@ class CaffeModel:
             raise ModelError(f"{self.prototxt}: no layers in the TEST phase")
         if input_shapes:
             _override_input_shapes(self.net, input_shapes, str(self.prototxt))
-        _check_input_shapes(self.net, str(self.prototxt))
         _check_layers(self.net, str(self.prototxt), self.dropped_layers)
         stored = read_caffemodel(self.weights_path) if self.weights_path is not None else None
         self._workdir = Path(tempfile.mkdtemp(prefix="hybrid_infer_model_"))
@@ -223,6 +216,8 @@ class CaffeModel:
     def set_random_weights(self, seed: int) -> None:
         """Replace every parameter with random values drawn for its layer type (tests, benchmarks)."""
         layer_types = {layer.name: layer.type for layer in self.net.layer}
+        count = sum(math.prod(shape) for shapes in self.info.param_shapes.values() for shape in shapes)
+        check_fits(12 * count, f"random weights for {self.prototxt}", "this model is too large for this machine")
         self._weights = random_weights(self.info.param_shapes, layer_types, seed,
                                        param_owners(self.net, self.info.param_shapes))
         if self._reference is not None:

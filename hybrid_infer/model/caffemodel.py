@@ -25,11 +25,12 @@ import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 
 from ..errors import ModelError
+from ..files import open_regular_file
 
 Shape = tuple[int, ...]
 
@@ -280,14 +281,17 @@ def read_caffemodel(path: str | os.PathLike[str]) -> list[StoredLayer]:
     it ends and the layer left incomplete), or holds no layers.
     """
     p = Path(path)
-    if not p.is_file():
-        raise ModelError(f"caffemodel '{p}' does not exist or is not a file")
-    size = p.stat().st_size
-    if size == 0:
-        raise ModelError(f"{p}: the file is empty; pass the trained .caffemodel")
+    with open_regular_file(p, "caffemodel", ModelError) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise ModelError(f"{p}: the file is empty; pass the trained .caffemodel")
+        return _read_layers(p, f, size)
+
+
+def _read_layers(p: Path, f: BinaryIO, size: int) -> list[StoredLayer]:
     layers: list[StoredLayer] = []
     layer_fields: set[int] = set()
-    with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if _looks_like_text(buf[:256]):
             raise ModelError(f"{p}: a text file, not a binary .caffemodel (is it a prototxt?)")
         state = _solver_state(buf, size)
