@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # the engines pull in ONNX and ONNX Runtime: loaded when a ru
     from .engines.tensorrt_build import BuildSettings
     from .executor.engine_factory import SegmentEngine
     from .executor.hybrid_executor import Handoff, HybridExecutor
+    from .precision.calibration_file import Calibration
+    from .precision.plan import PrecisionPlan
 
 PathLike = str | os.PathLike[str]
 log = logging.getLogger("hybrid_infer")
@@ -56,7 +58,8 @@ class HybridNet:
                  min_segment_size: int = 3, fallback: Iterable[str] = (),
                  outputs: Sequence[str] = (), build_settings: Optional["BuildSettings"] = None,
                  engine_cache: Optional["EngineCache"] = None, tensorrt_module: Optional[str] = None,
-                 device: Optional[int] = None, zero_copy: bool = True):
+                 device: Optional[int] = None, zero_copy: bool = True,
+                 calibration: "PathLike | Calibration | None" = None, keep_fp32: Iterable[str] = ()):
         self.model = model
         self.zero_copy = zero_copy
         #: The GPU Caffe segments run on, or None for the CPU.
@@ -79,6 +82,9 @@ class HybridNet:
                                               keep_outputs=self._output_values)
         self._executor: Optional["HybridExecutor"] = None
         self._first_run_done = False
+        from .precision.plan import plan_for
+        #: Reduced precision for the TensorRT segments (None: FP32), from ``calibration``.
+        self.precision: Optional["PrecisionPlan"] = plan_for(calibration, model, self.graph, keep_fp32)
 
     @property
     def input_blobs(self) -> list[str]:
@@ -103,7 +109,8 @@ class HybridNet:
             rejected: dict[str, str] = {}
             while True:
                 built = build_engines(self.graph, self.model, self.partition.segments, engine, factory,
-                                      caffe_device=self.gpu)
+                                      caffe_device=self.gpu,
+                                      transform=self.precision.segment_model if self.precision else None)
                 named = {layer: f"{engine} refused it: {se.fallback_note}" for se in built
                          for layer in se.rejected_layers if layer not in rejected}
                 if not named:
@@ -161,6 +168,13 @@ class HybridNet:
             self._first_run_done = True
             _return_freed_memory()
         return {blob: values[v] for blob, v in zip(self.output_blobs, self._output_values)}
+
+    def run_values(self, inputs: Mapping[str, np.ndarray], values: Sequence[str]) -> dict[str, np.ndarray]:
+        """Run the hybrid and return ``values`` (value ids: net inputs or segment outputs,
+        e.g. every segment's inputs, as calibration collects them)."""
+        checked = self.check_inputs(inputs)
+        feeds = {self.graph.value_of_blob(name): array for name, array in checked.items()}
+        return self._ensure_executor().run(feeds, list(values))
 
     def run_caffe(self, inputs: Mapping[str, np.ndarray], device: Optional[int] = None) -> dict[str, np.ndarray]:
         """The same model in pure Caffe (the reference hybrid_infer must reproduce), on the
@@ -230,7 +244,8 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
          input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
          build_settings: Optional["BuildSettings"] = None, engine_cache: Optional["EngineCache"] = None,
          tensorrt_module: Optional[str] = None, device: Optional[int] = None,
-         zero_copy: bool = True) -> HybridNet:
+         zero_copy: bool = True, calibration: "PathLike | Calibration | None" = None,
+         keep_fp32: Iterable[str] = ()) -> HybridNet:
     """Load a Caffe model and partition it.
 
     ``random_weights=SEED`` fills every parameter with random values instead of reading a
@@ -239,6 +254,9 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
     batch axis stays free either way. ``build_settings``, ``engine_cache`` and
     ``tensorrt_module`` ("tensorrt" or "tensorrt_rtx") steer TensorRT engine builds.
     ``device=N`` runs Caffe segments on GPU N (see ``HybridNet``).
+    ``calibration`` (a file from ``hybrid-infer calibrate``, or a loaded ``Calibration``)
+    runs the TensorRT segments in its precision (INT8 Q/DQ or FP16), with ``keep_fp32``
+    (layer names or types) left in FP32; a stale file raises ``CalibrationError``.
     """
     model = CaffeModel(prototxt, weights, input_shapes)
     if random_weights is not None:
@@ -246,4 +264,4 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
     return HybridNet(model, engine=engine, profile=profile, min_segment_size=min_segment_size,
                      fallback=fallback, outputs=outputs, build_settings=build_settings,
                      engine_cache=engine_cache, tensorrt_module=tensorrt_module, device=device,
-                     zero_copy=zero_copy)
+                     zero_copy=zero_copy, calibration=calibration, keep_fp32=keep_fp32)

@@ -57,3 +57,8 @@ class EngineBuildError(EngineRejected):
     def __init__(self, message: str, caffe_layers: Sequence[str] = ()):
         super().__init__(message)
         self.caffe_layers = list(caffe_layers)
+
+
+class CalibrationError(HybridInferError):
+    """A calibration file cannot be used: unreadable, or stale (made for another model,
+    weights or partition); the message says to run ``hybrid-infer calibrate`` again."""
