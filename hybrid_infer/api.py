@@ -59,7 +59,7 @@ class HybridNet:
                  outputs: Sequence[str] = (), build_settings: Optional["BuildSettings"] = None,
                  engine_cache: Optional["EngineCache"] = None, tensorrt_module: Optional[str] = None,
                  device: Optional[int] = None, zero_copy: bool = True,
-                 calibration: "PathLike | Calibration | None" = None, keep_fp32: Iterable[str] = ()):
+                 calibration: "PathLike | Calibration | PrecisionPlan | None" = None, keep_fp32: Iterable[str] = ()):
         self.model = model
         self.zero_copy = zero_copy
         #: The GPU Caffe segments run on, or None for the CPU.
@@ -244,7 +244,7 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
          input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
          build_settings: Optional["BuildSettings"] = None, engine_cache: Optional["EngineCache"] = None,
          tensorrt_module: Optional[str] = None, device: Optional[int] = None,
-         zero_copy: bool = True, calibration: "PathLike | Calibration | None" = None,
+         zero_copy: bool = True, calibration: "PathLike | Calibration | PrecisionPlan | None" = None,
          keep_fp32: Iterable[str] = ()) -> HybridNet:
     """Load a Caffe model and partition it.
 

@@ -70,6 +70,8 @@ def _net_options(args: argparse.Namespace, engine: str, batch: int, min_segment_
                        tensorrt_module=args.tensorrt_module)
     if getattr(args, "device", None) is not None:
         options["device"] = args.device
+    if getattr(args, "calibration", None) is not None or getattr(args, "keep_fp32", None):
+        options.update(calibration=args.calibration, keep_fp32=args.keep_fp32)
     return options
 
 

@@ -117,7 +117,8 @@ def to_half(fp32: "onnx.ModelProto", precision: str, kept_layers: Iterable[str])
 
 def plan_for(calibration: Optional[object], model: "CaffeModel", graph: LayerGraph,
              keep_fp32: Iterable[str] = ()) -> Optional[PrecisionPlan]:
-    """A plan from a path or a loaded ``Calibration`` (None: FP32); ``--keep-fp32`` alone is an error."""
+    """A plan from a path, a loaded ``Calibration`` or a plan (None: FP32); ``--keep-fp32``
+    alone is an error."""
     from .calibration_file import load_calibration
     keep = list(keep_fp32)
     if calibration is None:
@@ -125,5 +126,7 @@ def plan_for(calibration: Optional[object], model: "CaffeModel", graph: LayerGra
             raise OptionError("--keep-fp32 chooses layers to leave out of reduced precision: it needs "
                               "--calibration CALIB (made by hybrid-infer calibrate)")
         return None
+    if isinstance(calibration, PrecisionPlan):
+        return calibration.with_keep_fp32(calibration.keep_fp32 | resolve_layers(graph, keep))
     loaded = calibration if isinstance(calibration, Calibration) else load_calibration(calibration)  # type: ignore[arg-type]
     return PrecisionPlan.create(loaded, model, graph, keep)

@@ -1,0 +1,158 @@
+"""Which layers to keep in FP32 for an accuracy target: measured, layer by layer.
+
+1. Sensitivity: for every quantizable layer (Convolution, Deconvolution, InnerProduct,
+   Eltwise) of the TensorRT segments, the hybrid runs with *only that layer* in reduced
+   precision, and its outputs are compared with pure Caffe FP32 (relative L2 of the worst
+   output). A layer's sensitivity is that error: what its quantization alone costs.
+2. Greedy: starting from every layer in reduced precision, the most sensitive layer not
+   yet kept goes back to FP32, and the whole hybrid is measured again (error and median
+   latency), until the target is met. Each step records what keeping that layer bought
+   (error) and cost (milliseconds).
+
+The engines are the ones the hybrid would use (ONNX Runtime's CPU placement here,
+TensorRT's where it runs), so both figures are for the engine the user will run.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ..analysis.timing import time_calls
+from ..api import HybridNet
+from ..errors import OptionError
+from ..metrics import compare_outputs
+from .plan import PrecisionPlan, quantizable_layers
+
+METRICS = ("rel_l2", "top1")
+
+
+@dataclass(frozen=True)
+class AccuracyTarget:
+    """``rel_l2``: worst output's relative L2 against Caffe FP32 at most ``value``;
+    ``top1``: top-1 agreement with Caffe FP32 at least ``value`` (classifiers)."""
+    metric: str
+    value: float
+
+    def met(self, error: Mapping[str, Optional[float]]) -> bool:
+        if self.metric == "rel_l2":
+            return error["rel_l2"] is not None and error["rel_l2"] <= self.value
+        return error["top1"] is not None and error["top1"] >= self.value
+
+    @property
+    def text(self) -> str:
+        return f"{self.metric}{'<=' if self.metric == 'rel_l2' else '>='}{self.value:g}"
+
+
+def parse_target(text: str) -> AccuracyTarget:
+    """``rel_l2=0.02`` or ``top1=0.99``; a mistake is an OptionError with the spelling."""
+    metric, sep, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not sep or metric not in METRICS or not math.isfinite(number) or number < 0:
+        raise OptionError(f"--accuracy-target {text!r}: expected rel_l2=X (worst output's relative L2 "
+                          "against Caffe FP32, e.g. rel_l2=0.02) or top1=P (top-1 agreement, e.g. top1=0.99)")
+    if metric == "top1" and number > 1:
+        raise OptionError(f"--accuracy-target {text!r}: top-1 agreement is a fraction from 0 to 1")
+    return AccuracyTarget(metric, number)
+
+
+def error_of(outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict[str, Optional[float]]:
+    """Worst relative L2 and lowest top-1 agreement over the outputs."""
+    rows = compare_outputs(outputs, reference)
+    top1 = [r.top1_agreement for r in rows if r.top1_agreement is not None]
+    return {"rel_l2": max(r.rel_l2 for r in rows), "top1": min(top1) if top1 else None}
+
+
+@dataclass
+class Step:
+    """One configuration of the greedy search: the layer just kept in FP32 (None: all reduced)."""
+    kept: Optional[str]
+    kept_type: Optional[str]
+    rel_l2: float
+    top1: Optional[float]
+    latency_ms: float
+
+
+@dataclass
+class SensitivityReport:
+    target: str
+    #: Layer -> relative L2 against Caffe with only that layer in reduced precision.
+    sensitivity: dict[str, float]
+    steps: list[Step] = field(default_factory=list)
+    met: bool = False
+    fp32_latency_ms: Optional[float] = None
+
+    @property
+    def kept(self) -> list[str]:
+        return [s.kept for s in self.steps if s.kept is not None]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_text(self) -> str:
+        lines = [f"accuracy target {self.target}: {'met' if self.met else 'NOT met'} with "
+                 f"{len(self.kept)} layer(s) kept in FP32"]
+        ranked = sorted(self.sensitivity.items(), key=lambda kv: -kv[1])
+        lines.append("most sensitive layers (relative L2 with only that layer reduced): " +
+                     ", ".join(f"{name} {err:.3g}" for name, err in ranked[:8]))
+        lines.append(f"  {'kept in FP32':<28} {'rel L2':>10} {'top-1':>7} {'median ms':>10} {'cost ms':>8}")
+        previous = None
+        for s in self.steps:
+            cost = "-" if previous is None else f"{s.latency_ms - previous:+.2f}"
+            label = "(none: all reduced)" if s.kept is None else f"+ {s.kept} ({s.kept_type})"
+            top1 = "-" if s.top1 is None else f"{s.top1:.1%}"
+            lines.append(f"  {label:<28} {s.rel_l2:>10.3g} {top1:>7} {s.latency_ms:>10.2f} {cost:>8}")
+            previous = s.latency_ms
+        if self.fp32_latency_ms is not None:
+            lines.append(f"  {'(FP32 hybrid)':<28} {'':>10} {'':>7} {self.fp32_latency_ms:>10.2f}")
+        return "\n".join(lines)
+
+
+def search(plan: PrecisionPlan, make_net: Callable[[Optional[PrecisionPlan]], HybridNet],
+           inputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], target: AccuracyTarget, *,
+           layers: Sequence[str], runs: int = 5, warmup: int = 1,
+           tick: Optional[Callable[[], None]] = None) -> SensitivityReport:
+    """Keep the most sensitive of ``layers`` in FP32 until ``target`` is met.
+
+    ``make_net(plan)`` opens the hybrid with that plan (None: FP32); ``reference`` is pure
+    Caffe FP32 on ``inputs``. ``tick`` follows each measured configuration (len(layers)
+    for the sensitivities, then one per greedy step).
+    """
+    candidates = quantizable_layers(plan.graph, layers)
+    if not candidates:
+        raise OptionError("no layer in the TensorRT segments can be kept in FP32 (no Convolution, "
+                          "Deconvolution, InnerProduct or Eltwise)")
+    base_keep = set(plan.keep_fp32)
+
+    def measure(keep: set[str], timed: bool) -> tuple[dict[str, Optional[float]], float]:
+        with make_net(plan.with_keep_fp32(keep)) as net:
+            error = error_of(net.run(inputs), reference)
+            latency = time_calls(lambda: net.run(inputs), runs, warmup).median * 1e3 if timed else math.nan
+        if tick:
+            tick()
+        return error, latency
+
+    sensitivity = {}
+    for layer in candidates:
+        others = set(candidates) - {layer}
+        sensitivity[layer] = measure(base_keep | others, timed=False)[0]["rel_l2"] or 0.0
+    report = SensitivityReport(target.text, sensitivity)
+    keep = set(base_keep)
+    error, latency = measure(keep, timed=True)
+    report.steps.append(Step(None, None, error["rel_l2"] or 0.0, error["top1"], latency))
+    for layer in sorted(candidates, key=lambda name: -sensitivity[name]):
+        if target.met(error):
+            break
+        keep.add(layer)
+        error, latency = measure(keep, timed=True)
+        report.steps.append(Step(layer, plan.graph.layers[layer].type, error["rel_l2"] or 0.0, error["top1"], latency))
+    report.met = target.met(error)
+    with make_net(None) as fp32:
+        fp32.run(inputs)
+        report.fp32_latency_ms = time_calls(lambda: fp32.run(inputs), runs, warmup).median * 1e3
+    return report
