@@ -111,8 +111,7 @@ def to_half(fp32: "onnx.ModelProto", precision: str, kept_layers: Iterable[str])
     from onnxruntime.transformers.float16 import convert_float_to_float16
     kept = set(kept_layers)
     blocked = [node.name for node in fp32.graph.node if node.doc_string in kept]
-    return convert_float_to_float16(fp32, keep_io_types=True, node_block_list=blocked,
-                                    disable_shape_infer=True)
+    return convert_float_to_float16(fp32, keep_io_types=True, node_block_list=blocked)
 
 
 def plan_for(calibration: Optional[object], model: "CaffeModel", graph: LayerGraph,

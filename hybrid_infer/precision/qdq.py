@@ -118,8 +118,33 @@ def quantize(prepared: onnx.ModelProto, ranges: Mapping[str, Sequence[float]], t
             {"ActivationSymmetric": False, "WeightSymmetric": True})
     quantizer.quantize_model()
     quantized: onnx.ModelProto = quantizer.model.model
+    _float_inputs_for(quantized, set(excluded))
     _restore_layer_names(quantized, layers)
     return quantized
+
+
+def _float_inputs_for(model: onnx.ModelProto, nodes: set[str]) -> None:
+    """Feed ``nodes`` the float tensor again where the quantizer gave them a Q/DQ pair it
+    inserted for another consumer of the same tensor (it rewires every consumer of a quantized
+    tensor, excluded or not), then drop Q/DQ nodes nothing reads any more."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        if node.name not in nodes:
+            continue
+        for k, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[k] = q.input[0]
+    outputs = {value.name for value in model.graph.output}
+    while True:
+        read = {name for node in model.graph.node for name in node.input} | outputs
+        dead = [node for node in model.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not set(node.output) & read]
+        if not dead:
+            break
+        for node in dead:
+            model.graph.node.remove(node)
 
 
 def _restore_layer_names(model: onnx.ModelProto, layers: Mapping[str, str]) -> None:
