@@ -82,12 +82,14 @@ class PrecisionPlan:
         """The ONNX ``engine`` ("tensorrt" or "onnxruntime") runs for ``segment`` instead of ``fp32``."""
         entry = self.calibration.segment_for(onnx_digest(fp32))
         if entry is None:
-            calibrated = ", ".join(f"segment {s.segment_id} ({len(s.layers)} layers)" for s in self.calibration.segments)
+            same_layers = any(s.layers == list(segment.layers) for s in self.calibration.segments)
+            why = ("the same layers, but its ONNX differs (other output blobs or input shapes)" if same_layers
+                   else "the partition differs")
             raise CalibrationError(
                 f"{self.calibration.path} is stale: TensorRT segment {segment.id} ({len(segment.layers)} layers, "
-                f"{segment.layers[0]} .. {segment.layers[-1]}) is not one it was calibrated for ({calibrated}); "
-                "the partition or the lowering changed: run hybrid-infer calibrate again with the same "
-                f"partition options (it used {self._partition_text()})")
+                f"{segment.layers[0]} .. {segment.layers[-1]}) is not one it was calibrated for ({why}); run "
+                f"hybrid-infer calibrate again with the options you run with (it was made with "
+                f"{self._partition_text()})")
         kept = self.keep_fp32 & set(segment.layers)
         if self.calibration.precision == "int8":
             target = TENSORRT if engine == "tensorrt" else ONNXRUNTIME
@@ -100,7 +102,8 @@ class PrecisionPlan:
     def _partition_text(self) -> str:
         p = self.calibration.partition
         return (f"--profile {p.get('profile')} --min-segment-size {p.get('min_segment_size')}"
-                + (f" --fallback {' '.join(p['fallback'])}" if p.get("fallback") else ""))
+                + (f" --fallback {' '.join(p['fallback'])}" if p.get("fallback") else "")
+                + "".join(f" --output-blob {blob}" for blob in p.get("outputs", ())))
 
 
 def to_half(fp32: "onnx.ModelProto", precision: str, kept_layers: Iterable[str]) -> "onnx.ModelProto":
