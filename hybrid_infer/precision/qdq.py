@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Collection, Mapping, Sequence
+from typing import Collection, Mapping, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -47,6 +47,8 @@ ONNXRUNTIME = "onnxruntime"
 TARGETS = (TENSORRT, ONNXRUNTIME)
 #: Layers with weights whose inputs TensorRT wants quantized (and ONNX Runtime quantizes).
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: Left in float on the CPU too: an 8-bit softmax rounds probabilities to steps of 1/255.
+CPU_FLOAT_OPS = {"Softmax"}
 
 
 def prepare(fp32: onnx.ModelProto) -> onnx.ModelProto:
@@ -97,6 +99,8 @@ def quantize(prepared: onnx.ModelProto, ranges: Mapping[str, Sequence[float]], t
         raise ValueError(f"unknown quantization target '{target}'; choose one of {', '.join(TARGETS)}")
     model = onnx.ModelProto()
     model.CopyFrom(prepared)
+    original_inputs = {node.name: list(node.input) for node in model.graph.node}
+    original_producers = {out: node.name for node in model.graph.node for out in node.output}
     layers = layer_of_nodes(model)
     excluded = [name for name, layer in layers.items() if layer in set(excluded_layers)]
     tensors = TensorsData(CalibrationMethod.MinMax, {
@@ -114,28 +118,60 @@ def quantize(prepared: onnx.ModelProto, ranges: Mapping[str, Sequence[float]], t
     else:
         quantizer = QDQQuantizer(
             model, True, False, QuantType.QInt8, QuantType.QUInt8, tensors, [], excluded,
-            sorted(set(QDQRegistry) | set(QLinearOpsRegistry)),
+            sorted(set(QDQRegistry) | set(QLinearOpsRegistry) - CPU_FLOAT_OPS),
             {"ActivationSymmetric": False, "WeightSymmetric": True})
     quantizer.quantize_model()
     quantized: onnx.ModelProto = quantizer.model.model
-    _float_inputs_for(quantized, set(excluded))
+    _float_inputs_for(quantized, set(excluded), original_inputs, original_producers)
+    _float_graph_outputs(quantized)
+    _drop_unread_qdq(quantized)
     _restore_layer_names(quantized, layers)
     return quantized
 
 
-def _float_inputs_for(model: onnx.ModelProto, nodes: set[str]) -> None:
-    """Feed ``nodes`` the float tensor again where the quantizer gave them a Q/DQ pair it
-    inserted for another consumer of the same tensor (it rewires every consumer of a quantized
-    tensor, excluded or not), then drop Q/DQ nodes nothing reads any more."""
+def _qdq_source(producer: Mapping[str, onnx.NodeProto], name: str) -> Optional[str]:
+    """The float tensor behind ``name`` when ``name`` is the output of a Q -> DQ pair."""
+    dq = producer.get(name)
+    q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+    return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else None
+
+
+def _float_inputs_for(model: onnx.ModelProto, nodes: set[str], original_inputs: Mapping[str, list[str]],
+                      original_producers: Mapping[str, str]) -> None:
+    """Feed ``nodes`` their float tensor again where the quantizer gave them a Q/DQ pair it
+    inserted for another consumer of the same tensor (it rewires every consumer, excluded or
+    not). Only where that tensor is still what the node read: where the quantizer removed a
+    ReLU into the pair (the ReLU's producer then writes the ReLU's output name, unclipped),
+    the node keeps the pair, whose quantization does the clipping."""
     producer = {out: node for node in model.graph.node for out in node.output}
     for node in model.graph.node:
         if node.name not in nodes:
             continue
         for k, name in enumerate(node.input):
-            dq = producer.get(name)
-            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is not None and q.op_type == "QuantizeLinear":
-                node.input[k] = q.input[0]
+            source = _qdq_source(producer, name)
+            writer = producer[source].name if source in producer else None
+            if source in original_inputs.get(node.name, ()) and writer == original_producers.get(source):
+                node.input[k] = source
+
+
+def _float_graph_outputs(model: onnx.ModelProto) -> None:
+    """Segment outputs leave in full precision: a Q/DQ pair the quantizer put on an output
+    (renaming its producer's output) is bypassed. What follows in Caffe, or the user, gets
+    the float result of the last layer, not an 8-bit rounding of it."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    for value in model.graph.output:
+        source = _qdq_source(producer, value.name)
+        if source is None:
+            continue
+        dq = producer[value.name]
+        dq.output[0] = value.name + "_unused_dequantized"
+        for node in model.graph.node:
+            node.input[:] = [value.name if name == source else name for name in node.input]
+            node.output[:] = [value.name if name == source else name for name in node.output]
+
+
+def _drop_unread_qdq(model: onnx.ModelProto) -> None:
+    """Remove Q/DQ nodes whose outputs nothing reads any more."""
     outputs = {value.name for value in model.graph.output}
     while True:
         read = {name for node in model.graph.node for name in node.input} | outputs
