@@ -259,14 +259,17 @@ def test_cpu_placement_runs_on_integer_kernels_and_stays_close(residual):
 
 
 def test_keep_fp32_layers_get_no_qdq(residual):
+    """Kept layers compute with FP32 weights on float inputs; on the CPU an input stays 8-bit
+    where ONNX Runtime folded the producer's ReLU into the quantization (it does the clipping)."""
     _, net, calibration, _ = residual
     for target in (QDQ_TENSORRT, ONNXRUNTIME):
         model = _qdq_model(net, calibration, target, keep={"conv2", "fc"})
         producers = {out: n for n in model.graph.node for out in n.output}
         for node in model.graph.node:
             if node.doc_string in ("conv2", "fc") and node.op_type in ("Conv", "Gemm"):
+                checked = node.input if target == QDQ_TENSORRT else node.input[1:]
                 assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear"
-                           for i in node.input), (target, node.name)
+                           for i in checked), (target, node.name)
     kept = hybrid_infer.HybridNet(net.model, engine="onnxruntime", calibration=calibration, keep_fp32=["Convolution"])
     assert kept.precision.keep_fp32 == {"conv1", "conv2"}
 
@@ -387,3 +390,21 @@ def _rtx_importable() -> bool:
         return True
     except EnvironmentProblem:
         return False
+
+
+def test_calibrate_with_an_accuracy_target_keeps_sensitive_layers(tmp_path):
+    x_train, _, x_test, _ = digits()
+    np.save(tmp_path / "train.npy", x_train[:64])
+    np.save(tmp_path / "eval.npy", x_test[:96])
+    model = [str(LENET / "deploy.prototxt"), "--weights", str(LENET / "lenet_digits.caffemodel")]
+    calib = tmp_path / "auto.calib.json"
+    proc = cli("calibrate", *model, "--input", str(tmp_path / "train.npy"), "--eval-input", str(tmp_path / "eval.npy"),
+               "--method", "minmax", "--output-blob", "ip2", "--accuracy-target", "rel_l2=0.003", "--runs", "1",
+               "-o", str(calib), check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "accuracy target rel_l2<=0.003: met" in proc.stdout and "(FP32 hybrid)" in proc.stdout
+    saved = json.loads(calib.read_text())
+    assert set(saved["keep_fp32"]) == {s["kept"] for s in saved["sensitivity"]["steps"] if s["kept"]}
+    assert saved["sensitivity"]["steps"][-1]["rel_l2"] <= 0.003 < saved["sensitivity"]["steps"][0]["rel_l2"]
+    proc = cli("run", *model, "--output-blob", "ip2", "--input", str(tmp_path / "eval.npy"), "--calibration", str(calib))
+    assert f"kept in FP32: {', '.join(sorted(saved['keep_fp32']))}" in proc.stdout

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..engines.engine_cache import _write_atomically  # the fsync'ing one the engine cache uses
 from ..errors import CalibrationError
 
 FORMAT = "hybrid_infer calibration"
@@ -107,16 +107,7 @@ class Calibration:
         self.created = self.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
         text = json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n"
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _write_atomically(path, text.encode())
         self.path = path
         return path
 
