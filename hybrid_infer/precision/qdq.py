@@ -123,7 +123,7 @@ def quantize(prepared: onnx.ModelProto, ranges: Mapping[str, Sequence[float]], t
     quantizer.quantize_model()
     quantized: onnx.ModelProto = quantizer.model.model
     _float_inputs_for(quantized, set(excluded), original_inputs, original_producers)
-    _float_graph_outputs(quantized)
+    _float_graph_outputs(quantized, original_producers)
     _drop_unread_qdq(quantized)
     _restore_layer_names(quantized, layers)
     return quantized
@@ -154,14 +154,16 @@ def _float_inputs_for(model: onnx.ModelProto, nodes: set[str], original_inputs: 
                 node.input[k] = source
 
 
-def _float_graph_outputs(model: onnx.ModelProto) -> None:
+def _float_graph_outputs(model: onnx.ModelProto, original_producers: Mapping[str, str]) -> None:
     """Segment outputs leave in full precision: a Q/DQ pair the quantizer put on an output
     (renaming its producer's output) is bypassed. What follows in Caffe, or the user, gets
-    the float result of the last layer, not an 8-bit rounding of it."""
+    the float result of the last layer, not an 8-bit rounding of it; except where a ReLU was
+    folded into the pair (the pair's clipping is that ReLU)."""
     producer = {out: node for node in model.graph.node for out in node.output}
     for value in model.graph.output:
         source = _qdq_source(producer, value.name)
-        if source is None:
+        if source is None or producer.get(source) is None \
+                or producer[source].name != original_producers.get(value.name):
             continue
         dq = producer[value.name]
         dq.output[0] = value.name + "_unused_dequantized"
