@@ -158,7 +158,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| LeNet digits | {row['variant']} | test accuracy | {row['accuracy']:.2%}{extra} |")
     if "hyperlpr" in report:
         for row in report["hyperlpr"]["rows"]:
-            boxes = "; ".join(f"label {int(p[1])} score {p[2]:.3f}" for p in row["plates"]) or "none"
+            shown = row["plates"][:3]
+            boxes = "; ".join(f"label {int(p[1])} score {p[2]:.3f}" for p in shown) or "none"
+            if len(row["plates"]) > len(shown):
+                boxes += f" (and {len(row['plates']) - len(shown)} more)"
             shift = (f", box moved at most {row['max_box_shift_px']:.1f} px"
                      if row.get("max_box_shift_px") is not None else "")
             lines.append(f"| hyperlpr SSD | {row['variant']} | plates (score >= 0.5) | {boxes}{shift}; "

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "layers in FP32 until the target against Caffe FP32 is met.")
     add_model_options(p)
     add_input_options(p)
-    p.add_argument("--precision", choices=[x for x in PRECISIONS if x != "bf16"], default="int8",
+    p.add_argument("--precision", choices=PRECISIONS, default="int8",
                    help="int8 (Q/DQ, calibrated) or fp16 (default int8)")
     p.add_argument("--method", choices=METHODS, default="entropy",
                    help="INT8 range estimation (ONNX Runtime's calibrators; default entropy)")
@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="layers (names or types) that stay FP32; stored in the file")
     p.add_argument("--accuracy-target", metavar="METRIC=VALUE",
                    help="keep the most sensitive layers in FP32 until rel_l2=X (worst output's relative L2 "
-                        "against Caffe FP32) or top1=P (top-1 agreement) is met on the evaluation inputs")
+                        "against Caffe FP32), top1=P (top-1 agreement) or detections=N (SSD detections "
+                        "differing from Caffe's) is met on the evaluation inputs")
     p.add_argument("--eval-input", action="extend", nargs="+", default=[], metavar="[NAME=]FILE",
                    help="inputs for the accuracy check and --accuracy-target (default: the calibration inputs)")
     p.add_argument("--runs", type=int, default=5, help="timed runs per configuration in the search (5)")
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     output = args.output or Path(f"{args.model.stem}.{args.precision}.calib.json")
     net = open_net(args, engine="auto", batch=args.calibration_batch)
     prep = preprocessing(args)
-    inputs, _ = gather_inputs(net, args.input, prep, None)
+    inputs, _ = gather_inputs(net, args.input, prep, args.batch)
     batches = batches_of(inputs, args.calibration_batch)
     count = next(iter(inputs.values())).shape[0]
     label = args.precision.upper() + (f" {args.method}" if args.precision == "int8" else "")
@@ -88,10 +89,11 @@ def run(args: argparse.Namespace) -> int:
         engines = sorted({se.engine.kind for se in reduced.segment_engines if se.segment.backend == TENSORRT})
     print(f"{label} ({', '.join(engines)}) against Caffe FP32 on {next(iter(evaluation.values())).shape[0]} "
           f"input(s): relative L2 {error['rel_l2']:.3g}"
-          + (f", top-1 agreement {error['top1']:.1%}" if error["top1"] is not None else ""))
+          + (f", top-1 agreement {error['top1']:.1%}" if error["top1"] is not None else "")
+          + (f", {error['detections']:g} detection(s) differ" if error["detections"] is not None else ""))
     if target is not None:
         layers = [name for s in segments for name in s.layers]
-        progress = Progress(2 * len(quantizable_layers(net.graph, layers)) + 1, "sensitivity")
+        progress = Progress(2 * len(quantizable_layers(net.graph, layers)) + 1, "sensitivity")  # at most
         try:
             report = search(plan, make_net, evaluation, reference, target, layers=layers, runs=args.runs,
                             tick=progress.tick)

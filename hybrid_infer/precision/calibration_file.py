@@ -2,7 +2,7 @@
 
 A JSON document holding, for one model, weights and partition:
 
-- ``precision`` ("int8", "fp16" or "bf16") and, for INT8, the calibration ``method``;
+- ``precision`` ("int8" or "fp16") and, for INT8, the calibration ``method``;
 - per TensorRT segment, the SHA-256 of the segment's FP32 ONNX (as the lowering writes it)
   and the range ``[lowest, highest]`` of every float tensor of its prepared graph, in the
   units of the tensor (as ONNX Runtime's calibrators report them);
@@ -34,7 +34,7 @@ from ..errors import CalibrationError
 
 FORMAT = "hybrid_infer calibration"
 VERSION = 1
-PRECISIONS = ("int8", "fp16", "bf16")
+PRECISIONS = ("int8", "fp16")
 METHODS = ("entropy", "percentile", "minmax")
 
 

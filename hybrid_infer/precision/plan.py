@@ -95,7 +95,7 @@ class PrecisionPlan:
             target = TENSORRT if engine == "tensorrt" else ONNXRUNTIME
             model = quantize(prepare(fp32), entry.ranges, target, kept)
         else:
-            model = to_half(fp32, self.calibration.precision, kept)
+            model = to_half(fp32, kept)
         log.info("segment %d: %s for %s (%d layer(s) kept in FP32)", segment.id, self.label, engine, len(kept))
         return model
 
@@ -106,11 +106,9 @@ class PrecisionPlan:
                 + "".join(f" --output-blob {blob}" for blob in p.get("outputs", ())))
 
 
-def to_half(fp32: "onnx.ModelProto", precision: str, kept_layers: Iterable[str]) -> "onnx.ModelProto":
+def to_half(fp32: "onnx.ModelProto", kept_layers: Iterable[str]) -> "onnx.ModelProto":
     """FP16 copy of ``fp32`` with FP32 inputs and outputs, by ONNX Runtime's float16
     converter; nodes of ``kept_layers`` stay FP32 (the converter casts around them)."""
-    if precision != "fp16":
-        raise OptionError(f"precision '{precision}' cannot be applied here; hybrid_infer builds FP16 and INT8")
     from onnxruntime.transformers.float16 import convert_float_to_float16
     kept = set(kept_layers)
     blocked = [node.name for node in fp32.graph.node if node.doc_string in kept]
