@@ -107,7 +107,12 @@ class SensitivityReport:
         return [s.kept for s in self.steps if s.kept is not None]
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """As JSON-ready data; an infinite error (a detector that found another number of
+        boxes has no relative L2) becomes null."""
+        data = asdict(self)
+        for step in data["steps"]:
+            step["rel_l2"] = step["rel_l2"] if math.isfinite(step["rel_l2"]) else None
+        return data
 
     def to_text(self) -> str:
         lines = [f"accuracy target {self.target}: {'met' if self.met else 'NOT met'} with "
