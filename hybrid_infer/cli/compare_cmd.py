@@ -17,7 +17,8 @@ from ..model.caffe_model import CaffeModel
 from ..partition.capability import PROFILES
 from ..report.bar_chart import CHART_SUFFIXES, check_writable
 from ..report.progress import Progress
-from .common import AUTO, parse_min_segment_size, parse_input_shapes, require_weights, write_atomically
+from .common import (AUTO, add_lowerings_option, load_lowerings, parse_input_shapes, parse_min_segment_size,
+                     require_weights, write_atomically)
 from .input_options import add_input_options, gather_inputs, preprocessing
 from .precision_options import add_precision_options
 
@@ -52,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=DxDxDxD",
                    help="replace an input's size from the prototxt, e.g. data=1x3x720x1280")
     add_input_options(p)
+    add_lowerings_option(p)
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="engine for supported segments (auto: TensorRT if it can run here, else ONNX Runtime)")
     p.add_argument("--runs", type=int, default=20, help="timed runs per partition after warm-up (20)")
@@ -92,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         check_writable(args.json, "--json")
     specs = _specs(args)
+    load_lowerings(args)
     model = CaffeModel(args.model, args.weights, parse_input_shapes(args.input_shape))
     if args.random_weights is not None:
         model.set_random_weights(args.random_weights)

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from ..executor.engine_factory import ENGINES
-from ..metrics import compare_outputs
 from ..partition.partitioner import TENSORRT
 from ..report import handoff_report
+from ..report.partition_report import user_lowerings
 from .common import (add_build_options, add_model_options, auto_min_segment_size, open_net, require_weights,
                      write_atomically)
 from .input_options import add_input_options, gather_inputs, preprocessing
@@ -82,16 +82,20 @@ def run(args: argparse.Namespace) -> int:
               f"{times.get(se.segment.id, 0) * 1e3:8.2f} ms{note}")
     if net.gpu is not None:
         print(f"  Caffe segments ran on GPU {net.gpu.index} ({net.gpu.name})")
+    for row in user_lowerings(net.partition):
+        if row["layers"]:
+            print(f"  {row['target']} lowered by {row['function']} ({row['origin']}): {', '.join(row['layers'])}")
     print("\nhand-offs of the second run:\n" + handoff_report.to_text(net.handoffs()), end="")
     status = 0
     if args.check:
-        reference = net.run_caffe(inputs)
-        print("\ncheck against pure Caffe:")
-        for row in compare_outputs(outputs, reference):
-            ok = row.rel_l2 <= args.tolerance
-            status |= 0 if ok else 1
-            print(f"  {row.name}: max abs error {row.max_abs:.3g}, relative L2 {row.rel_l2:.3g} "
-                  f"{'OK' if ok else 'ABOVE'} (tolerance {args.tolerance:g})"
+        result = net.check(inputs, args.tolerance)
+        status = 0 if result.ok else 1
+        print("\ncheck against pure Caffe (the outputs, and the input of each final Softmax, whose "
+              "saturated probabilities would hide errors):")
+        for row in result.rows:
+            role = f" (input of Softmax '{result.softmax_inputs[row.name]}')" if row.name in result.softmax_inputs else ""
+            print(f"  {row.name}{role}: max abs error {row.max_abs:.3g}, relative L2 {row.rel_l2:.3g} "
+                  f"{'OK' if row.rel_l2 <= args.tolerance else 'ABOVE'} (tolerance {args.tolerance:g})"
                   + (f", top-1 agreement {row.top1_agreement:.0%}" if row.top1_agreement is not None else ""))
     if args.output:
         buffer = io.BytesIO()
