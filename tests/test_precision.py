@@ -168,6 +168,10 @@ def test_stale_calibration_is_refused_with_what_to_do(lenet_calibration, tmp_pat
     edited.write_text((LENET / "deploy.prototxt").read_text().replace("pool: MAX", "pool: AVE", 1))
     with pytest.raises(CalibrationError, match="different prototxt"):
         hybrid_infer.load(edited, LENET / "lenet_digits.caffemodel", calibration=lenet_calibration)
+    # Other output blobs (run --check adds the logits) compute the same tensors: accepted.
+    default_outputs = hybrid_infer.load(LENET / "deploy.prototxt", LENET / "lenet_digits.caffemodel",
+                                        engine="onnxruntime", calibration=lenet_calibration)
+    assert default_outputs.run({"data": digits()[2][:4]})["prob"].shape == (4, 10)
     # Same model and weights, another partition: the segment's ONNX is not the calibrated one.
     moved = lenet(calibration=lenet_calibration, fallback=["ip2"], min_segment_size=1)
     with pytest.raises(CalibrationError, match="stale: TensorRT segment 0 .* --min-segment-size 3"):

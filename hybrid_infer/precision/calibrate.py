@@ -20,7 +20,7 @@ from ..errors import OptionError
 from ..executor.engine_factory import segment_onnx
 from ..partition.partitioner import TENSORRT, Segment
 from .calibration_file import METHODS, PRECISIONS, Calibration, SegmentCalibration, model_identity
-from .plan import onnx_digest, resolve_layers
+from .plan import body_digest, onnx_digest, resolve_layers
 from .qdq import prepare
 from .ranges import RangeCollector
 
@@ -84,7 +84,7 @@ def calibrate(net: HybridNet, batches: Iterable[Batch], *, precision: str = "int
     collectors, digests = {}, {}
     for segment in segments:
         fp32 = segment_onnx(net.graph, net.model, segment)
-        digests[segment.id] = onnx_digest(fp32)
+        digests[segment.id] = (onnx_digest(fp32), body_digest(fp32))
         collectors[segment.id] = RangeCollector(prepare(fp32), method if precision == "int8" else "minmax")
     input_digest = hashlib.sha256()
     count = 0
@@ -101,8 +101,9 @@ def calibrate(net: HybridNet, batches: Iterable[Batch], *, precision: str = "int
             if tick:
                 tick()
             batch = next(iterator, None)
-        entries = [SegmentCalibration(s.id, list(s.layers), digests[s.id],
-                                      {k: [lo, hi] for k, (lo, hi) in collectors[s.id].ranges().items()})
+        entries = [SegmentCalibration(s.id, list(s.layers), digests[s.id][0],
+                                      {k: [lo, hi] for k, (lo, hi) in collectors[s.id].ranges().items()},
+                                      digests[s.id][1])
                    for s in segments]
     finally:
         for collector in collectors.values():

@@ -3,8 +3,8 @@
 A JSON document holding, for one model, weights and partition:
 
 - ``precision`` ("int8" or "fp16") and, for INT8, the calibration ``method``;
-- per TensorRT segment, the SHA-256 of the segment's FP32 ONNX (as the lowering writes it)
-  and the range ``[lowest, highest]`` of every float tensor of its prepared graph, in the
+- per TensorRT segment, the SHA-256 of the segment's FP32 ONNX (as the lowering writes it;
+  also without its output list, so asking for other output blobs is not staleness) and the range ``[lowest, highest]`` of every float tensor of its prepared graph, in the
   units of the tensor (as ONNX Runtime's calibrators report them);
 - the identity of the model: SHA-256 of the normalised prototxt (input shapes included) and
   of the weights as loaded, so a changed prototxt or caffemodel is named in the refusal;
@@ -60,6 +60,9 @@ class SegmentCalibration:
     onnx_sha256: str
     #: Tensor name in the prepared graph -> [lowest, highest] seen (after the method's clipping).
     ranges: dict[str, list[float]] = field(default_factory=dict)
+    #: SHA-256 of the same ONNX without its list of outputs: the segment asked for other
+    #: output blobs (``--output-blob``, ``run --check``'s logits) computes the same tensors.
+    body_sha256: str = ""
 
 
 @dataclass
@@ -93,8 +96,10 @@ class Calibration:
         """"INT8 entropy", "FP16": how reports name this precision."""
         return self.precision.upper() + (f" {self.method}" if self.precision == "int8" else "")
 
-    def segment_for(self, onnx_sha256: str) -> Optional[SegmentCalibration]:
-        return next((s for s in self.segments if s.onnx_sha256 == onnx_sha256), None)
+    def segment_for(self, onnx_sha256: str, body_sha256: str = "") -> Optional[SegmentCalibration]:
+        """The segment calibrated for exactly this ONNX, else for the same ONNX with other outputs."""
+        exact = next((s for s in self.segments if s.onnx_sha256 == onnx_sha256), None)
+        return exact or next((s for s in self.segments if body_sha256 and s.body_sha256 == body_sha256), None)
 
     def to_json(self) -> dict[str, Any]:
         data = {"format": FORMAT, "version": VERSION, **asdict(self)}
@@ -131,7 +136,8 @@ def load_calibration(path: os.PathLike[str] | str) -> Calibration:
                                f"{VERSION} (written by another hybrid_infer); run hybrid-infer calibrate again")
     try:
         segments = [SegmentCalibration(int(s["segment_id"]), list(s["layers"]), str(s["onnx_sha256"]),
-                                       {str(k): [float(v[0]), float(v[1])] for k, v in s["ranges"].items()})
+                                       {str(k): [float(v[0]), float(v[1])] for k, v in s["ranges"].items()},
+                                       str(s.get("body_sha256", "")))
                     for s in data["segments"]]
         calibration = Calibration(
             precision=str(data["precision"]), method=data.get("method"), model=dict(data["model"]),

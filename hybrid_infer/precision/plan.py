@@ -44,6 +44,15 @@ def onnx_digest(model: "onnx.ModelProto") -> str:
     return sha256_bytes(model.SerializeToString(deterministic=True))
 
 
+def body_digest(model: "onnx.ModelProto") -> str:
+    """Digest of ``model`` without its output list (same nodes, weights and inputs)."""
+    import onnx
+    body = onnx.ModelProto()
+    body.CopyFrom(model)
+    del body.graph.output[:]
+    return onnx_digest(body)
+
+
 def quantizable_layers(graph: LayerGraph, layers: Iterable[str]) -> list[str]:
     """The layers among ``layers`` (in order) that reduced precision changes, by name."""
     return [name for name in layers if graph.layers[name].type in QUANTIZABLE_TYPES]
@@ -80,7 +89,7 @@ class PrecisionPlan:
 
     def segment_model(self, fp32: "onnx.ModelProto", segment: "Segment", engine: str) -> "onnx.ModelProto":
         """The ONNX ``engine`` ("tensorrt" or "onnxruntime") runs for ``segment`` instead of ``fp32``."""
-        entry = self.calibration.segment_for(onnx_digest(fp32))
+        entry = self.calibration.segment_for(onnx_digest(fp32), body_digest(fp32))
         if entry is None:
             same_layers = any(s.layers == list(segment.layers) for s in self.calibration.segments)
             why = ("the same layers, but its ONNX differs (other output blobs or input shapes)" if same_layers
@@ -93,7 +102,13 @@ class PrecisionPlan:
         kept = self.keep_fp32 & set(segment.layers)
         if self.calibration.precision == "int8":
             target = TENSORRT if engine == "tensorrt" else ONNXRUNTIME
-            model = quantize(prepare(fp32), entry.ranges, target, kept)
+            try:
+                model = quantize(prepare(fp32), entry.ranges, target, kept)
+            except ValueError as exc:  # ONNX Runtime's quantizer: a tensor without a calibrated range
+                raise CalibrationError(
+                    f"{self.calibration.path} is stale for segment {segment.id}: {exc} (the segment asks for "
+                    "other outputs than it was calibrated with); run hybrid-infer calibrate again with the "
+                    f"options you run with (it was made with {self._partition_text()})") from None
         else:
             model = to_half(fp32, kept)
         log.info("segment %d: %s for %s (%d layer(s) kept in FP32)", segment.id, self.label, engine, len(kept))
