@@ -201,6 +201,3 @@ def _restore_layer_names(model: onnx.ModelProto, layers: Mapping[str, str]) -> N
         if near:
             node.doc_string = layers[near[0].name]
 
-
-def has_qdq(model: onnx.ModelProto) -> bool:
-    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node)
