@@ -22,6 +22,8 @@ from hybrid_infer.precision.calibrate import batches_of, calibrate
 #: /proc/cpuinfo flags that matter for 8- and 16-bit inference on x86.
 CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16", "avx512_fp16")
 VARIANTS = ("FP32", "FP16", "INT8")
+#: Calls of bench.py's ``timed_blocks`` per case; each variant keeps its best block.
+ROUNDS = 3
 
 
 def cpu_features() -> dict[str, bool]:
@@ -53,7 +55,12 @@ def measure(prototxt: Path, batch: int, input_shape: tuple[int, ...], seed: int,
         accuracy = compare_outputs(net.run(inputs), reference)
         top1 = [a.top1_agreement for a in accuracy if a.top1_agreement is not None]
         rows[label] = {"rel_l2": max(a.rel_l2 for a in accuracy), "top1": min(top1) if top1 else None}
-    timings = timed_blocks({label: (lambda n=net: n.run(inputs)) for label, net in nets.items()}, runs, warmup)
+    calls = {label: (lambda n=net: n.run(inputs)) for label, net in nets.items()}
+    timings: dict[str, Any] = {}
+    for _ in range(ROUNDS):  # more blocks than the main table: on a shared machine the ratio needs them
+        for label, timing in timed_blocks(calls, runs, warmup).items():
+            if label not in timings or timing.median < timings[label].median:
+                timings[label] = timing
     for label, timing in timings.items():
         rows[label]["median_ms"] = timing.median * 1e3
         rows[label]["vs_fp32"] = timings["FP32"].median / timing.median
@@ -65,7 +72,7 @@ def measure(prototxt: Path, batch: int, input_shape: tuple[int, ...], seed: int,
 def markdown(results: dict[str, dict[str, Any]], features: dict[str, bool]) -> list[str]:
     have = ", ".join(f for f, on in features.items() if on) or "none of them"
     lines = ["", f"Reduced precision on this CPU (ONNX Runtime runs the TensorRT segments; INT8: Q/DQ with U8S8, "
-                 f"FP16: ONNX Runtime's float16 conversion). CPU features among {', '.join(CPU_FLAGS)}: {have}. "
+                 f"FP16: ONNX Runtime's float16 conversion; best of {2 * ROUNDS} blocks). CPU features among {', '.join(CPU_FLAGS)}: {have}. "
                  "Error against pure Caffe FP32 on the logits (random weights and inputs: speed is the point).", "",
              "| model | batch | " + " | ".join(f"{v} ms" for v in VARIANTS) + " | INT8 vs FP32 | FP16 vs FP32 | "
              "INT8 rel L2 / top-1 | FP16 rel L2 |", "|---|---|" + "---|" * (len(VARIANTS) + 4)]
