@@ -536,8 +536,7 @@ def main() -> int:
                 for batch in args.batches:
                     prototxt = SHARED / MODELS[name]
                     extras["precision"][f"{name} b{batch}"] = bench_precision.measure(
-                        prototxt, batch, _input_shape(prototxt, batch), args.seed, workdir, timed_blocks,
-                        args.runs, args.warmup)
+                        prototxt, batch, _input_shape(prototxt, batch), args.seed, workdir, args.runs, args.warmup)
         if not args.skip_extras:
             with tqdm(total=3, desc="extras") as bar:
                 extras["load"] = load_time(workdir, runs=5)

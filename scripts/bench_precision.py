@@ -9,11 +9,13 @@ reduced-precision features, which decide whether ONNX Runtime has fast kernels f
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from hybrid_infer.analysis.timing import Timing
 from hybrid_infer.api import HybridNet
 from hybrid_infer.metrics import compare_outputs
 from hybrid_infer.model.caffe_model import CaffeModel
@@ -22,8 +24,29 @@ from hybrid_infer.precision.calibrate import batches_of, calibrate
 #: /proc/cpuinfo flags that matter for 8- and 16-bit inference on x86.
 CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16", "avx512_fp16")
 VARIANTS = ("FP32", "FP16", "INT8")
-#: Calls of bench.py's ``timed_blocks`` per case; each variant keeps its best block.
-ROUNDS = 3
+#: Pause before each timed call: ONNX Runtime's worker threads stop spinning meanwhile, so a
+#: call does not pay for the previous variant's threads.
+PAUSE_S = 0.2
+
+
+def interleaved(calls: dict[str, Callable[[], Any]], runs: int, warmup: int) -> dict[str, Timing]:
+    """Median of ``runs`` calls per variant, the variants taking turns call by call (after
+    ``warmup`` untimed calls each). On a machine shared with other jobs, load comes and goes
+    over minutes; taking turns exposes every variant to the same load, so their ratio holds
+    where one block per variant (bench.py's main table) can catch a quiet minute for one
+    variant and a busy one for the next (ResNet-50 INT8 over FP32 measured 8.2x and 2.0x in
+    two such runs)."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    samples: dict[str, list[float]] = {label: [] for label in calls}
+    for _ in range(runs):
+        for label, call in calls.items():
+            time.sleep(PAUSE_S)
+            start = time.perf_counter()
+            call()
+            samples[label].append(time.perf_counter() - start)
+    return {label: Timing(tuple(s)) for label, s in samples.items()}
 
 
 def cpu_features() -> dict[str, bool]:
@@ -35,7 +58,6 @@ def cpu_features() -> dict[str, bool]:
 
 
 def measure(prototxt: Path, batch: int, input_shape: tuple[int, ...], seed: int, workdir: Path,
-            timed_blocks: Callable[[dict[str, Callable[[], Any]], int, int], dict[str, Any]],
             runs: int, warmup: int) -> dict[str, Any]:
     """Median ms, relative L2 and top-1 agreement against Caffe FP32 for each precision."""
     model = CaffeModel(prototxt, input_shapes={"data": input_shape})
@@ -55,12 +77,7 @@ def measure(prototxt: Path, batch: int, input_shape: tuple[int, ...], seed: int,
         accuracy = compare_outputs(net.run(inputs), reference)
         top1 = [a.top1_agreement for a in accuracy if a.top1_agreement is not None]
         rows[label] = {"rel_l2": max(a.rel_l2 for a in accuracy), "top1": min(top1) if top1 else None}
-    calls = {label: (lambda n=net: n.run(inputs)) for label, net in nets.items()}
-    timings: dict[str, Any] = {}
-    for _ in range(ROUNDS):  # more blocks than the main table: on a shared machine the ratio needs them
-        for label, timing in timed_blocks(calls, runs, warmup).items():
-            if label not in timings or timing.median < timings[label].median:
-                timings[label] = timing
+    timings = interleaved({label: (lambda n=net: n.run(inputs)) for label, net in nets.items()}, runs, warmup)
     for label, timing in timings.items():
         rows[label]["median_ms"] = timing.median * 1e3
         rows[label]["vs_fp32"] = timings["FP32"].median / timing.median
@@ -72,7 +89,7 @@ def measure(prototxt: Path, batch: int, input_shape: tuple[int, ...], seed: int,
 def markdown(results: dict[str, dict[str, Any]], features: dict[str, bool]) -> list[str]:
     have = ", ".join(f for f, on in features.items() if on) or "none of them"
     lines = ["", f"Reduced precision on this CPU (ONNX Runtime runs the TensorRT segments; INT8: Q/DQ with U8S8, "
-                 f"FP16: ONNX Runtime's float16 conversion; best of {2 * ROUNDS} blocks). CPU features among {', '.join(CPU_FLAGS)}: {have}. "
+                 f"FP16: ONNX Runtime's float16 conversion; variants timed in turns, median). CPU features among {', '.join(CPU_FLAGS)}: {have}. "
                  "Error against pure Caffe FP32 on the logits (random weights and inputs: speed is the point).", "",
              "| model | batch | " + " | ".join(f"{v} ms" for v in VARIANTS) + " | INT8 vs FP32 | FP16 vs FP32 | "
              "INT8 rel L2 / top-1 | FP16 rel L2 |", "|---|---|" + "---|" * (len(VARIANTS) + 4)]
@@ -89,3 +106,44 @@ def markdown(results: dict[str, dict[str, Any]], features: dict[str, bool]) -> l
             lines += ["", f"Target: INT8 ResNet-50 at batch 8 at least 2x the FP32 hybrid on a CPU with VNNI or AMX: "
                           f"{ratio:.2f}x, {'met' if ratio >= 2 else '**not met**'}."]
     return lines
+
+
+def main() -> int:
+    """The precision rows alone: ``.venv/bin/python scripts/bench_precision.py [--models ...]``."""
+    import argparse
+    import json
+    import os
+    import sys
+    import tempfile
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    from bench import MODELS, REPO, SHARED, _input_shape
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["resnet50", "googlenet"], choices=list(MODELS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--out", type=Path, default=REPO / "results")
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="hybrid_precision_bench_") as tmp:
+        for name in args.models:
+            for batch in args.batches:
+                prototxt = SHARED / MODELS[name]
+                print(f"{name} b{batch} ...", file=sys.stderr, flush=True)
+                results[f"{name} b{batch}"] = measure(prototxt, batch, _input_shape(prototxt, batch), args.seed,
+                                                      Path(tmp), args.runs, args.warmup)
+    features = cpu_features()
+    text = "\n".join(markdown(results, features)).lstrip() + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_precision.json").write_text(json.dumps(
+        {"date": time.strftime("%Y-%m-%d"), "cpu_features": features, "runs": args.runs, "cases": results},
+        indent=2) + "\n")
+    (args.out / "bench_precision.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
