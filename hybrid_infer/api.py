@@ -10,13 +10,20 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from . import arguments
+from .engines.caffe_batch import check_feed_batch
 from .errors import InputError, OptionError
-from .graph.layer_graph import LayerGraph
+from .graph.layer_graph import Layer, LayerGraph
+from .index_inputs import check_index_inputs, index_inputs
 from .lowering.plugins import LoweringModule, load_lowering_modules
+from .detections import detection_outputs
 from .metrics import OutputDifference, compare_outputs
 from .model.caffe_import import caffe
+from .model.caffe_limits import refuse_cpu_unsupported
 from .model.caffe_model import CaffeModel
-from .partition.capability import Capability
+from .memory_budget import check_fits
+from .model.isolated import Rehearsal, caffe_errors
+from .partition.capability import PROFILES, Capability
 from .partition.partitioner import Partition, partition
 
 if TYPE_CHECKING:  # the engines pull in ONNX and ONNX Runtime: loaded when a run needs them
@@ -63,8 +70,9 @@ class CheckResult:
 
     @property
     def ok(self) -> bool:
-        """Every compared blob, logits included, within ``tolerance`` (relative L2)."""
-        return all(row.rel_l2 <= self.tolerance for row in self.rows)
+        """Every compared blob, logits included, within ``tolerance`` (relative L2; DetectionOutput
+        blobs: no difference between detections other than near-ties, see ``detections``)."""
+        return all(row.within(self.tolerance) for row in self.rows)
 
 
 class HybridNet:
@@ -76,6 +84,8 @@ class HybridNet:
     through the host with ``zero_copy=False`` (to measure the difference).
     ``keep_logits=True`` also makes the input of each final Softmax a segment output
     from the start, so that ``check`` builds no second set of engines.
+
+    Arguments of the wrong type or range raise ``OptionError`` naming the argument.
     """
 
     def __init__(self, model: CaffeModel, *, engine: str = "auto", profile: str = "tensorrt",
@@ -84,8 +94,21 @@ class HybridNet:
                  engine_cache: Optional["EngineCache"] = None, tensorrt_module: Optional[str] = None,
                  device: Optional[int] = None, zero_copy: bool = True, keep_logits: bool = False,
                  calibration: "PathLike | Calibration | PrecisionPlan | None" = None, keep_fp32: Iterable[str] = ()):
+        from .executor.engine_factory import ENGINES
+        if not isinstance(model, CaffeModel):
+            raise OptionError(f"model must be a CaffeModel (hybrid_infer.load reads one from files), "
+                              f"not {type(model).__name__}")
+        engine = arguments.choice(engine, "engine", ENGINES)
+        profile = arguments.choice(profile, "profile", PROFILES)
+        min_segment_size = arguments.integer(min_segment_size, "min_segment_size")
+        fallback = arguments.names(fallback, "fallback")
+        outputs = arguments.names(outputs, "outputs")
+        device = arguments.optional(arguments.integer, device, "device")
+        tensorrt_module = arguments.optional(arguments.choice, tensorrt_module, "tensorrt_module",
+                                             ("tensorrt", "tensorrt_rtx"))
+        self._check_types(build_settings=build_settings, engine_cache=engine_cache)
         self.model = model
-        self.zero_copy = zero_copy
+        self.zero_copy = bool(zero_copy)
         #: The GPU Caffe segments run on, or None for the CPU.
         self.gpu: Optional["GpuDevice"] = None
         if device is not None:
@@ -97,6 +120,8 @@ class HybridNet:
         #: Why the engine for supported segments is what it is (set when engines are built).
         self.engine_reason = ""
         self.graph = LayerGraph(model)
+        #: Net inputs that Embed layers read as indices (value id -> those layers).
+        self._index_inputs = index_inputs(self.graph)
         self.requested_engine = engine
         self.output_blobs = list(outputs) or [self.graph.values[v].blob for v in self.graph.outputs]
         self._output_values = [self.graph.value_of_blob(b) for b in self.output_blobs]
@@ -110,6 +135,16 @@ class HybridNet:
         from .precision.plan import plan_for
         #: Reduced precision for the TensorRT segments (None: FP32), from ``calibration``.
         self.precision: Optional["PrecisionPlan"] = plan_for(calibration, model, self.graph, keep_fp32)
+        self._reference_rehearsal = Rehearsal()
+
+    @staticmethod
+    def _check_types(**given: object) -> None:
+        from .engines.engine_cache import EngineCache
+        from .engines.tensorrt_build import BuildSettings
+        expected = {"build_settings": BuildSettings, "engine_cache": EngineCache}
+        for name, value in given.items():
+            if value is not None and not isinstance(value, expected[name]):
+                raise OptionError(f"{name} must be a {expected[name].__name__} or None, not {type(value).__name__}")
 
     @property
     def input_blobs(self) -> list[str]:
@@ -117,6 +152,10 @@ class HybridNet:
 
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         return {self.graph.values[v].blob: self.graph.values[v].shape for v in self.graph.inputs}
+
+    def index_readers(self, input_blob: str) -> list[Layer]:
+        """The Embed layers that read net input ``input_blob`` as row indices (empty if none)."""
+        return self._index_inputs.get(self.graph.input_value(input_blob), [])
 
     @property
     def segment_engines(self) -> list["SegmentEngine"]:
@@ -156,7 +195,16 @@ class HybridNet:
         return self._executor
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate names, shapes and dtypes; return FP32 arrays keyed by input blob."""
+        """Validate names, shapes and dtypes, and the values of inputs that Embed layers read
+        as indices (``index_inputs``); return FP32 arrays keyed by input blob.
+
+        Raises ``InputError`` for anything that does not fit the model, including a batch
+        whose activations would not fit in memory (``memory_budget.py``)."""
+        if not isinstance(inputs, Mapping):
+            raise InputError(f"inputs must be a dict of input name -> array, not {type(inputs).__name__}")
+        wrong = [name for name in inputs if not isinstance(name, str)]
+        if wrong:
+            raise InputError(f"input names must be str (blob names), not {type(wrong[0]).__name__} {wrong[0]!r}")
         expected = self.input_shapes()
         unknown = [name for name in inputs if name not in expected]
         if unknown:
@@ -169,7 +217,10 @@ class HybridNet:
         checked = {}
         batch = None
         for name, array in inputs.items():
-            array = np.asarray(array)
+            try:
+                array = np.asarray(array)
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"input '{name}' is not an array ({exc})") from None
             if not np.issubdtype(array.dtype, np.floating):
                 raise InputError(f"input '{name}' has dtype {array.dtype}; Caffe nets take floating "
                                  "point (FP32) inputs: convert and scale it first")
@@ -181,7 +232,23 @@ class HybridNet:
                 raise InputError(f"inputs have different batch sizes ({batch} and {array.shape[0]} for '{name}')")
             batch = array.shape[0]
             checked[name] = np.ascontiguousarray(array, dtype=np.float32)
+        if batch is not None:
+            if batch < 1:
+                raise InputError(f"inputs have batch size 0: there is nothing to run {self.model.prototxt} on")
+            self.check_memory(batch)
+        check_index_inputs(self.graph, self._index_inputs,
+                           {self.graph.input_value(name): array for name, array in checked.items()})
         return checked
+
+    def activation_bytes(self, batch: int) -> int:
+        """FP32 bytes of every value of the net at ``batch``: about what one run holds in its
+        activations (the hybrid holds about this much, the Caffe reference as much again)."""
+        return batch * sum(v.bytes_per_item for v in self.graph.values.values())
+
+    def check_memory(self, batch: int, extra_bytes: int = 0) -> None:
+        """Raise ``InputError`` if a run at ``batch`` (plus ``extra_bytes``) cannot fit in memory."""
+        check_fits(self.activation_bytes(batch) + extra_bytes, f"running {self.model.prototxt} at batch {batch}",
+                   "use a smaller batch (--batch) or input size (--input-shape)")
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the hybrid; returns the output blobs (or those named in ``outputs=``)."""
@@ -212,23 +279,40 @@ class HybridNet:
         """Pure Caffe on ``inputs``, returning ``values`` (value ids of ``graph``), each copied
         right after the layer that writes it: Caffe's blobs keep only their last write, and
         in-place layers overwrite earlier ones (a net input rewritten in place included).
-        Caffe runs only as far as the last of them."""
+        Caffe runs only as far as the last of them; the first run at each input shape is
+        rehearsed in full in a forked child first (``model/isolated.py``)."""
+        device = arguments.optional(arguments.integer, device, "device")
         checked = self.check_inputs(inputs)
+        where = f"{self.model.prototxt} in pure Caffe"
+        if device is None:
+            refuse_cpu_unsupported(self.model.layers, where)
+        check_feed_batch(self.graph, self.graph.layers.values(),
+                         {self.graph.input_value(name): array.shape for name, array in checked.items()})
         net = self.model.reference_net()
         if device is None:
             caffe().set_mode_cpu()  # another engine may have left Caffe in GPU mode
         else:
             from .engines.caffe_gpu_engine import use_gpu
             use_gpu(device)
-        reshaped = False
-        for name, array in checked.items():
-            if tuple(net.blobs[name].shape) != array.shape:
-                net.blobs[name].reshape(*array.shape)
-                reshaped = True
-        if reshaped:
-            net.reshape()
-        for name, array in checked.items():
-            net.blobs[name].data[...] = array
+
+        def feed() -> None:
+            reshaped = False
+            for name, array in checked.items():
+                if tuple(net.blobs[name].shape) != array.shape:
+                    net.blobs[name].reshape(*array.shape)
+                    reshaped = True
+            if reshaped:
+                net.reshape()
+            for name, array in checked.items():
+                net.blobs[name].data[...] = array
+
+        def whole_net() -> None:
+            feed()
+            net._forward(0, len(net.layers) - 1)
+        if device is None:  # CUDA cannot be used in a forked child
+            caffe_errors(where, self._reference_rehearsal.check, tuple((n, a.shape) for n, a in checked.items()),
+                         whole_net)
+        caffe_errors(where, feed)
         index = {name: i for i, name in enumerate(net._layer_names)}
         wanted = sorted(set(values), key=lambda v: index[self.graph.values[v].producer])
         got: dict[str, np.ndarray] = {}
@@ -236,7 +320,7 @@ class HybridNet:
         for value in wanted:
             stop = index[self.graph.values[value].producer]
             if stop >= start:
-                net._forward(start, stop)
+                caffe_errors(where, net._forward, start, stop)
                 start = stop + 1
             got[value] = np.array(net.blobs[self.graph.values[value].blob].data, copy=True)
         return got
@@ -264,6 +348,7 @@ class HybridNet:
 
         Without ``keep_logits=True`` at load, the logits become segment outputs now, which
         rebuilds the engines once."""
+        tolerance = arguments.real(tolerance, "tolerance", 0.0)
         logits = self._logit_values()
         if any(v not in self._kept for v in logits):
             self.close()
@@ -278,7 +363,9 @@ class HybridNet:
         for value in wanted[len(self._output_values):]:
             blob = self.graph.values[value].blob
             names[value] = blob if self.graph.final_value[blob] == value else value
-        rows = compare_outputs({names[v]: got[v] for v in wanted}, {names[v]: want[v] for v in wanted})
+        detections = {names[v]: t for v, t in detection_outputs(self.graph).items() if v in names}
+        rows = compare_outputs({names[v]: got[v] for v in wanted}, {names[v]: want[v] for v in wanted},
+                               detections=detections, tolerance=tolerance)
         return CheckResult(rows, {names[v]: softmax for v, softmax in logits.items()}, tolerance)
 
     def partition_report(self, fmt: str = "text") -> str:
@@ -330,11 +417,16 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
     batch axis stays free either way. ``build_settings``, ``engine_cache`` and
     ``tensorrt_module`` ("tensorrt" or "tensorrt_rtx") steer TensorRT engine builds.
     ``device=N`` runs Caffe segments on GPU N and ``keep_logits=True`` prepares ``check``
-    (see ``HybridNet``).
+    (see ``HybridNet``). Arguments of the wrong type or range raise ``OptionError`` naming
+    the argument.
     ``calibration`` (a file from ``hybrid-infer calibrate``, or a loaded ``Calibration``)
     runs the TensorRT segments in its precision (INT8 Q/DQ or FP16), with ``keep_fp32``
     (layer names or types) left in FP32; a stale file raises ``CalibrationError``.
     """
+    prototxt = arguments.path(prototxt, "prototxt")
+    weights = arguments.optional(arguments.path, weights, "weights")
+    random_weights = arguments.optional(arguments.integer, random_weights, "random_weights", 0, 2**64 - 1)
+    input_shapes = arguments.shapes(input_shapes, "input_shapes")
     load_lowering_modules(lowerings)
     model = CaffeModel(prototxt, weights, input_shapes)
     if random_weights is not None:

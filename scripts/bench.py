@@ -10,6 +10,11 @@ mid-network) it times, each in blocks of its own after warm-up (the better of tw
   impossible once a Python layer is in the net),
 - hybrid_infer (default partition; ONNX Runtime for the TensorRT segments on this machine).
 
+The SSD detectors (MobileNet-SSD, HyperLPR's plate detector; as published only) are also
+timed with their DetectionOutput forced to Caffe (``hybrid_before``: how hybrid_infer ran them
+before DetectionOutput was lowered), and their outputs are compared as detections
+(``hybrid_infer.detections``): differences that near-equal scores explain are allowed.
+
 Every runtime's outputs (and pre-softmax logits: softmax of random logits saturates and
 hides errors) are checked against Caffe first; one beyond --tolerance is refused, not
 timed. Also measured: load + partition time of a generated ResNet-152, peak resident
@@ -46,7 +51,8 @@ from bench_nets import resnet_prototxt, with_python_layer  # noqa: E402
 from hybrid_infer.analysis.layer_diff import Settings, hybrid_values  # noqa: E402
 from hybrid_infer.analysis.timing import Timing, time_calls  # noqa: E402
 from hybrid_infer.api import HybridNet  # noqa: E402
-from hybrid_infer.metrics import relative_l2  # noqa: E402
+from hybrid_infer.detections import detection_outputs  # noqa: E402
+from hybrid_infer.metrics import compare_outputs  # noqa: E402
 from hybrid_infer.model.caffe_model import CaffeModel  # noqa: E402
 from hybrid_infer.partition.partitioner import CAFFE  # noqa: E402
 from hybrid_infer.report.bar_chart import grouped_bar_chart  # noqa: E402
@@ -58,8 +64,12 @@ MODELS = {
     "squeezenet1.1": "squeezenet_v1.1/deploy.prototxt",
     "mobilenet_v1": "mobilenet_v1/mobilenet_deploy.prototxt",
     "alexnet": "bvlc_alexnet/deploy.prototxt",
+    "mobilenet_ssd": "mobilenet_ssd/MobileNetSSD_deploy.prototxt",
+    "hyperlpr_ssd": "hyperlpr_mininet_ssd/mininet_ssd_v1.prototxt",
 }
-RUNTIMES = ("caffe", "opencv", "ort_whole", "hybrid")
+#: Detectors: timed as published only, with DetectionOutput in Caffe too (hybrid_before).
+SSD_MODELS = ("mobilenet_ssd", "hyperlpr_ssd")
+RUNTIMES = ("caffe", "opencv", "ort_whole", "hybrid", "hybrid_before")
 BUSY = "make|nvcc|cc1plus"
 #: Other processes may use at most this many cores during a measurement, else it is repeated.
 QUIET = 0.1
@@ -84,6 +94,8 @@ class Case:
     batch: int
     results: dict[str, Measured] = field(default_factory=dict)
     segments: str = ""
+    #: SSD nets: the segments with DetectionOutput forced to Caffe.
+    segments_before: str = ""
     handoff: Optional[dict[str, float]] = None
     others_cpu: float = 0.0  # cores' worth of CPU other processes used while this case was timed
 
@@ -127,8 +139,34 @@ def wait_until_quiet(limit_s: float) -> bool:
     return True
 
 
-def worst_error(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
-    return max(relative_l2(got[name].reshape(want[name].shape), want[name]) for name in want)
+def worst_error(got: dict[str, np.ndarray], want: dict[str, np.ndarray], net: HybridNet,
+                tolerance: float) -> tuple[float, str]:
+    """The worst relative L2 against Caffe's outputs (DetectionOutput blobs: over the matched
+    detections), and why it is refused ("" when every output is within ``tolerance``; for
+    detections: no difference that near-equal scores fail to explain)."""
+    got = {name: got[name] if name in detection_outputs(net.graph) else got[name].reshape(want[name].shape)
+           for name in want}
+    rows = compare_outputs(got, want, detections=detection_outputs(net.graph), tolerance=tolerance)
+    error = max(r.rel_l2 for r in rows)
+    refused = [r for r in rows if not r.within(tolerance)]
+    if not refused:
+        return error, ""
+    found = next((r.detections for r in refused if r.detections is not None), None)
+    if found is not None:
+        return error, (f"refused: {len(found.real)} detection difference(s) beyond {tolerance:g}, "
+                       f"max abs {found.max_abs:.2g}")
+    return error, f"refused: rel L2 {error:.2g} > {tolerance:g}"
+
+
+def caffe_row_order(detections: np.ndarray) -> np.ndarray:
+    """DetectionOutput rows in Caffe's order (image, label, then descending score); OpenCV DNN
+    orders each image's rows by score across labels."""
+    rows = detections.reshape(-1, 7)
+    return rows[np.lexsort((-rows[:, 2], rows[:, 1], rows[:, 0]))].reshape(detections.shape)
+
+
+def _segments(net: HybridNet) -> str:
+    return " → ".join(f"{'trt' if s.backend != CAFFE else 'caffe'} {len(s.layers)}" for s in net.partition.segments)
 
 
 def opencv_runner(model: CaffeModel, net: HybridNet, blobs: list[str], workdir: Path,
@@ -140,10 +178,12 @@ def opencv_runner(model: CaffeModel, net: HybridNet, blobs: list[str], workdir: 
     # OpenCV names outputs by layer; each checked blob is its producing layer's only top here.
     layer_names = [net.graph.values[net.graph.value_of_blob(b)].producer for b in blobs]
     (name, array), = inputs.items()
+    detections = detection_outputs(net.graph)
 
     def run() -> dict[str, np.ndarray]:
         cv_net.setInput(array, name)
-        return dict(zip(blobs, cv_net.forward(layer_names)))
+        out = dict(zip(blobs, cv_net.forward(layer_names)))
+        return {b: caffe_row_order(a) if b in detections else a for b, a in out.items()}
     return run
 
 
@@ -187,9 +227,13 @@ def measure_case(case: Case, prototxt: Path, args: argparse.Namespace, workdir: 
     inputs = {name: np.random.default_rng(1).standard_normal(shape).astype(np.float32)
               for name, shape in net.input_shapes().items()}
     reference = net.run_caffe(inputs)
-    case.segments = " → ".join(f"{'trt' if s.backend != CAFFE else 'caffe'} {len(s.layers)}"
-                               for s in net.partition.segments)
+    case.segments = _segments(net)
     candidates: dict[str, Callable[[], dict[str, np.ndarray]]] = {"caffe": lambda: net.run_caffe(inputs)}
+    before = None
+    if case.model in SSD_MODELS:
+        before = HybridNet(model, engine="onnxruntime", outputs=blobs, fallback=["DetectionOutput"])
+        case.segments_before = _segments(before)
+        candidates["hybrid_before"] = lambda: before.run(inputs)
     has_python = any(layer.type == "Python" for layer in net.graph.layers.values())
     if has_python:
         case.results["opencv"] = Measured(status="n/a (Python layer)")
@@ -203,9 +247,9 @@ def measure_case(case: Case, prototxt: Path, args: argparse.Namespace, workdir: 
         candidates["opencv"] = opencv_runner(model, net, blobs, workdir, inputs)
     timed: dict[str, Callable[[], Any]] = {}
     for name, call in candidates.items():
-        error = worst_error(call(), reference)
-        if error > args.tolerance:
-            case.results[name] = Measured(status=f"refused: rel L2 {error:.2g} > {args.tolerance:g}", rel_l2=error)
+        error, refusal = worst_error(call(), reference, net, args.tolerance)
+        if refusal:
+            case.results[name] = Measured(status=refusal, rel_l2=error)
         else:
             case.results[name] = Measured(rel_l2=error)
             timed[name] = call
@@ -223,6 +267,8 @@ def measure_case(case: Case, prototxt: Path, args: argparse.Namespace, workdir: 
                         "executor_outside_engines_ms": _outside_engines(net, inputs, args.runs) * 1e3,
                         **{f"{n}_ms": t.median * 1e3 for n, t in timings.items() if n.startswith("segment")}}
     net.close()
+    if before is not None:
+        before.close()
 
 
 def _outside_engines(net: HybridNet, inputs: dict[str, np.ndarray], runs: int) -> float:
@@ -377,7 +423,7 @@ def ratios(cases: list[Case]) -> list[dict[str, Any]]:
 
 def targets(rows: list[dict[str, Any]], load: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's targets, each with the figures that decide it."""
-    base = [r for r in rows if r["variant"] == "base"]
+    base = [r for r in rows if r["variant"] == "base" and r["model"] not in SSD_MODELS]
     out = []
     for r in base:
         if "opencv_over_hybrid" in r:
@@ -402,6 +448,24 @@ def targets(rows: list[dict[str, Any]], load: Optional[dict[str, Any]]) -> list[
     return out
 
 
+def ssd_markdown(cases: list[Case]) -> list[str]:
+    """The detectors' table: DetectionOutput in Caffe (before) against lowered (after)."""
+    rows = [c for c in cases if c.model in SSD_MODELS]
+    if not rows:
+        return []
+    lines = ["", "SSD detectors (DetectionOutput lowered vs forced to Caffe), same run, ms:", "",
+             "| model | batch | Caffe | OpenCV DNN | hybrid before | hybrid after | after vs before | after vs Caffe "
+             "| after vs OpenCV | segments before → after |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in rows:
+        t = {k: m.timing.median for k, m in c.results.items() if m.timing}
+        cell = lambda k: f"{t[k] * 1e3:.1f}" if k in t else (c.results[k].status if k in c.results else "-")
+        vs = lambda k: f"{t[k] / t['hybrid']:.2f}x" if k in t and "hybrid" in t else "-"
+        lines.append(f"| {c.model} | {c.batch} | {cell('caffe')} | {cell('opencv')} | {cell('hybrid_before')} | "
+                     f"{cell('hybrid')} | {vs('hybrid_before')} | {vs('caffe')} | {vs('opencv')} | "
+                     f"{c.segments_before} ⇒ {c.segments} |")
+    return lines
+
+
 def markdown(cases: list[Case], meta: dict[str, Any], extras: dict[str, Any], goals: list[dict[str, Any]]) -> str:
     lines = [f"Measured {meta['date']} on {meta['cpu']} ({meta['cores']} cores), one run of "
              f"`scripts/bench.py`; median of {meta['runs']} runs after {meta['warmup']} warm-up (better of "
@@ -409,7 +473,7 @@ def markdown(cases: list[Case], meta: dict[str, Any], extras: dict[str, Any], go
              f"(lower is better); random weights; ONNX Runtime {meta['onnxruntime']}, OpenCV {meta['opencv']}.", "",
              "| model | batch | Caffe | OpenCV DNN | ORT whole model | hybrid_infer | hybrid vs Caffe | hybrid vs OpenCV | segments |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for c in cases:
+    for c in (c for c in cases if c.model not in SSD_MODELS):
         def cell(name: str) -> str:
             m = c.results.get(name)
             if m is None:
@@ -420,6 +484,7 @@ def markdown(cases: list[Case], meta: dict[str, Any], extras: dict[str, Any], go
         label = c.model + (" + Python layer" if c.variant == "python" else "")
         lines.append(f"| {label} | {c.batch} | {cell('caffe')} | {cell('opencv')} | {cell('ort_whole')} | "
                      f"{cell('hybrid')} | {vs('caffe')} | {vs('opencv')} | {c.segments} |")
+    lines += ssd_markdown(cases)
     lines += ["", "n/a (Python layer): OpenCV DNN cannot run Caffe Python layers, and a Python layer cannot "
                   "be lowered to ONNX. Segments: layers per segment in execution order (trt: lowered to ONNX, "
                   "run by ONNX Runtime here; caffe: pycaffe)."]
@@ -510,7 +575,8 @@ def main() -> int:
         print("warning: build processes still running; timings will be disturbed", file=sys.stderr)
     meta = {**machine(), "runs": args.runs, "warmup": args.warmup, "seed": args.seed,
             "tolerance_rel_l2": args.tolerance}
-    cases = [Case(m, v, b) for m in args.models for v in args.variants for b in args.batches]
+    cases = [Case(m, v, b) for m in args.models for v in args.variants for b in args.batches
+             if v == "base" or m not in SSD_MODELS]
     extras: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="hybrid_bench_") as tmp:
         workdir = Path(tmp)
@@ -550,6 +616,7 @@ def main() -> int:
     goals = targets(rows, extras.get("load"))
     report = {"meta": meta, "cases": [{
         "model": c.model, "variant": c.variant, "batch": c.batch, "segments": c.segments,
+        "segments_before": c.segments_before,
         "runtimes": {k: {"status": m.status, "rel_l2": m.rel_l2,
                          "median_ms": m.timing.median * 1e3 if m.timing else None,
                          "p90_ms": m.timing.p90 * 1e3 if m.timing else None} for k, m in c.results.items()},

@@ -72,3 +72,51 @@ def test_export_writes_checked_onnx_and_manifest(tmp_path, monkeypatch):
         onnx.checker.check_model(model, full_check=True)
         assert [i.name for i in model.graph.input] == entry["inputs"]
         assert [o.name for o in model.graph.output] == entry["outputs"]
+
+
+UNSQUEEZE_NET = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 6 } } }
+layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 8 } }
+layer { name: "u" type: "Unsqueeze" bottom: "fc" top: "u" unsqueeze_param { dim: 2 } }
+layer { name: "u2" type: "Unsqueeze" bottom: "u" top: "u2" unsqueeze_param { dim: 3 } }
+layer { name: "conv" type: "Convolution" bottom: "u2" top: "conv" convolution_param { num_output: 4 kernel_size: 1 } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "out" }
+"""
+
+
+def test_check_at_a_batch_caffe_cannot_run_is_one_line(tmp_path):
+    """The reviewer's command: it used to end in a traceback and 'double free or corruption'.
+    Random inputs are drawn (and reported) at the batch asked for."""
+    path = tmp_path / "unsqueeze.prototxt"
+    path.write_text(UNSQUEEZE_NET)
+    proc = cli("run", str(path), "--random-weights", "1", "--check", "--batch", "3", check=False)
+    assert "random normal values of shape (3, 6)" in proc.stdout
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    error = proc.stderr.strip()
+    assert "\n" not in error and "layer 'u' (Unsqueeze)" in error and "--input-shape data=3x6" in error
+    proc = cli("run", str(path), "--random-weights", "1", "--check", "--batch", "3", "--input-shape", "data=3x6")
+    assert re.search(r"out: max abs error .* OK", proc.stdout), proc.stdout
+
+
+EMBED_NET = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 5 } } }
+layer { name: "emb" type: "Embed" bottom: "data" top: "emb" embed_param { num_output: 4 input_dim: 2 } }
+layer { name: "fc" type: "InnerProduct" bottom: "emb" top: "fc" inner_product_param { num_output: 3 axis: 2 } }
+layer { name: "relu" type: "ReLU" bottom: "fc" top: "out" }
+"""
+
+
+def test_embed_inputs_are_indices(tmp_path):
+    """Random inputs of an Embed-fed input are valid indices (and --check agrees with Caffe); an
+    index out of range is a one-line error naming the input and the layer, not ORT's traceback."""
+    path = tmp_path / "embed.prototxt"
+    path.write_text(EMBED_NET)
+    proc = cli("run", str(path), "--random-weights", "1", "--check")
+    assert "random whole numbers in [0, 2) of shape (2, 5)" in proc.stdout
+    assert re.search(r"out: max abs error 0, relative L2 0 OK", proc.stdout), proc.stdout
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.array([[0, 1, 5, 0, 1], [1, 1, 0, 0, 0]], np.float32))
+    proc = cli("run", str(path), "--random-weights", "1", "--check", "--input", str(bad), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("hybrid-infer: error: input 'data' holds 5 at (0, 2), but layer 'emb' (Embed) "
+                                   "takes whole numbers in [0, 2) as row indices")

@@ -129,7 +129,7 @@ def test_auto_never_chooses_a_partition_that_differs_from_caffe(python_layers):
 def test_partition_command_refuses_auto(python_layers, capsys):
     with pytest.raises(SystemExit):
         main(["partition", PYTHON_NET, "--min-segment-size", "auto"])
-    assert "invalid int value: 'auto'" in capsys.readouterr().err
+    assert "expected a whole number, not 'auto'" in capsys.readouterr().err
 
 
 def test_diff_reports_every_value_of_the_bundled_classifier(capsys, tmp_path):

@@ -67,7 +67,6 @@ BILINEAR = {
     "only_dst_h": ("dst_h: 6", (2, 3, 4, 5)),
     "scale_factor_2": ("scale_factor: 2 align_corners: false", (2, 3, 4, 5)),
     "scale_factor_half_align": ("scale_factor: 0.5", (2, 3, 8, 6)),
-    "source_side_1": ("dst_h: 5 dst_w: 4 align_corners: false", (2, 3, 1, 6)),
     "output_side_1_half_pixel": ("dst_h: 1 dst_w: 3 align_corners: false", (2, 3, 5, 6)),
     "same_size": ("dst_h: 4 dst_w: 5", (2, 3, 4, 5)),
 }
@@ -83,11 +82,12 @@ def test_bilinear_interpolate(params: str, shape: tuple) -> None:
        size=st.tuples(st.integers(1, 12), st.integers(1, 12)), out=st.tuples(st.integers(1, 25), st.integers(1, 25)),
        seed=st.integers(0, 2**31 - 1))
 def test_bilinear_geometry(layer: str, align: bool, size: tuple, out: tuple, seed: int) -> None:
-    """Arbitrary up- and down-scaling ratios: the coordinate mapping and edge handling."""
+    """Arbitrary up- and down-scaling ratios: the coordinate mapping and edge handling. (A
+    BilinearInterpolate source side of 1 is refused: Caffe reads outside the blob there.)"""
     if layer == "Resize":
         params = f"resize_param {{ height: {out[0]} width: {out[1]} }}"
     else:
-        assume(not (align and 1 in out))
+        assume(not (align and 1 in out) and 1 not in size)
         params = (f"bilinear_interpolate_param {{ dst_h: {out[0]} dst_w: {out[1]} "
                   f"align_corners: {str(align).lower()} }}")
     check_lowering(one_layer(layer, params, data=(2, 2, *size)), batches=(None,), seed=seed)
@@ -183,6 +183,8 @@ ARGMAX = {
     "axis1_values": ("axis: 1 out_max_val: true", (2, 6, 4, 5)),
     "axis_last_top2_values": ("axis: -1 top_k: 2 out_max_val: true", (2, 3, 4, 6)),
     "axis2_top_all": ("axis: 2 top_k: 4", (2, 3, 4, 5)),
+    "flat_3d": ("top_k: 2", (2, 3, 4)),  # (N, 1, top_k)
+    "flat_5d_values": ("top_k: 5 out_max_val: true", (2, 3, 4, 5, 2)),  # (N, 2, top_k, 1, 1)
 }
 
 
@@ -272,6 +274,50 @@ def test_im2col(params: str, shape: tuple) -> None:
     check_lowering(one_layer("Im2col", f"convolution_param {{ {params} }}", data=shape))
 
 
+TRUNCATED_WINDOWS = {  # the dilated kernel reaches past the padded input by less than a stride
+    "review_case": ("kernel_h: 4 kernel_w: 2 stride: 3 dilation: 2 dilation: 1 pad_w: 3", (2, 1, 6, 8)),
+    "both_axes": ("kernel_size: 3 stride: 4 dilation: 3 pad: 1", (2, 2, 4, 5)),  # (4 + 2 - 7) / 4 + 1 = 1
+    "kernel_past_input": ("kernel_h: 4 kernel_w: 1 stride_h: 3 pad_h: 1 dilation: 3", (2, 1, 7, 2)),
+    "short_side_only": ("kernel_h: 1 kernel_w: 3 stride_h: 4 stride_w: 3 pad_w: 1 dilation: 2", (2, 3, 7, 2)),
+    "1d": ("kernel_size: 4 stride: 2 dilation: 2", (2, 2, 6)),  # (6 - 7) / 2 + 1 = 1
+}
+
+
+@pytest.mark.parametrize("layer_type", ["Convolution", "Im2col"])
+@sweep(TRUNCATED_WINDOWS)
+def test_windows_caffe_truncates_toward_zero(layer_type: str, params: str, shape: tuple) -> None:
+    """Caffe's C++ division truncates (in + 2*pad - extent) / stride toward zero: one window
+    where ONNX's floor has none, so the lowering pads the end to reach it."""
+    number = "num_output: 3 " if layer_type == "Convolution" else ""
+    check_lowering(one_layer(layer_type, f"convolution_param {{ {number}{params} }}", data=shape))
+
+
+def test_truncated_windows_with_several_bottoms_and_activations() -> None:
+    """The reviewer's net (convolution, ReLU, Sigmoid), with a second bottom sharing the weights."""
+    check_lowering(net("""
+        layer { name: "conv" type: "Convolution" bottom: "a" bottom: "b" top: "x" top: "y"
+                convolution_param { num_output: 2 kernel_h: 4 kernel_w: 2 stride: 3 dilation: 2 dilation: 1
+                                    pad_w: 3 } }
+        layer { name: "relu" type: "ReLU" bottom: "x" top: "rx" }
+        layer { name: "sig" type: "Sigmoid" bottom: "rx" top: "out" }
+        layer { name: "sig_y" type: "Sigmoid" bottom: "y" top: "out_y" }
+    """, a=(2, 1, 6, 8), b=(2, 1, 6, 8)))
+
+
+DECONVOLUTION_EDGES = {
+    "pad_past_kernel": ("kernel_size: 2 stride: 3 pad: 2", (2, 2, 3, 3)),
+    "output_side_1": ("kernel_size: 3 pad: 1", (2, 2, 1, 4)),
+    "dilated_strided": ("kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 dilation: 3 pad_h: 3", (2, 3, 2, 3)),
+}
+
+
+@sweep(DECONVOLUTION_EDGES)
+def test_deconvolution_edges(params: str, shape: tuple) -> None:
+    """Deconvolution's size stride*(in-1) + extent - 2*pad is ConvTranspose's, pads larger than
+    the kernel and a single output pixel included."""
+    check_lowering(one_layer("Deconvolution", f"convolution_param {{ num_output: 2 {params} }}", data=shape))
+
+
 @pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
 def test_shared_weights_over_several_bottoms(layer_type: str) -> None:
     """Caffe convolves every bottom with the same weights, top i from bottom i."""
@@ -324,6 +370,18 @@ REFUSED = {  # (layer type, params, input shape, part of the reason)
     "pad_reflect_too_wide": ("Pad", "pad_param { pad_type: REFLECT pad_l: 5 }", (2, 3, 4, 5), "smaller than"),
     "bilinear_align_to_one": ("BilinearInterpolate", "bilinear_interpolate_param { dst_h: 1 dst_w: 3 }",
                               (2, 3, 4, 5), "divides by zero"),
+    "bilinear_source_side_1": ("BilinearInterpolate", "bilinear_interpolate_param { dst_h: 5 dst_w: 4 "
+                               "align_corners: false }", (2, 3, 1, 6), "undefined"),
+    "resize_to_nothing": ("Resize", "resize_param { is_pyramid_test: true out_height_scale: 0.1 "
+                          "out_width_scale: 2.5 }", (2, 3, 4, 7), "empty output (2, 3, 0, 17)"),
+    "pixel_shuffle_no_channel": ("PixelShuffle", "pixelshuffle_param { upscale_factor: 2 }", (2, 2, 3, 3),
+                                 "empty output (2, 0, 6, 6)"),
+    "pad_crops_to_nothing": ("Pad", "pad_param { pad_u: -2 pad_d: -2 pad_l: -1 pad_r: -1 }", (2, 3, 4, 5),
+                             "empty output (2, 3, 0, 3)"),
+    "im2col_no_window": ("Im2col", "convolution_param { kernel_size: 5 stride: 3 }", (2, 1, 2, 6),
+                         "empty output"),
+    "pooling_no_window": ("Pooling", "pooling_param { pool: MAX kernel_size: 2 ceil_mode: false }", (2, 1, 1, 9),
+                          "empty output (2, 1, 0, 8)"),
     "spp_stochastic": ("SPP", "spp_param { pyramid_height: 2 pool: STOCHASTIC }", (2, 3, 8, 8), "stochastic"),
     "kyle_batch_statistics": ("BatchNormKyle", "batch_norm_param { use_global_stats: false }", (2, 3, 4, 4),
                               "batch statistics"),

@@ -107,28 +107,41 @@ def test_bundled_lenet_digits_classifies_its_samples():
         assert np.argmax(net.run({"data": batch})["prob"], axis=1).tolist() == labels
 
 
+def assert_same_detections(got: np.ndarray, want: np.ndarray) -> None:
+    """Caffe's DetectionOutput rows, in Caffe's order, each value within 1e-4."""
+    assert got.shape == want.shape, f"{got.shape[2]} detections, Caffe {want.shape[2]}"
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE)
+
+
 def test_hyperlpr_ssd_detects_like_caffe(shared_models):
-    # HyperLPR feeds the photo at its own size, RGB, ImageNet mean and (about) std.
+    # HyperLPR feeds the photo at its own size, RGB, ImageNet mean and (about) std; the
+    # priors PriorBox folds are those of that size, not of the prototxt's 512 x 512.
     folder = shared_models / "hyperlpr_mininet_ssd"
     net = hybrid_infer.load(folder / "mininet_ssd_v1.prototxt", folder / "mininet_ssd_v1.caffemodel",
                             engine="onnxruntime", input_shapes={"data": (1, 3, 720, 1280)})
-    assert [s.backend for s in net.partition.segments] == [TENSORRT, CAFFE]
+    assert [s.backend for s in net.partition.segments] == [TENSORRT]
     image = load_input(folder / "images/test.jpg", (1, 3, 720, 1280),
                        Preprocessing(scale=1 / (255 * 0.226), mean=(123.7, 116.3, 103.5), channel_order="rgb"))
-    got, want = net.run({"data": image}), net.run_caffe({"data": image})
-    (blob,) = want
-    assert got[blob].shape == want[blob].shape
-    assert relative_l2(got[blob], want[blob]) <= TOLERANCE
-    detections = want[blob].reshape(-1, 7)
-    assert (detections[:, 2] > 0.5).any(), "the sample photo's plate should be detected"
+    for batch in (image, np.concatenate([image, image[:, :, ::-1]])):  # and upside down, as a second image
+        got, want = net.run({"data": batch})["detection_out"], net.run_caffe({"data": batch})["detection_out"]
+        assert_same_detections(got, want)
+        plates = want[0, 0][want[0, 0, :, 2] > 0.5]
+        assert len(plates) >= 1 and set(plates[:, 0]) <= {0.0, 1.0}, "the sample photo's plate should be detected"
 
 
-def test_mobilenet_ssd_random_weights(shared_models):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_mobilenet_ssd_random_weights(shared_models, batch):
     path = shared_models / "mobilenet_ssd/MobileNetSSD_deploy.prototxt"
     net = hybrid_infer.load(path, random_weights=11, engine="onnxruntime",
-                            outputs=["detection_out", "mbox_conf_flatten", "mbox_loc"])
-    assert [s.backend for s in net.partition.segments] == [TENSORRT, CAFFE]
-    assert_matches_caffe(net, _random_inputs(net))
+                            outputs=["detection_out", "mbox_conf_flatten", "mbox_loc", "mbox_priorbox"])
+    assert [s.backend for s in net.partition.segments] == [TENSORRT]
+    inputs = _random_inputs(net, batch)
+    got, want = net.run(inputs), net.run_caffe(inputs)
+    assert_same_detections(got["detection_out"], want["detection_out"])
+    assert got["detection_out"].shape[2] > batch, "random weights should still give detections"
+    assert np.array_equal(got["mbox_priorbox"], want["mbox_priorbox"])
+    for blob in ("mbox_conf_flatten", "mbox_loc"):
+        assert relative_l2(got[blob], want[blob]) <= TOLERANCE
 
 
 @pytest.mark.parametrize("graph", ["python_layer_net/deploy.prototxt",

@@ -21,7 +21,7 @@ from partition_checks import check_partition_invariants
 EXPECTED_ERRORS = {
     "opencv_dnn_layers/layer_interp.prototxt": r"layer_interp.prototxt:14: .*no field named \"interp_param\"",
     "opencv_dnn_layers/net_roi_pooling.prototxt": r"net_roi_pooling.prototxt:41: .*roi_pooling_param",
-    "opencv_dnn_layers/net_faster_rcnn_proposal.prototxt": r"Caffe cannot set this net up: Check failed",
+    "opencv_dnn_layers/net_faster_rcnn_proposal.prototxt": r"Input layer 'rpn_cls_prob_reshape' gives no shape",
     "opencv_dnn_layers/reshape_and_slice_routines.prototxt": r"inputs \['input'\] have no input_shape",
 }
 
@@ -48,13 +48,21 @@ def test_partition_every_shared_prototxt(shared_models, relpath):
                 assert p.segment_of(name).backend == CAFFE and reason
 
 
-def test_known_partitions(shared_models):
-    """Hand-checked facts: SSD heads go to Caffe, plain CNNs are one TensorRT segment."""
-    ssd = LayerGraph(CaffeModel(shared_models / "mobilenet_ssd/MobileNetSSD_deploy.prototxt"))
-    p = partition(ssd, Capability("tensorrt"))
+@pytest.mark.parametrize("relpath", ["mobilenet_ssd/MobileNetSSD_deploy.prototxt",
+                                     "hyperlpr_mininet_ssd/mininet_ssd_v1.prototxt"])
+def test_ssd_nets_are_one_tensorrt_segment(shared_models, relpath):
+    """PriorBox folds to constants and DetectionOutput is lowered: the whole SSD is one segment.
+    Forced to Caffe, DetectionOutput alone is the Caffe segment (the layout before both lowerings
+    was TensorRT | Caffe with PriorBox, Concat and DetectionOutput in Caffe)."""
+    ssd = LayerGraph(CaffeModel(shared_models / relpath))
+    assert [s.backend for s in partition(ssd, Capability("tensorrt")).segments] == [TENSORRT]
+    p = partition(ssd, Capability("tensorrt", fallback=["DetectionOutput"]))
     assert [s.backend for s in p.segments] == [TENSORRT, CAFFE]
-    caffe_types = {ssd.layers[n].type for n in p.segments[1].layers}
-    assert caffe_types == {"PriorBox", "Concat", "DetectionOutput"}
+    assert {ssd.layers[n].type for n in p.segments[1].layers} == {"DetectionOutput"}
+
+
+def test_known_partitions(shared_models):
+    """Hand-checked facts: plain CNNs are one TensorRT segment."""
     googlenet = LayerGraph(CaffeModel(shared_models / "bvlc_googlenet/deploy.prototxt"))
     assert [s.backend for s in partition(googlenet, Capability("tensorrt")).segments] == [TENSORRT]
     old = partition(googlenet, Capability("tensorrt-2"))

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..api import HybridNet
 from ..errors import OptionError
+from ..detections import detection_outputs
 from ..metrics import OutputDifference, compare_outputs
 from ..model.caffe_model import CaffeModel
 from ..partition.partitioner import TENSORRT
@@ -48,7 +49,9 @@ class PartitionResult:
 
     @property
     def detections_differ(self) -> Optional[int]:
-        counts = [a.detections_differ for a in self.accuracy if a.detections_differ is not None]
+        """SSD detections found on one side only (Caffe's or the hybrid's), or None."""
+        counts = [sum(d.kind in ("missing", "extra") for d in a.detections.diffs)
+                  for a in self.accuracy if a.detections is not None]
         return sum(counts) if counts else None
 
     @property
@@ -71,7 +74,7 @@ class PartitionResult:
 
 
 def within(accuracy: Sequence[OutputDifference], tolerance: float) -> bool:
-    return all(a.rel_l2 <= tolerance for a in accuracy)
+    return all(a.within(tolerance) for a in accuracy)
 
 
 def open_partition(model: CaffeModel, spec: PartitionSpec, *, engine: str = "auto",
@@ -95,20 +98,28 @@ def measure_partition(net: HybridNet, spec: PartitionSpec, inputs: Mapping[str, 
     else:
         run = lambda: net.run(inputs)
     start = time.perf_counter()
-    accuracy = compare_outputs(run(), reference)
+    accuracy = compare_outputs(run(), reference, detections=detection_outputs(net.graph), tolerance=tolerance)
     setup = time.perf_counter() - start
     timing = time_calls(run, runs, warmup, tick) if within(accuracy, tolerance) else None
+    refused = []
+    if timing is None:
+        if any(a.detections is not None and not a.within(tolerance) for a in accuracy):
+            refused.append(f"refused: detections differ from Caffe's (not only by near-ties within {tolerance:g}); "
+                           "not timed")
+        else:
+            why = "".join(f" ({a.name}: {a.note})" for a in accuracy if a.note)
+            refused.append(f"refused: outputs differ from Caffe's by relative L2 "
+                           f"{max(a.rel_l2 for a in accuracy):.3g} > {tolerance:g}{why}; not timed")
     if spec.pure_caffe:
         layers = len(net.graph.compute_layers())
         return PartitionResult(spec, batch, 1, 0, 0, 0, 0.0, 0.0, setup, accuracy, tolerance, timing,
-                               [f"{layers} layers in one Caffe net"])
+                               [f"{layers} layers in one Caffe net", *refused])
     part = net.partition  # after the first run: engines that refused layers may have re-cut it
     cov = coverage(part)
     bounds = boundaries(part)
     notes = [se.fallback_note for se in net.segment_engines if se.fallback_note]
-    if timing is None:
-        notes.append(f"refused: outputs differ from Caffe's by relative L2 {max(a.rel_l2 for a in accuracy):.3g} "
-                     f"> {tolerance:g}; not timed")
+    notes += [f"{a.name}: {a.detections.summary()}" for a in accuracy if a.detections and a.detections.diffs]
+    notes += refused
     return PartitionResult(
         spec, batch, len(part.segments), sum(s.backend == TENSORRT for s in part.segments), len(bounds),
         sum(b["bytes_per_image"] for b in bounds), cov.layer_share, cov.flop_share, setup, accuracy, tolerance,
@@ -151,8 +162,8 @@ def to_json(results: Sequence[PartitionResult], meta: Mapping[str, Any]) -> dict
             "speedup_vs_caffe": caffe / t.median if t and caffe else None,
             "samples_ms": [x * 1e3 for x in t.samples] if t else [],
             "accuracy": [{"output": a.name, "max_abs": a.max_abs, "rel_l2": a.rel_l2,
-                          "top1_agreement": a.top1_agreement, "detections_differ": a.detections_differ}
-                         for a in r.accuracy],
+                          "top1_agreement": a.top1_agreement,
+                          **({"detections": a.detections.to_json()} if a.detections else {})} for a in r.accuracy],
             "within_tolerance": r.within, "notes": r.notes})
     tolerance = results[0].tolerance if results else None
     return {**meta, "tolerance_rel_l2": tolerance, "partitions": rows}

@@ -23,7 +23,8 @@ from ..api import HybridNet
 from ..executor.engine_factory import build_engines, resolve_engine
 from ..executor.hybrid_executor import HybridExecutor
 from ..graph.layer_graph import LayerGraph
-from ..metrics import relative_l2
+from ..detections import DetectionComparison, compare_detections, detection_outputs
+from ..metrics import max_abs_error, nonfinite_note, relative_l2
 from ..partition.capability import Capability
 from ..partition.partitioner import Partition, partition
 
@@ -47,6 +48,15 @@ class ValueDiff:
     shape: tuple[int, ...]
     max_abs: float
     rel_l2: float
+    #: For a DetectionOutput top: its rows compared as detections (max_abs, rel_l2: matched ones).
+    detections: Optional[DetectionComparison] = None
+    #: Why ``rel_l2`` is infinite when NaN/Inf rather than distance made it so ("" otherwise).
+    note: str = ""
+
+    def above(self, tolerance: float) -> bool:
+        if self.detections is not None:
+            return not self.detections.ok
+        return self.rel_l2 > tolerance
 
 
 @dataclass
@@ -57,7 +67,7 @@ class LayerDiff:
 
     @property
     def first_above(self) -> Optional[ValueDiff]:
-        return next((r for r in self.rows if r.rel_l2 > self.tolerance), None)
+        return next((r for r in self.rows if r.above(self.tolerance)), None)
 
 
 def computed_values(graph: LayerGraph) -> list[str]:
@@ -96,14 +106,18 @@ def hybrid_values(net: HybridNet, settings: Settings, inputs: Mapping[str, np.nd
 def diff_values(graph: LayerGraph, got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray],
                 cut: Partition, kinds: Mapping[int, str], tolerance: float) -> LayerDiff:
     rows = []
+    detections = detection_outputs(graph)
     for value in computed_values(graph):
         layer = graph.layers[graph.values[value].producer]
         segment = cut.segment_of(layer.name)
         a, b = got[value], want[value]
-        finite = np.abs(a.astype(np.float64) - b.astype(np.float64))
-        finite = finite[np.isfinite(finite)]
+        if value in detections:
+            found = compare_detections(a, b, detections[value], tolerance)
+            rows.append(ValueDiff(value, layer.name, layer.type, kinds.get(segment.id, segment.backend), segment.id,
+                                  tuple(b.shape), found.max_abs, found.rel_l2, found))
+            continue
         rows.append(ValueDiff(value, layer.name, layer.type, kinds.get(segment.id, segment.backend), segment.id,
-                              tuple(b.shape), float(finite.max()) if finite.size else 0.0, relative_l2(a, b)))
+                              tuple(b.shape), max_abs_error(a, b), relative_l2(a, b), note=nonfinite_note(a, b)))
     return LayerDiff(rows, tolerance)
 
 
@@ -122,7 +136,7 @@ def to_text(diff: LayerDiff) -> str:
     header = ["#", "value", "layer", "type", "backend", "seg", "shape", "max abs", "rel L2", ""]
     rows = [[str(i), r.value, r.layer, r.layer_type, r.backend, str(r.segment), "x".join(map(str, r.shape)),
              f"{r.max_abs:.3g}", f"{r.rel_l2:.3g}",
-             "<- first above tolerance" if r is first else ("above" if r.rel_l2 > diff.tolerance else "")]
+             "<- first above tolerance" if r is first else ("above" if r.above(diff.tolerance) else "")]
             for i, r in enumerate(diff.rows)]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
@@ -130,10 +144,17 @@ def to_text(diff: LayerDiff) -> str:
     if first is None:
         out.append(f"all {len(diff.rows)} values within relative L2 {diff.tolerance:g} of Caffe")
     else:
-        above = sum(r.rel_l2 > diff.tolerance for r in diff.rows)
+        above = sum(r.above(diff.tolerance) for r in diff.rows)
         out.append(f"first value above relative L2 {diff.tolerance:g}: {first.value} (layer {first.layer}, "
                    f"{first.layer_type}, {first.backend}, segment {first.segment}): rel L2 {first.rel_l2:.3g}, "
-                   f"max abs {first.max_abs:.3g}; {above} of {len(diff.rows)} values above")
+                   f"max abs {first.max_abs:.3g}{f' ({first.note})' if first.note else ''}; {above} of "
+                   f"{len(diff.rows)} values above")
+    for r in diff.rows:
+        if r.detections is not None:
+            out.append(f"{r.value} as detections: {r.detections.summary()}")
+            out += [f"  {d.describe()}" for d in r.detections.diffs[:20]]
+            if len(r.detections.diffs) > 20:
+                out.append(f"  ... {len(r.detections.diffs) - 20} more")
     out += [f"note: {n}" for n in diff.notes]
     return "\n".join(out) + "\n"
 
@@ -143,5 +164,6 @@ def to_json(diff: LayerDiff) -> dict[str, Any]:
     return {"tolerance_rel_l2": diff.tolerance, "first_above": first.value if first else None,
             "values": [{"value": r.value, "layer": r.layer, "type": r.layer_type, "backend": r.backend,
                         "segment": r.segment, "shape": list(r.shape), "max_abs": r.max_abs, "rel_l2": r.rel_l2,
-                        "above": r.rel_l2 > diff.tolerance} for r in diff.rows],
+                        "above": r.above(diff.tolerance),
+                        **({"detections": r.detections.to_json()} if r.detections else {})} for r in diff.rows],
             "notes": diff.notes}

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..api import HybridNet
+from ..detections import detection_outputs
 from ..errors import OptionError
 from ..partition.partitioner import TENSORRT
 from ..precision.calibrate import batches_of, calibrate, fp16_overflow, tensorrt_segments
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     make_net = _net_factory(net, args)
     plan = PrecisionPlan.create(calibration, net.model, net.graph)
     with make_net(plan) as reduced:
-        error = error_of(reduced.run(evaluation), reference)
+        error = error_of(reduced.run(evaluation), reference, detection_outputs(net.graph))
         engines = sorted({se.engine.kind for se in reduced.segment_engines if se.segment.backend == TENSORRT})
     print(f"{label} ({', '.join(engines)}) against Caffe FP32 on {next(iter(evaluation.values())).shape[0]} "
           f"input(s): relative L2 {error['rel_l2']:.3g}"

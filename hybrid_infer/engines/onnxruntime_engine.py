@@ -2,12 +2,21 @@
 CUDA/TensorRT execution providers where they are installed."""
 from __future__ import annotations
 
-from typing import Mapping
+import os
+import re
+from typing import Mapping, Optional
 
 import numpy as np
 import onnx
 
-from ..errors import EngineRejected
+from ..errors import EngineRejected, InputError
+
+# ONNX Runtime 1.32 starts a telemetry session on import, which writes TMPDIR/.ses (left in
+# the user's temporary folder by every run) and may report usage; off unless the user set it.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+#: Where ORT's run-time errors name the failing node.
+_FAILED_NODE = re.compile(r"Name:'([^']*)'")
 
 
 def _providers(device: str) -> list[str]:
@@ -33,12 +42,19 @@ class OnnxRuntimeEngine:
     kind = "onnxruntime"
 
     def __init__(self, model: onnx.ModelProto, *, threads: int = 0, device: str = "auto",
-                 idle_spin: bool = True):
+                 idle_spin: bool = True, value_checked: Optional[Mapping[str, str]] = None):
+        """``value_checked`` maps Caffe layers whose ONNX fails at run time on bad input
+        *values* (Embed's Gather on an index out of range) to what they take: such a failure
+        is raised as a one-line InputError naming the layer rather than ORT's own error."""
         import onnxruntime as ort
+        self._value_checked = dict(value_checked or {})
+        #: Nodes of those layers (each node carries its Caffe layer's name in doc_string).
+        self._layer_of_node = {node.name: node.doc_string for node in model.graph.node
+                               if node.doc_string in self._value_checked}
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: a failure is reported once, by run()
         if not idle_spin:
             options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
@@ -50,10 +66,41 @@ class OnnxRuntimeEngine:
                                  layers_named_in(str(exc), model)) from exc
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
+        #: ONNX node name -> the Caffe layer it was lowered from (the lowering's doc_string).
+        self._layers = {node.name: node.doc_string for node in model.graph.node if node.doc_string}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = self._session.run(self.output_names, {name: feeds[name] for name in self.input_names})
+        """Run the session. A failure at run time (ONNX Runtime checks some shapes only then)
+        is an ``InputError`` for value-checked layers, else an ``EngineRejected`` naming the
+        Caffe layer whose node failed and the --fallback that runs it in Caffe."""
+        try:
+            results = self._session.run(self.output_names, {name: feeds[name] for name in self.input_names})
+        except Exception as exc:  # ORT raises its own InvalidArgument/Fail/RuntimeException types
+            self._raise_value_error(str(exc))
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            node = _FAILED_NODE.search(message)
+            layer = self._layer_of(node.group(1)) if node else None
+            advice = (f"; run that layer in Caffe instead with --fallback {layer}" if layer
+                      else "; run the segment's layers in Caffe with --fallback")
+            raise EngineRejected(f"ONNX Runtime failed running{f' layer {layer!r}' if layer else ''}: "
+                                 f"{message}{advice}", [layer] if layer else []) from None
         return dict(zip(self.output_names, results))
+
+    def _layer_of(self, node: str) -> Optional[str]:
+        """The Caffe layer of an ONNX node; ORT's optimizer renames nodes it rewrites by adding
+        to the name ("tall" -> "tall_nchwc"), so the longest layer name it starts with."""
+        if node in self._layers:
+            return self._layers[node]
+        starts = [layer for layer in set(self._layers.values()) if node.startswith(layer)]
+        return max(starts, key=len) if starts else None
+
+    def _raise_value_error(self, message: str) -> None:
+        """Raise InputError if ORT's error ``message`` comes from a node of a value-checked layer."""
+        found = _FAILED_NODE.search(message)
+        node = found.group(1) if found else ""
+        if node in self._layer_of_node:
+            raise InputError(f"{self._value_checked[self._layer_of_node[node]]}, and got one outside that "
+                             f"in this run (ONNX Runtime stopped at its node {node})") from None
 
     def close(self) -> None:
         self._session = None

@@ -99,9 +99,39 @@ class BuiltEngine:
         return d
 
     @classmethod
-    def from_metadata(cls, plan: bytes, metadata: dict[str, Any]) -> BuiltEngine:
-        fields = {f.name for f in dataclasses.fields(cls)} - {"plan"}
-        return cls(plan=plan, **{k: metadata[k] for k in fields})
+    def from_metadata(cls, plan: bytes, metadata: Any) -> BuiltEngine:
+        """The engine whose ``metadata()`` this was; raises ``ValueError`` naming the first field
+        that is missing or of the wrong type (the metadata comes from a file on disk)."""
+        if not isinstance(metadata, dict):
+            raise ValueError(f"engine metadata is a {type(metadata).__name__}, not an object")
+        for name, check in _METADATA_FIELDS.items():
+            if name not in metadata:
+                raise ValueError(f"engine metadata has no '{name}'")
+            if not check(metadata[name]):
+                raise ValueError(f"engine metadata field '{name}' has the wrong type")
+        return cls(plan=plan, **{name: metadata[name] for name in _METADATA_FIELDS})
+
+
+def _str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _layer_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+
+
+#: Every BuiltEngine field but the plan, with the check its value from JSON must pass.
+_METADATA_FIELDS = {
+    "build_seconds": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "input_names": _str_list,
+    "output_names": _str_list,
+    "network_layers": _layer_list,
+    "engine_layers": lambda v: v is None or _layer_list(v),
+    "engine_layers_note": lambda v: isinstance(v, str),
+    "module": lambda v: isinstance(v, str),
+    "module_version": lambda v: isinstance(v, str),
+    "fp16_onnx": lambda v: isinstance(v, bool),
+}
 
 
 def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -110,12 +140,15 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     TensorRT 11 and TensorRT-RTX have no FP16 builder flag: precision follows tensor
     types. Float initializers and constants become float16 (clipped to its range), Cast
     nodes at the graph inputs and outputs keep the FP32 interface the executor expects,
-    and casts to FP32 inside the graph become casts to FP16 so types stay consistent.
-    Inputs ONNX requires to be float32 (Resize/Upsample scales) are left alone.
+    and casts to FP32 inside the graph become casts to FP16 so types stay consistent, in the
+    bodies of Loop and If nodes too. Inputs ONNX requires to be float32 (Resize/Upsample
+    scales) are left alone.
     """
     model = _copy(model)
     graph = model.graph
-    fp32_only = {node.input[idx] for node in graph.node for op, idx in _FP32_ONLY_INPUTS
+    graphs = list(_graphs(graph))
+    nodes_everywhere = [node for g in graphs for node in g.node]
+    fp32_only = {node.input[idx] for node in nodes_everywhere for op, idx in _FP32_ONLY_INPUTS
                  if node.op_type == op and len(node.input) > idx}
 
     def to_fp16(tensor: TensorProto) -> None:
@@ -123,9 +156,9 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
             array = np.clip(numpy_helper.to_array(tensor), -FP16_MAX, FP16_MAX).astype(np.float16)
             tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
 
-    for init in graph.initializer:
+    for init in (init for g in graphs for init in g.initializer):
         to_fp16(init)
-    for node in graph.node:
+    for node in nodes_everywhere:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR and not set(node.output) & fp32_only:
                 to_fp16(attr.t)
@@ -133,7 +166,7 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
                 attr.i = TensorProto.FLOAT16
 
     def rename(old: str, new: str) -> None:
-        for node in graph.node:
+        for node in nodes_everywhere:
             node.input[:] = [new if name == old else name for name in node.input]
             node.output[:] = [new if name == old else name for name in node.output]
 
@@ -153,6 +186,18 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.node.extend(nodes)
     del graph.value_info[:]  # stale float32 annotations would contradict the new types
     return model
+
+
+def _graphs(graph: onnx.GraphProto):
+    """``graph`` and every subgraph nested in its nodes' attributes (Loop and If bodies)."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _graphs(sub)
 
 
 def _reduced_precision(model: onnx.ModelProto) -> bool:

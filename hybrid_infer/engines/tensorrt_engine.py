@@ -4,7 +4,10 @@ Device memory and streams come from cuda-python (``cuda.bindings.runtime``, or t
 ``cuda.cudart``) or pycuda, whichever imports: TensorRT's Python API takes raw device
 pointers and stream handles and allocates nothing for us. Each engine owns one stream
 and one device buffer per I/O tensor, allocated for the first shape it sees and grown
-only when a larger shape arrives, so steady-state runs allocate nothing.
+only when a larger shape arrives, so steady-state runs allocate nothing. An output whose
+size depends on the data (DetectionOutput's detections) gets its memory from an
+``IOutputAllocator``: TensorRT asks for it once the size is known during the run and
+reports the shape, which is the shape ``run`` and ``run_device`` then return.
 
 ``run`` takes and returns host arrays. ``run_device`` takes host arrays or
 ``DeviceTensor``s and returns ``DeviceTensor``s, so consecutive TensorRT segments can hand
@@ -219,6 +222,35 @@ class _Buffer:
         self.ptr, self.capacity = 0, 0
 
 
+def _output_allocator(api: TrtApi, backend: Cuda) -> Any:
+    """An ``IOutputAllocator`` that keeps one growing buffer per data-dependent output and
+    records the shape TensorRT reports for it (``shapes``, ``buffers`` by tensor name)."""
+    base = api.module.IOutputAllocator
+
+    class Allocator(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            base.__init__(self)
+            self.buffers: dict[str, _Buffer] = {}
+            self.shapes: dict[str, tuple[int, ...]] = {}
+
+        def reallocate_output(self, tensor_name: str, memory: int, size: int, alignment: int) -> int:
+            # cudaMalloc's 256-byte alignment covers what TensorRT asks for.
+            return self.buffers.setdefault(tensor_name, _Buffer(backend)).ensure(int(size))
+
+        def reallocate_output_async(self, tensor_name: str, memory: int, size: int, alignment: int,
+                                    stream: int) -> int:
+            return self.reallocate_output(tensor_name, memory, size, alignment)
+
+        def notify_shape(self, tensor_name: str, shape: Any) -> None:
+            self.shapes[tensor_name] = tuple(int(d) for d in shape)
+
+        def release(self) -> None:
+            for buffer in self.buffers.values():
+                buffer.release()
+
+    return Allocator()
+
+
 class TensorRTEngine:
     """A deserialized engine with its execution context, stream and buffers."""
 
@@ -245,6 +277,9 @@ class TensorRTEngine:
         self._dtypes = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in names}
         self._buffers = {n: _Buffer(self._cuda) for n in names}
         self._bound: dict[str, tuple[int, ...]] = {}
+        #: Outputs whose size is known only after a run, and the allocator TensorRT asks for them.
+        self._data_dependent: set[str] = set()
+        self._allocator: Any = None
         self._stream = self._cuda.create_stream()
 
     def layers(self) -> list[dict[str, Any]]:
@@ -263,6 +298,12 @@ class TensorRTEngine:
                                  "with a wider batch range")
         for name in self.output_names:
             shape = tuple(self._context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):  # data-dependent: TensorRT asks the allocator during the run
+                if self._allocator is None:
+                    self._allocator = _output_allocator(self._api, self._cuda)
+                self._context.set_output_allocator(name, self._allocator)
+                self._data_dependent.add(name)
+                continue
             nbytes = math.prod(shape) * self._dtypes[name].itemsize
             self._context.set_tensor_address(name, self._buffers[name].ensure(nbytes))
         self._bound = dict(shapes)
@@ -305,7 +346,8 @@ class TensorRTEngine:
         outputs = {}
         for name in self.output_names:
             out = np.empty(self._bound_output_shape(name), dtype=self._dtypes[name])
-            self._cuda.dtoh(out, self._buffers[name].ptr, self._stream)
+            if out.size:
+                self._cuda.dtoh(out, self._output_ptr(name), self._stream)
             outputs[name] = out
         self._cuda.synchronize(self._stream)
         del uploads  # the copies from these host arrays are done only now
@@ -320,7 +362,7 @@ class TensorRTEngine:
         uploads = self._enqueue(feeds)
         self._cuda.synchronize(self._stream)
         del uploads  # the copies from these host arrays are done only now
-        return {n: DeviceTensor(self._buffers[n].ptr, self._bound_output_shape(n), self._dtypes[n])
+        return {n: DeviceTensor(self._output_ptr(n), self._bound_output_shape(n), self._dtypes[n])
                 for n in self.output_names}
 
     def download(self, tensor: DeviceTensor) -> np.ndarray:
@@ -331,7 +373,15 @@ class TensorRTEngine:
         return out.astype(np.float32, copy=False)
 
     def _bound_output_shape(self, name: str) -> tuple[int, ...]:
+        """The output's shape in the last run (for data-dependent ones, as TensorRT reported it)."""
+        if name in self._data_dependent:
+            return self._allocator.shapes[name]
         return tuple(int(d) for d in self._context.get_tensor_shape(name))
+
+    def _output_ptr(self, name: str) -> int:
+        if name in self._data_dependent:
+            return self._allocator.buffers[name].ptr
+        return self._buffers[name].ptr
 
     def close(self) -> None:
         if self._context is None:
@@ -339,5 +389,7 @@ class TensorRTEngine:
         self._cuda.synchronize(self._stream)
         for buffer in self._buffers.values():
             buffer.release()
+        if self._allocator is not None:
+            self._allocator.release()
         self._cuda.destroy_stream(self._stream)
         self._context = self._engine = self._runtime = None

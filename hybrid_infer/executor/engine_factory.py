@@ -17,6 +17,7 @@ from ..engines.caffe_engine import CaffeEngine
 from ..engines.caffe_gpu_engine import CaffeGpuEngine, GpuDevice
 from ..errors import EngineRejected, LoweringError, OptionError
 from ..graph.layer_graph import LayerGraph
+from ..index_inputs import embed_requirement
 from ..model.caffe_model import CaffeModel
 from ..partition.partitioner import CAFFE, Segment
 
@@ -92,7 +93,10 @@ def build_engines(graph: LayerGraph, model: CaffeModel, segments: list[Segment],
             else:
                 from ..engines.onnxruntime_engine import OnnxRuntimeEngine
                 # Alone, its threads may spin between runs; beside other engines they must not.
-                runner = OnnxRuntimeEngine(onnx_model, idle_spin=len(segments) == 1)
+                runner = OnnxRuntimeEngine(onnx_model, idle_spin=len(segments) == 1,
+                                           value_checked={name: embed_requirement(graph.layers[name])
+                                                          for name in segment.layers
+                                                          if graph.layers[name].type == "Embed"})
             built.append(SegmentEngine(segment, runner))
         except (EngineRejected, LoweringError) as exc:
             layers = tuple(exc.layers if isinstance(exc, LoweringError) else exc.caffe_layers)

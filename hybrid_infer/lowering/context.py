@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from ..graph.layer_graph import LayerGraph
 
 Shape = tuple[int, ...]
+#: ONNX interface dims: a size, or a name for a symbolic (run-time) size.
+Dims = Sequence[int | str]
 
 
 def channel_shaped(array: np.ndarray, rank: int) -> np.ndarray:
@@ -49,11 +51,21 @@ class LoweringContext:
         self._weights = weights
         self._taken: set[str] = set(graph.values)
         self._nodes_per_layer: dict[str, int] = {}
+        #: Interface dims declared by ``declare_dims`` (value id -> dims).
+        self.declared_dims: dict[str, tuple[int | str, ...]] = {}
 
     def shape(self, value_id: str) -> Shape:
         """Static shape Caffe computed for the value, N-first (axis 0 is the prototxt's batch,
         which the segment does not fix: use it for per-item sizes only)."""
         return self.graph.values[value_id].shape
+
+    def declare_dims(self, value_id: str, dims: Dims) -> None:
+        """Declare the dims a value written by this lowering has at run time, where they are
+        not Caffe's static shape with a free batch axis: a top whose batch axis stays 1
+        whatever the batch (PriorBox: ``(1, 2, n)``), or a data-dependent size given as a name
+        (DetectionOutput: ``(1, 1, "detections", 7)``). Used where the value is a segment
+        output (the ONNX graph's declared output shape)."""
+        self.declared_dims[value_id] = tuple(dims)
 
     def weights(self, layer_name: str) -> list[np.ndarray]:
         """The layer's parameter blobs as float32 arrays, in Caffe's blob order and shapes.

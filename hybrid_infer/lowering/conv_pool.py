@@ -15,6 +15,7 @@ import numpy as np
 from ..graph.layer_graph import Layer, LayerGraph
 from .context import LoweringContext
 from .registry import register_lowering
+from .shape_checks import empty_output
 
 
 def _per_axis(ctx: LoweringContext, layer: Layer, what: str, values: Sequence[int],
@@ -50,35 +51,59 @@ def _conv_geometry(ctx: LoweringContext, layer: Layer, rank: int) -> dict[str, l
     return {"kernel_shape": kernel, "strides": stride, "pads": pad + pad, "dilations": dilation}
 
 
+def _windowed_geometry(ctx: LoweringContext, layer: Layer, x: str, out: str) -> dict[str, list[int]]:
+    """``_conv_geometry`` for a Convolution or Im2col from ``x`` to ``out``, with end pads that
+    give ONNX Conv exactly the output size Caffe computed.
+
+    conv_layer.cpp and im2col_layer.cpp compute (in + 2*pad - extent) / stride + 1 in C++ int
+    division, which truncates toward zero: where the dilated kernel's extent exceeds the
+    padded input by less than a stride, Caffe still has one window (its taps outside the
+    input read zeros), while ONNX's floor rounding has none. The end pad is therefore
+    raised until the last of Caffe's windows fits; extra zeros change no value.
+    """
+    rank = len(ctx.shape(x)) - 2
+    geometry = _conv_geometry(ctx, layer, rank)
+    in_sizes, out_sizes = ctx.shape(x)[2:], ctx.shape(out)[2:]
+    begin = geometry["pads"][:rank]
+    extent = [d * (k - 1) + 1 for d, k in zip(geometry["dilations"], geometry["kernel_shape"])]
+    end = [max(p, (o - 1) * s + e - i - p)
+           for i, o, s, e, p in zip(in_sizes, out_sizes, geometry["strides"], extent, begin)]
+    return {**geometry, "pads": begin + end}
+
+
 def _lower_conv_like(op_type: str, ctx: LoweringContext, layer: Layer, inputs: list[str],
                      outputs: list[str]) -> None:
     """Caffe convolves each bottom with the same weights into the top of the same position
-    (base_conv_layer.cpp), so several bottoms share one weight initializer."""
+    (base_conv_layer.cpp; all bottoms have one shape), so several bottoms share one weight
+    initializer."""
     p = layer.param.convolution_param
-    rank = len(ctx.shape(inputs[0])) - 2
     blobs = ctx.weights(layer.name)
     weights = [ctx.const(blobs[0], f"{layer.name}/weight")]
     if p.bias_term:
         weights.append(ctx.const(blobs[1], f"{layer.name}/bias"))
-    geometry = _conv_geometry(ctx, layer, rank)
+    if op_type == "Conv":
+        geometry = _windowed_geometry(ctx, layer, inputs[0], outputs[0])
+    else:
+        geometry = _conv_geometry(ctx, layer, len(ctx.shape(inputs[0])) - 2)
     for x, out in zip(inputs, outputs):
         ctx.node(op_type, [x, *weights], [out], layer=layer.name, group=int(p.group), **geometry)
 
 
 def check_convolution(layer: Layer, graph: LayerGraph) -> Optional[str]:
-    """Channel axis 1, 1-D to 3-D."""
+    """Channel axis 1, 1-D to 3-D, and an output with at least one window per axis."""
     p = layer.param.convolution_param
     rank = len(graph.values[layer.bottoms[0]].shape)
     if p.axis not in (1, 1 - rank):
         return f"convolution over axis {p.axis}; only channel axis 1 is lowered"
     if rank - 2 not in (1, 2, 3):
         return "only 1-D, 2-D and 3-D convolutions are lowered"
-    return None
+    return empty_output(layer, graph)
 
 
 @register_lowering("Convolution", check=check_convolution)
 def lower_convolution(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
-    """Caffe's floor-rounded output size is ONNX Conv's with symmetric pads."""
+    """Caffe's output size, truncated toward zero, is ONNX Conv's with end pads from
+    ``_windowed_geometry``."""
     _lower_conv_like("Conv", ctx, layer, inputs, outputs)
 
 
@@ -95,8 +120,7 @@ def lower_im2col(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs:
     offsets in row-major order: (N, C * prod(kernel), out...). That is a grouped convolution
     (one group per input channel) whose kernels are one-hot, so each output is exactly one
     input value (or a zero of the padding). Caffe's Im2col ignores ``group``; so does this."""
-    rank = len(ctx.shape(inputs[0])) - 2
-    geometry = _conv_geometry(ctx, layer, rank)
+    geometry = _windowed_geometry(ctx, layer, inputs[0], outputs[0])
     channels, taps = ctx.shape(inputs[0])[1], int(np.prod(geometry["kernel_shape"]))
     one_hot = np.zeros((channels * taps, 1, *geometry["kernel_shape"]), dtype=np.float32)
     one_hot.reshape(channels, taps, taps)[:, np.arange(taps), np.arange(taps)] = 1
@@ -151,7 +175,7 @@ def check_pooling(layer: Layer, graph: LayerGraph) -> Optional[str]:
         return "stochastic pooling has no TensorRT equivalent"
     if len(layer.tops) > 1:
         return "max pooling with a mask top has no TensorRT equivalent"
-    return None
+    return empty_output(layer, graph)
 
 
 @register_lowering("Pooling", check=check_pooling)

@@ -34,7 +34,8 @@ ENTRY_POINT_GROUP = "hybrid_infer.lowerings"
 NO_ENTRY_POINTS = "HYBRID_INFER_NO_ENTRY_POINTS"
 
 #: hybrid_infer's own lowering modules, each registering its layers when imported.
-_BUILTIN_MODULES = ("activations", "conv_pool", "normalization", "tensor_ops", "resampling", "reductions")
+_BUILTIN_MODULES = ("activations", "conv_pool", "normalization", "tensor_ops", "resampling", "reductions",
+                    "prior_box", "detection")
 
 log = logging.getLogger("hybrid_infer")
 _loaded = False

@@ -21,6 +21,7 @@ from ..graph.layer_graph import Layer, LayerGraph
 from .context import LoweringContext
 from .conv_pool import emit_pool
 from .registry import register_lowering
+from .shape_checks import empty_output
 from .tensor_ops import emit_reshape
 
 
@@ -81,8 +82,8 @@ def bilinear_interpolate_taps(src: int, dst: int, align_corners: bool) -> list[T
     """Caffe's BilinearInterpolate (bilinear_interpolate_layer.cpp) along one axis: half-pixel
     (src/dst * (i + 0.5) - 0.5, the ratio in float32, the rest in double, stored as float) or
     align-corners ((src-1)/(dst-1) * i), clamped to [0, src-1]; it reads rows h0 and h0+1 with
-    h0 = floor clamped to [0, src-2], weights (h0+1 - h) and (h - h0). A 1-long source gives
-    h0 = -1 with weight 0, which reads row 0 here."""
+    h0 = floor clamped to [0, src-2], weights (h0+1 - h) and (h - h0). ``src`` is at least 2
+    (the check refuses a 1-long source, whose output Caffe leaves undefined)."""
     i = np.arange(dst)
     if align_corners:
         f = (np.float32(src - 1) / np.float32(dst - 1)) * i.astype(np.float32)
@@ -93,7 +94,7 @@ def bilinear_interpolate_taps(src: int, dst: int, align_corners: bool) -> list[T
     first = np.minimum(np.maximum(np.floor(f).astype(np.int64), 0), src - 2)
     low_weight = (first + 1).astype(np.float32) - f
     high_weight = f - first.astype(np.float32)
-    return [Tap(np.maximum(first, 0), low_weight), Tap(first + 1, high_weight)]
+    return [Tap(first, low_weight), Tap(first + 1, high_weight)]
 
 
 def _rank(layer: Layer, graph: LayerGraph) -> int:
@@ -106,7 +107,7 @@ def check_upsample(layer: Layer, graph: LayerGraph) -> Optional[str]:
         return f"scale {p.scale} is not a positive integer"
     if p.dims_num not in (3, 4) or _rank(layer, graph) != p.dims_num:
         return f"dims_num {p.dims_num} with a {_rank(layer, graph)}-D input is not what Caffe's Upsample computes"
-    return None
+    return empty_output(layer, graph)
 
 
 @register_lowering("Upsample", check=check_upsample)
@@ -121,7 +122,10 @@ def lower_upsample(ctx: LoweringContext, layer: Layer, inputs: list[str], output
 
 
 def _four_d(layer: Layer, graph: LayerGraph) -> Optional[str]:
-    return None if _rank(layer, graph) == 4 else f"{layer.type} is lowered for 4-D (N, C, H, W) blobs only"
+    """None for a 4-D bottom with a non-empty top, else why the layer stays in Caffe."""
+    if _rank(layer, graph) != 4:
+        return f"{layer.type} is lowered for 4-D (N, C, H, W) blobs only"
+    return empty_output(layer, graph)
 
 
 @register_lowering("Resize", check=_four_d)
@@ -136,8 +140,12 @@ def check_bilinear_interpolate(layer: Layer, graph: LayerGraph) -> Optional[str]
     sized = p.HasField("dst_h") or p.HasField("dst_w")
     if sized == p.HasField("scale_factor"):
         return "give either dst_h/dst_w or scale_factor (Caffe leaves the output size unset otherwise)"
-    if _rank(layer, graph) != 4:
-        return _four_d(layer, graph)
+    refused = _four_d(layer, graph)
+    if refused:
+        return refused
+    if 1 in graph.values[layer.bottoms[0]].shape[2:]:
+        return ("an input side of 1 makes Caffe read the row or column before it (outside the blob "
+                "for the first item), times weight 0: its output is undefined (NaN where that memory is)")
     if p.align_corners and 1 in graph.values[layer.tops[0]].shape[2:]:
         return "align_corners with an output side of 1 divides by zero in Caffe"
     return None
@@ -193,7 +201,7 @@ def check_pad(layer: Layer, graph: LayerGraph) -> Optional[str]:
         h, w = graph.values[layer.bottoms[0]].shape[2:]
         if max(pads[:2]) >= h or max(pads[2:]) >= w:
             return "REFLECT pads must be smaller than the padded side"
-    return None
+    return empty_output(layer, graph)
 
 
 @register_lowering("Pad", check=check_pad)

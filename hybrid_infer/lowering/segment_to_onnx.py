@@ -21,9 +21,11 @@ from .registry import REGISTRY
 MIN_OPSET = 13  # Softmax's single-axis semantics and axes-as-input ops start here
 
 
-def _value_info(graph: LayerGraph, value_id: str) -> onnx.ValueInfoProto:
+def _value_info(graph: LayerGraph, value_id: str,
+                declared: Mapping[str, Sequence[int | str]] = {}) -> onnx.ValueInfoProto:
     shape = graph.values[value_id].shape
     dims: list[int | str] = ["batch", *shape[1:]] if shape else []
+    dims = list(declared.get(value_id, dims))
     return helper.make_tensor_value_info(value_id, TensorProto.FLOAT, dims)
 
 
@@ -59,7 +61,7 @@ def lower_segment(graph: LayerGraph, layer_names: Sequence[str], inputs: Sequenc
     if absent:
         raise ValueError(f"segment '{name}': outputs {', '.join(absent)} are not computed by its layers")
     onnx_graph = helper.make_graph(ctx.nodes, name, [_value_info(graph, v) for v in inputs],
-                                   [_value_info(graph, v) for v in outputs], ctx.initializers)
+                                   [_value_info(graph, v, ctx.declared_dims) for v in outputs], ctx.initializers)
     opset_ids = [helper.make_opsetid("", opset)]
     model = helper.make_model(onnx_graph, opset_imports=opset_ids, producer_name="hybrid_infer",
                               ir_version=helper.find_min_ir_version_for(opset_ids))

@@ -230,13 +230,21 @@ def lower_unsqueeze(ctx: LoweringContext, layer: Layer, inputs: list[str], outpu
 @register_lowering("Embed")
 def lower_embed(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """embed_layer.cpp: each input value, truncated to an int, selects a row of the (input_dim,
-    num_output) weight, plus the bias: Cast to int32 (truncation), Gather, Add. Output shape is
-    the input's with num_output appended. An index outside [0, input_dim) is an error in ONNX
-    Runtime where Caffe reads past its weights."""
+    num_output) weight, plus the bias: Cast to int32 (truncation, as ``static_cast<int>``),
+    Gather, Add. Output shape is the input's with num_output appended.
+
+    Caffe reads outside its weights for an index outside [0, input_dim) (only DCHECKed). ONNX
+    Gather fails on an index past the end but wraps a negative one, so negative indices are
+    replaced by input_dim first: every bad index then fails the run (ONNX Runtime names the
+    node, which the engine reports as this layer's input error) instead of reading a row."""
     blobs = ctx.weights(layer.name)
-    index = ctx.node("Cast", inputs, layer=layer.name, to=6)[0]  # TensorProto.INT32
-    has_bias = layer.param.embed_param.bias_term
-    rows = ctx.node("Gather", [ctx.const(blobs[0], f"{layer.name}/weight"), index], None if has_bias else outputs,
-                    layer=layer.name, axis=0)[0]
-    if has_bias:
-        ctx.node("Add", [rows, ctx.const(blobs[1], f"{layer.name}/bias")], outputs, layer=layer.name)
+    name, p = layer.name, layer.param.embed_param
+    index = ctx.node("Cast", inputs, layer=name, to=6)[0]  # TensorProto.INT32
+    zero, past_end = (ctx.node("Constant", [], layer=name, value=ctx.tensor_attribute(np.array(v, dtype=np.int32)))[0]
+                      for v in (0, p.input_dim))  # int32 scalars (ctx.const stores int64)
+    negative = ctx.node("Less", [index, zero], layer=name)[0]
+    index = ctx.node("Where", [negative, past_end, index], layer=name)[0]
+    rows = ctx.node("Gather", [ctx.const(blobs[0], f"{name}/weight"), index], None if p.bias_term else outputs,
+                    layer=name, axis=0)[0]
+    if p.bias_term:
+        ctx.node("Add", [rows, ctx.const(blobs[1], f"{name}/bias")], outputs, layer=name)

@@ -9,6 +9,7 @@ builds; Caffe's own C++ reader never sees the file.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import shutil
 import tempfile
@@ -20,7 +21,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import EnvironmentProblem, ModelError
+from ..memory_budget import check_fits
 from .caffe_import import caffe, registered_layer_types
+from .caffe_limits import check_set_up_net
 from .caffemodel import fit_weights, read_caffemodel
 from .isolated import CaffeFailure, call_isolated
 from .protofile import LayerParameter, NetParameter, normalise, read_prototxt, write_prototxt
@@ -54,6 +57,7 @@ def _inspect_net(prototxt: str) -> NetInfo:
 def _check_layers(net: NetParameter, source: str, dropped: Sequence[DroppedLayer] = ()) -> None:
     """Catch what Caffe would abort on, before Caffe sees the net (``dropped``: the
     training-only layers already removed, named when a layer reads one of their tops)."""
+    check_set_up_net(net, source)
     known = registered_layer_types()
     dropped_top = {top: d for d in dropped for top in d.tops}
     produced: set[str] = set()
@@ -99,6 +103,8 @@ def _override_input_shapes(net: NetParameter, shapes: Mapping[str, Sequence[int]
         layer = inputs[blob]
         index = list(layer.top).index(blob)
         params = layer.input_param.shape
+        if not len(params):
+            params.add()
         shape = params[index] if len(params) > 1 else params[0]
         if len(params) == 1 and len(layer.top) > 1:
             raise ModelError(f"{source}: inputs {list(layer.top)} share one shape; set them together")
@@ -178,6 +184,8 @@ class CaffeModel:
     def set_random_weights(self, seed: int) -> None:
         """Replace every parameter with random values drawn for its layer type (tests, benchmarks)."""
         layer_types = {layer.name: layer.type for layer in self.net.layer}
+        count = sum(math.prod(shape) for shapes in self.info.param_shapes.values() for shape in shapes)
+        check_fits(12 * count, f"random weights for {self.prototxt}", "this model is too large for this machine")
         self._weights = random_weights(self.info.param_shapes, layer_types, seed)
         if self._reference is not None:
             push_weights(self._reference, self._weights, "random weights")

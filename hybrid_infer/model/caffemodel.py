@@ -26,11 +26,12 @@ import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import BinaryIO, Iterator, Mapping
 
 import numpy as np
 
 from ..errors import ModelError
+from ..files import open_regular_file
 
 Shape = tuple[int, ...]
 
@@ -225,13 +226,16 @@ def read_caffemodel(path: str | os.PathLike[str]) -> list[StoredLayer]:
     it ends and the layer left incomplete), or holds no layers.
     """
     p = Path(path)
-    if not p.is_file():
-        raise ModelError(f"caffemodel '{p}' does not exist or is not a file")
-    size = p.stat().st_size
-    if size == 0:
-        raise ModelError(f"{p}: the file is empty; pass the trained .caffemodel")
+    with open_regular_file(p, "caffemodel", ModelError) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise ModelError(f"{p}: the file is empty; pass the trained .caffemodel")
+        return _read_layers(p, f, size)
+
+
+def _read_layers(p: Path, f: BinaryIO, size: int) -> list[StoredLayer]:
     layers: list[StoredLayer] = []
-    with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if _looks_like_text(buf[:256]):
             raise ModelError(f"{p}: a text file, not a binary .caffemodel (is it a prototxt?)")
         if buf[:8] == _HDF5_SIGNATURE:

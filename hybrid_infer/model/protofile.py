@@ -16,17 +16,13 @@ from typing import Any
 from google.protobuf import text_format
 
 from ..errors import EnvironmentProblem, ModelError
+from ..files import read_regular_file
 from .caffe_import import caffe, caffe_pb2
 
 NetParameter = Any  # caffe_pb2.NetParameter of the user's Caffe
 LayerParameter = Any
 
 
-def _existing_file(path: str | os.PathLike[str], what: str) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise ModelError(f"{what} '{p}' does not exist or is not a file")
-    return p
 
 
 def _upgrade_tool(name: str) -> Path:
@@ -48,7 +44,11 @@ def _upgrade_v1(path: Path) -> NetParameter:
     tool = _upgrade_tool("upgrade_net_proto_text")
     with tempfile.TemporaryDirectory(prefix="hybrid_infer_upgrade_") as tmp:
         out = Path(tmp) / path.name
+        # logtostderr: the tool calls InitGoogleLogging, which otherwise leaves a log file in
+        # the temporary folder (/tmp/upgrade_net_proto_*.INFO...) on every load.
+        # errors="replace": the tool echoes parts of the file, which need not be UTF-8.
         proc = subprocess.run([str(tool), str(path), str(out)], capture_output=True, text=True,
+                              errors="replace",
                               env={**os.environ, "GLOG_minloglevel": "0", "GLOG_logtostderr": "1"})
         if proc.returncode != 0 or not out.exists():
             last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
@@ -60,10 +60,11 @@ def _upgrade_v1(path: Path) -> NetParameter:
 
 def read_prototxt(path: str | os.PathLike[str]) -> NetParameter:
     """Parse a network definition; syntax errors name the file and line."""
-    p = _existing_file(path, "prototxt")
+    p = Path(path)
+    data = read_regular_file(p, "prototxt", ModelError)
     net = caffe_pb2().NetParameter()
     try:
-        text_format.Merge(p.read_text(), net)
+        text_format.Merge(data.decode(), net)
     except text_format.ParseError as exc:
         line = exc.GetLine() if hasattr(exc, "GetLine") else None
         where = f"{p}:{line}" if line else str(p)

@@ -25,6 +25,7 @@ import numpy as np
 from ..analysis.timing import time_calls
 from ..api import HybridNet
 from ..errors import OptionError
+from ..detections import Thresholds, detection_outputs
 from ..metrics import compare_outputs, relative_l2
 from ..partition.partitioner import TENSORRT
 from .plan import PrecisionPlan, quantizable_layers
@@ -68,13 +69,15 @@ def parse_target(text: str) -> AccuracyTarget:
     return AccuracyTarget(metric, number)
 
 
-def error_of(outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict[str, Optional[float]]:
-    """Worst relative L2, lowest top-1 agreement and differing detections over the outputs."""
-    rows = compare_outputs(outputs, reference)
+def error_of(outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+             detections: Mapping[str, Thresholds] = {}) -> dict[str, Optional[float]]:
+    """Worst relative L2, lowest top-1 agreement and the SSD detections found on one side
+    only (outputs named in ``detections``, see ``detections.detection_outputs``)."""
+    rows = compare_outputs(outputs, reference, detections=detections)
     top1 = [r.top1_agreement for r in rows if r.top1_agreement is not None]
-    detections = [r.detections_differ for r in rows if r.detections_differ is not None]
+    lone = [sum(d.kind in ("missing", "extra") for d in r.detections.diffs) for r in rows if r.detections]
     return {"rel_l2": max(r.rel_l2 for r in rows), "top1": min(top1) if top1 else None,
-            "detections": float(sum(detections)) if detections else None}
+            "detections": float(sum(lone)) if lone else None}
 
 
 @dataclass
@@ -164,7 +167,7 @@ def search(plan: PrecisionPlan, make_net: Callable[[Optional[PrecisionPlan]], Hy
 
     def step(kept: Optional[str], keep: set[str]) -> Step:
         with make_net(plan.with_keep_fp32(keep)) as net:
-            error = error_of(net.run(inputs), reference)
+            error = error_of(net.run(inputs), reference, detection_outputs(plan.graph))
             latency = time_calls(lambda: net.run(inputs), runs, warmup).median * 1e3
         if tick:
             tick()
