@@ -29,8 +29,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..engines.engine_cache import _write_atomically  # the fsync'ing one the engine cache uses
 from ..errors import CalibrationError
+from ..files import read_regular_file, write_atomically
 
 FORMAT = "hybrid_infer calibration"
 VERSION = 1
@@ -112,7 +112,7 @@ class Calibration:
         self.created = self.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
         text = json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n"
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(path, text.encode())
+        write_atomically(path, text.encode(), option="calibration file")
         self.path = path
         return path
 
@@ -120,12 +120,12 @@ class Calibration:
 def load_calibration(path: os.PathLike[str] | str) -> Calibration:
     """Read a calibration file; raises ``CalibrationError`` naming the file and the problem."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         raise CalibrationError(f"calibration file '{path}' does not exist; make one with "
-                               "hybrid-infer calibrate") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+                               "hybrid-infer calibrate")
+    try:
+        data = json.loads(read_regular_file(path, "calibration file", CalibrationError))
+    except (UnicodeDecodeError, ValueError) as exc:
         raise CalibrationError(f"{path}: not a readable calibration file ({exc.__class__.__name__}: "
                                f"{exc}); run hybrid-infer calibrate again") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
