@@ -27,6 +27,12 @@ log = logging.getLogger("hybrid_infer.precision")
 
 #: Layer types whose nodes carry Q/DQ (or FP16 math) worth keeping in FP32 by name.
 QUANTIZABLE_TYPES = ("Convolution", "Deconvolution", "InnerProduct", "Eltwise")
+#: Layers the CPU placement also runs on 8-bit tensors, passing them between the quantized
+#: ones without a round trip through float (ONNX Runtime has integer kernels for them).
+#: Everything else in a TensorRT segment stays float there: Softmax, LRN, Power, PriorBox
+#: and DetectionOutput's decoding and NMS (box coordinates in 8 bits move whole pixels).
+CPU_INTEGER_TYPES = QUANTIZABLE_TYPES + ("ReLU", "Pooling", "Concat", "Flatten", "Reshape", "Permute",
+                                         "BatchNorm", "Scale", "Split", "Dropout")
 
 
 def resolve_layers(graph: LayerGraph, names_or_types: Iterable[str], option: str = "--keep-fp32") -> set[str]:
@@ -102,8 +108,10 @@ class PrecisionPlan:
         kept = self.keep_fp32 & set(segment.layers)
         if self.calibration.precision == "int8":
             target = TENSORRT if engine == "tensorrt" else ONNXRUNTIME
+            types = QUANTIZABLE_TYPES if target == TENSORRT else CPU_INTEGER_TYPES
+            allowed = [name for name in segment.layers if self.graph.layers[name].type in types]
             try:
-                model = quantize(prepare(fp32), entry.ranges, target, kept)
+                model = quantize(prepare(fp32), entry.ranges, target, kept, allowed)
             except ValueError as exc:  # ONNX Runtime's quantizer: a tensor without a calibrated range
                 raise CalibrationError(
                     f"{self.calibration.path} is stale for segment {segment.id}: {exc} (the segment asks for "

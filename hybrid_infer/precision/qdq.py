@@ -84,12 +84,16 @@ def tensorrt_nodes(model: onnx.ModelProto) -> list[str]:
 
 
 def quantize(prepared: onnx.ModelProto, ranges: Mapping[str, Sequence[float]], target: str,
-             excluded_layers: Collection[str] = ()) -> onnx.ModelProto:
+             excluded_layers: Collection[str] = (), quantizable_layers: Optional[Collection[str]] = None
+             ) -> onnx.ModelProto:
     """Q/DQ copy of ``prepared`` for ``target`` ("tensorrt" or "onnxruntime").
 
     ``ranges`` maps tensor names of ``prepared`` to ``(lowest, highest)`` from calibration;
-    ``excluded_layers`` are Caffe layer names whose nodes stay FP32. Interface tensors keep
-    their names and stay FP32. Raises ValueError for an unknown target.
+    ``excluded_layers`` are Caffe layer names whose nodes stay FP32, and so are the nodes of
+    layers outside ``quantizable_layers`` when it is given (an SSD's box decoding and NMS,
+    a Softmax, LRN: arithmetic that 8 bits would ruin, or that gains nothing from them).
+    Segment inputs and outputs keep their names and stay FP32. Raises ValueError for an
+    unknown target, or a tensor to quantize without a calibrated range.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantType
     from onnxruntime.quantization.calibrate import TensorData, TensorsData
@@ -102,7 +106,8 @@ def quantize(prepared: onnx.ModelProto, ranges: Mapping[str, Sequence[float]], t
     original_inputs = {node.name: list(node.input) for node in model.graph.node}
     original_producers = {out: node.name for node in model.graph.node for out in node.output}
     layers = layer_of_nodes(model)
-    excluded = [name for name, layer in layers.items() if layer in set(excluded_layers)]
+    excluded = [name for name, layer in layers.items() if layer in set(excluded_layers)
+                or (quantizable_layers is not None and layer not in set(quantizable_layers))]
     tensors = TensorsData(CalibrationMethod.MinMax, {
         name: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for name, (lo, hi) in ranges.items()})
     if target == TENSORRT:
