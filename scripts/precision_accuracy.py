@@ -9,7 +9,7 @@ ONNX TensorRT would build (``hybrid_infer.precision``):
   (as scripts/train_lenet_digits.py prepares it), accuracy on the *test* split.
 - hyperlpr_mininet_ssd (../shared/models, trained SSD): calibrated on its sample photo, as
   HyperLPR preprocesses it; the plates detected (score >= 0.5) and how far each box moved, in
-  pixels. DetectionOutput runs in Caffe, so only the backbone is quantized.
+  pixels. PriorBox and DetectionOutput are lowered into the same segment and stay float.
 - FSRCNN (../shared/models/fsrcnn, trained): calibrated on the low-resolution Y channel of its
   two Set5 images (bicubic downscale by 3, an 85 x 85 crop of each so that one input shape
   serves both), PSNR of the x3 output against the ground truth (Y, 4-pixel border shaved).
