@@ -20,7 +20,7 @@ from ..errors import OptionError
 from ..executor.engine_factory import segment_onnx
 from ..partition.partitioner import TENSORRT, Segment
 from .calibration_file import METHODS, PRECISIONS, Calibration, SegmentCalibration, model_identity
-from .plan import body_digest, onnx_digest, resolve_layers
+from .plan import CPU_INTEGER_TYPES, body_digest, onnx_digest, resolve_layers
 from .qdq import prepare
 from .ranges import RangeCollector
 
@@ -85,7 +85,11 @@ def calibrate(net: HybridNet, batches: Iterable[Batch], *, precision: str = "int
     for segment in segments:
         fp32 = segment_onnx(net.graph, net.model, segment)
         digests[segment.id] = (onnx_digest(fp32), body_digest(fp32))
-        collectors[segment.id] = RangeCollector(prepare(fp32), method if precision == "int8" else "minmax")
+        prepared = prepare(fp32)
+        layers = {name for name in segment.layers if net.graph.layers[name].type in CPU_INTEGER_TYPES}
+        collectors[segment.id] = RangeCollector(
+            prepared, method if precision == "int8" else "minmax",
+            [node.name for node in prepared.graph.node if node.doc_string in layers])
     input_digest = hashlib.sha256()
     count = 0
     try:

@@ -14,7 +14,7 @@ import contextlib
 import io
 import tempfile
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Collection, Mapping, Optional
 
 import numpy as np
 import onnx
@@ -44,27 +44,39 @@ class _OneBatch:
 
 
 class RangeCollector:
-    """Collects ranges of every float tensor of ``prepared`` (see ``qdq.prepare``).
+    """Collects ranges of the float tensors of ``prepared`` (see ``qdq.prepare``) that the
+    nodes named in ``nodes`` read or write (all nodes when None: an SSD's NMS tensors hold
+    infinities, and nothing quantizes them).
 
     ``add(feeds)`` runs the segment on one batch of its inputs (value id -> FP32 array);
     ``ranges()`` returns tensor name -> (lowest, highest). Raises ValueError for an
     unknown method.
     """
 
-    def __init__(self, prepared: onnx.ModelProto, method: str):
-        from onnxruntime.quantization import CalibrationMethod
-        from onnxruntime.quantization.calibrate import create_calibrator
+    def __init__(self, prepared: onnx.ModelProto, method: str, nodes: Optional[Collection[str]] = None):
+        from onnxruntime.quantization.calibrate import EntropyCalibrater, MinMaxCalibrater, PercentileCalibrater
         if method not in _METHOD_OPTIONS:
             raise ValueError(f"unknown calibration method '{method}'; choose one of {', '.join(_METHOD_OPTIONS)}")
         self._tmp = tempfile.TemporaryDirectory(prefix="hybrid_infer_calibrate_")
         path = Path(self._tmp.name) / "segment.onnx"
         onnx.save(prepared, str(path))
-        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                   "percentile": CalibrationMethod.Percentile}
-        self._calibrator = create_calibrator(
-            path, sorted({node.op_type for node in prepared.graph.node}),
-            augmented_model_path=str(Path(self._tmp.name) / "augmented.onnx"),
-            calibrate_method=methods[method], extra_options=dict(_METHOD_OPTIONS[method]))
+        classes = {"minmax": MinMaxCalibrater, "entropy": EntropyCalibrater, "percentile": PercentileCalibrater}
+        # What onnxruntime.quantization.create_calibrator does, with the tensor selection
+        # narrowed to the nodes that may be quantized before the graph is augmented.
+        calibrator = classes[method](path, sorted({node.op_type for node in prepared.graph.node}),
+                                     str(Path(self._tmp.name) / "augmented.onnx"), **_METHOD_OPTIONS[method])
+        if nodes is not None:
+            wanted = {name for node in prepared.graph.node if node.name in set(nodes)
+                      for name in (*node.input, *node.output)}
+            select = calibrator.select_tensors_to_calibrate
+
+            def narrowed(model: onnx.ModelProto) -> tuple[set[str], dict]:
+                tensors, value_infos = select(model)
+                return tensors & wanted, value_infos
+            calibrator.select_tensors_to_calibrate = narrowed
+        calibrator.augment_graph()
+        calibrator.create_inference_session()
+        self._calibrator = calibrator
         self.batches = 0
 
     def add(self, feeds: Mapping[str, np.ndarray]) -> None:
