@@ -112,9 +112,11 @@ class SensitivityReport:
     def to_json(self) -> dict[str, Any]:
         """As JSON-ready data; an infinite error (a detector that found another number of
         boxes has no relative L2) becomes null."""
+        finite = lambda x: x if x is None or math.isfinite(x) else None  # noqa: E731
         data = asdict(self)
+        data["sensitivity"] = {k: finite(v) for k, v in data["sensitivity"].items()}
         for step in data["steps"]:
-            step["rel_l2"] = step["rel_l2"] if math.isfinite(step["rel_l2"]) else None
+            step["rel_l2"] = finite(step["rel_l2"])
         return data
 
     def to_text(self) -> str:
@@ -154,9 +156,16 @@ def search(plan: PrecisionPlan, make_net: Callable[[Optional[PrecisionPlan]], Hy
                           "Deconvolution, InnerProduct or Eltwise)")
     base_keep = set(plan.keep_fp32)
     with make_net(None) as fp32:
-        boundary = [v for se in fp32.segment_engines if se.segment.backend == TENSORRT for v in se.segment.outputs]
-        fp32_values = fp32.run_values(inputs, boundary)
+        outputs = [v for se in fp32.segment_engines if se.segment.backend == TENSORRT for v in se.segment.outputs]
+        fp32_values = fp32.run_values(inputs, outputs)
         fp32_ms = time_calls(lambda: fp32.run(inputs), runs, warmup).median * 1e3
+    # A DetectionOutput's row count varies with the data: no relative L2 to rank by there.
+    detections = detection_outputs(plan.graph)
+    boundary = [v for v in outputs if v not in detections]
+    if not boundary:
+        raise OptionError("the TensorRT segments' only outputs are DetectionOutput rows, whose number varies: "
+                          "add --output-blob for the blobs that feed DetectionOutput (e.g. the mbox_loc and "
+                          "mbox_conf concatenations) so each layer's sensitivity can be measured there")
 
     def segment_error(keep: set[str]) -> float:
         with make_net(plan.with_keep_fp32(keep)) as net:
