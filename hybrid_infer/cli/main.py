@@ -8,7 +8,7 @@ import sys
 from typing import NoReturn, Optional, Sequence
 
 from ..errors import HybridInferError
-from . import build_cmd, compare_cmd, diff_cmd, export_cmd, partition_cmd, run_cmd
+from . import build_cmd, calibrate_cmd, compare_cmd, diff_cmd, export_cmd, partition_cmd, run_cmd
 
 
 class Parser(argparse.ArgumentParser):
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run Caffe models with TensorRT where it can and Caffe where it cannot.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and Caffe's log")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (partition_cmd, run_cmd, build_cmd, export_cmd, compare_cmd, diff_cmd):
+    for module in (partition_cmd, run_cmd, build_cmd, export_cmd, compare_cmd, diff_cmd, calibrate_cmd):
         module.register(sub)
     return parser
 
