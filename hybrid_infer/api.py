@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from . import arguments
 from .engines.caffe_batch import check_feed_batch
 from .errors import InputError, ModelError, OptionError
 from .graph.layer_graph import Layer, LayerGraph
@@ -19,8 +20,11 @@ from .lowering.plugins import LoweringModule, load_lowering_modules
 from .detections import detection_outputs
 from .metrics import OutputDifference, compare_outputs
 from .model.caffe_import import caffe
+from .model.caffe_limits import refuse_cpu_unsupported
 from .model.caffe_model import CaffeModel
-from .partition.capability import Capability
+from .memory_budget import check_fits
+from .model.isolated import Rehearsal, caffe_errors
+from .partition.capability import PROFILES, Capability
 from .partition.partitioner import CAFFE, Partition, partition
 
 if TYPE_CHECKING:  # the engines pull in ONNX and ONNX Runtime: loaded when a run needs them
@@ -29,6 +33,8 @@ if TYPE_CHECKING:  # the engines pull in ONNX and ONNX Runtime: loaded when a ru
     from .engines.tensorrt_build import BuildSettings
     from .executor.engine_factory import SegmentEngine
     from .executor.hybrid_executor import Handoff, HybridExecutor
+    from .precision.calibration_file import Calibration
+    from .precision.plan import PrecisionPlan
 
 PathLike = str | os.PathLike[str]
 log = logging.getLogger("hybrid_infer")
@@ -54,10 +60,11 @@ def _return_freed_memory() -> None:
 class CheckResult:
     """The hybrid against pure Caffe on the same inputs (``HybridNet.check``).
 
-    ``rows`` compares every output and, after them, the input of every Softmax that
-    produces an output (``softmax_inputs`` maps each such row's name to the Softmax):
-    probabilities of random or confident logits saturate to exactly 0 and 1, so an error
-    upstream only shows in the logits.
+    ``rows`` compares every output and, after them, the input of every Softmax layer of
+    the net (``softmax_inputs`` maps each such row's name to its Softmax): probabilities of
+    random or confident logits saturate to exactly 0 and 1, so an error upstream only
+    shows in the logits, also where the probabilities feed other layers (SSD's
+    ``mbox_conf_softmax`` -> Flatten -> DetectionOutput).
     """
     rows: list[OutputDifference]
     softmax_inputs: dict[str, str]
@@ -77,17 +84,33 @@ class HybridNet:
     ``device=N`` runs the Caffe segments on GPU N (checked here, so a wrong id fails
     before any work); tensors then pass between GPU engines as device pointers, or
     through the host with ``zero_copy=False`` (to measure the difference).
-    ``keep_logits=True`` also makes the input of each final Softmax a segment output
-    from the start, so that ``check`` builds no second set of engines.
+    ``keep_logits=True`` also makes the input of every Softmax a segment output from the
+    start, so that ``check`` and ``run_values`` build no second set of engines.
+
+    Arguments of the wrong type or range raise ``OptionError`` naming the argument.
     """
 
     def __init__(self, model: CaffeModel, *, engine: str = "auto", profile: str = "tensorrt",
                  min_segment_size: int = 3, fallback: Iterable[str] = (),
                  outputs: Sequence[str] = (), build_settings: Optional["BuildSettings"] = None,
                  engine_cache: Optional["EngineCache"] = None, tensorrt_module: Optional[str] = None,
-                 device: Optional[int] = None, zero_copy: bool = True, keep_logits: bool = False):
+                 device: Optional[int] = None, zero_copy: bool = True, keep_logits: bool = False,
+                 calibration: "PathLike | Calibration | PrecisionPlan | None" = None, keep_fp32: Iterable[str] = ()):
+        from .executor.engine_factory import ENGINES
+        if not isinstance(model, CaffeModel):
+            raise OptionError(f"model must be a CaffeModel (hybrid_infer.load reads one from files), "
+                              f"not {type(model).__name__}")
+        engine = arguments.choice(engine, "engine", ENGINES)
+        profile = arguments.choice(profile, "profile", PROFILES)
+        min_segment_size = arguments.integer(min_segment_size, "min_segment_size")
+        fallback = arguments.names(fallback, "fallback")
+        outputs = arguments.names(outputs, "outputs")
+        device = arguments.optional(arguments.integer, device, "device")
+        tensorrt_module = arguments.optional(arguments.choice, tensorrt_module, "tensorrt_module",
+                                             ("tensorrt", "tensorrt_rtx"))
+        self._check_types(build_settings=build_settings, engine_cache=engine_cache)
         self.model = model
-        self.zero_copy = zero_copy
+        self.zero_copy = bool(zero_copy)
         #: The GPU Caffe segments run on, or None for the CPU.
         self.gpu: Optional["GpuDevice"] = None
         if device is not None:
@@ -106,7 +129,7 @@ class HybridNet:
         self._output_values = [self.graph.value_of_blob(b) for b in self.output_blobs]
         self._capability = Capability(profile, fallback)
         self._min_segment_size = min_segment_size
-        self._kept = self._output_values + (list(self._logit_values()) if keep_logits else [])
+        self._kept = list(self.checked_values()) if keep_logits else list(self._output_values)
         #: Layers that would abort pure Caffe on this net (checked before Caffe runs them).
         self.caffe_aborts = {layer.name: why for layer in self.graph.layers.values()
                              if layer.type == "DetectionOutput" and (why := caffe_abort(layer, self.graph))}
@@ -117,6 +140,19 @@ class HybridNet:
         self._refuse_caffe_aborts()
         self._executor: Optional["HybridExecutor"] = None
         self._first_run_done = False
+        from .precision.plan import plan_for
+        #: Reduced precision for the TensorRT segments (None: FP32), from ``calibration``.
+        self.precision: Optional["PrecisionPlan"] = plan_for(calibration, model, self.graph, keep_fp32)
+        self._reference_rehearsal = Rehearsal()
+
+    @staticmethod
+    def _check_types(**given: object) -> None:
+        from .engines.engine_cache import EngineCache
+        from .engines.tensorrt_build import BuildSettings
+        expected = {"build_settings": BuildSettings, "engine_cache": EngineCache}
+        for name, value in given.items():
+            if value is not None and not isinstance(value, expected[name]):
+                raise OptionError(f"{name} must be a {expected[name].__name__} or None, not {type(value).__name__}")
 
     def _refuse_caffe_aborts(self) -> None:
         """A layer that would abort Caffe must not be in a Caffe segment."""
@@ -152,7 +188,8 @@ class HybridNet:
             rejected: dict[str, str] = {}
             while True:
                 built = build_engines(self.graph, self.model, self.partition.segments, engine, factory,
-                                      caffe_device=self.gpu)
+                                      caffe_device=self.gpu,
+                                      transform=self.precision.segment_model if self.precision else None)
                 named = {layer: f"{se.refused_by} refused it: {se.fallback_note}" for se in built
                          for layer in se.rejected_layers if layer not in rejected}
                 if not named:
@@ -175,7 +212,15 @@ class HybridNet:
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Validate names, shapes and dtypes, and the values of inputs that Embed layers read
-        as indices (``index_inputs``); return FP32 arrays keyed by input blob."""
+        as indices (``index_inputs``); return FP32 arrays keyed by input blob.
+
+        Raises ``InputError`` for anything that does not fit the model, including a batch
+        whose activations would not fit in memory (``memory_budget.py``)."""
+        if not isinstance(inputs, Mapping):
+            raise InputError(f"inputs must be a dict of input name -> array, not {type(inputs).__name__}")
+        wrong = [name for name in inputs if not isinstance(name, str)]
+        if wrong:
+            raise InputError(f"input names must be str (blob names), not {type(wrong[0]).__name__} {wrong[0]!r}")
         expected = self.input_shapes()
         unknown = [name for name in inputs if name not in expected]
         if unknown:
@@ -188,7 +233,10 @@ class HybridNet:
         checked = {}
         batch = None
         for name, array in inputs.items():
-            array = np.asarray(array)
+            try:
+                array = np.asarray(array)
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"input '{name}' is not an array ({exc})") from None
             if not np.issubdtype(array.dtype, np.floating):
                 raise InputError(f"input '{name}' has dtype {array.dtype}; Caffe nets take floating "
                                  "point (FP32) inputs: convert and scale it first")
@@ -200,9 +248,23 @@ class HybridNet:
                 raise InputError(f"inputs have different batch sizes ({batch} and {array.shape[0]} for '{name}')")
             batch = array.shape[0]
             checked[name] = np.ascontiguousarray(array, dtype=np.float32)
+        if batch is not None:
+            if batch < 1:
+                raise InputError(f"inputs have batch size 0: there is nothing to run {self.model.prototxt} on")
+            self.check_memory(batch)
         check_index_inputs(self.graph, self._index_inputs,
                            {self.graph.input_value(name): array for name, array in checked.items()})
         return checked
+
+    def activation_bytes(self, batch: int) -> int:
+        """FP32 bytes of every value of the net at ``batch``: about what one run holds in its
+        activations (the hybrid holds about this much, the Caffe reference as much again)."""
+        return batch * sum(v.bytes_per_item for v in self.graph.values.values())
+
+    def check_memory(self, batch: int, extra_bytes: int = 0) -> None:
+        """Raise ``InputError`` if a run at ``batch`` (plus ``extra_bytes``) cannot fit in memory."""
+        check_fits(self.activation_bytes(batch) + extra_bytes, f"running {self.model.prototxt} at batch {batch}",
+                   "use a smaller batch (--batch) or input size (--input-shape)")
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the hybrid; returns the output blobs (or those named in ``outputs=``)."""
@@ -215,6 +277,13 @@ class HybridNet:
             _return_freed_memory()
         return {blob: values[v] for blob, v in zip(self.output_blobs, self._output_values)}
 
+    def run_values(self, inputs: Mapping[str, np.ndarray], values: Sequence[str]) -> dict[str, np.ndarray]:
+        """Run the hybrid and return ``values`` (value ids: net inputs or segment outputs,
+        e.g. every segment's inputs, as calibration collects them)."""
+        checked = self.check_inputs(inputs)
+        feeds = {self.graph.value_of_blob(name): array for name, array in checked.items()}
+        return self._ensure_executor().run(feeds, list(values))
+
     def run_caffe(self, inputs: Mapping[str, np.ndarray], device: Optional[int] = None) -> dict[str, np.ndarray]:
         """The same model in pure Caffe (the reference hybrid_infer must reproduce), on the
         CPU or on GPU ``device``; outputs are copied to the host either way."""
@@ -226,8 +295,13 @@ class HybridNet:
         """Pure Caffe on ``inputs``, returning ``values`` (value ids of ``graph``), each copied
         right after the layer that writes it: Caffe's blobs keep only their last write, and
         in-place layers overwrite earlier ones (a net input rewritten in place included).
-        Caffe runs only as far as the last of them."""
+        Caffe runs only as far as the last of them; the first run at each input shape is
+        rehearsed in full in a forked child first (``model/isolated.py``)."""
+        device = arguments.optional(arguments.integer, device, "device")
         checked = self.check_inputs(inputs)
+        where = f"{self.model.prototxt} in pure Caffe"
+        if device is None:
+            refuse_cpu_unsupported(self.model.layers, where)
         check_feed_batch(self.graph, self.graph.layers.values(),
                          {self.graph.input_value(name): array.shape for name, array in checked.items()})
         last = max((self.graph.layers[self.graph.values[v].producer].index for v in values), default=-1)
@@ -241,68 +315,100 @@ class HybridNet:
         else:
             from .engines.caffe_gpu_engine import use_gpu
             use_gpu(device)
-        reshaped = False
-        for name, array in checked.items():
-            if tuple(net.blobs[name].shape) != array.shape:
-                net.blobs[name].reshape(*array.shape)
-                reshaped = True
-        if reshaped:
-            net.reshape()
-        for name, array in checked.items():
-            net.blobs[name].data[...] = array
+
+        def feed() -> None:
+            reshaped = False
+            for name, array in checked.items():
+                if tuple(net.blobs[name].shape) != array.shape:
+                    net.blobs[name].reshape(*array.shape)
+                    reshaped = True
+            if reshaped:
+                net.reshape()
+            for name, array in checked.items():
+                net.blobs[name].data[...] = array
+
+        def whole_net() -> None:
+            feed()
+            net._forward(0, len(net.layers) - 1)
+        if device is None:  # CUDA cannot be used in a forked child
+            caffe_errors(where, self._reference_rehearsal.check, tuple((n, a.shape) for n, a in checked.items()),
+                         whole_net)
+        caffe_errors(where, feed)
         index = {name: i for i, name in enumerate(net._layer_names)}
-        wanted = sorted(set(values), key=lambda v: index[self.graph.values[v].producer])
+        wanted = sorted(set(values), key=lambda v: index[self.graph.caffe_layer(v)])
         got: dict[str, np.ndarray] = {}
         start = 0
         for value in wanted:
-            stop = index[self.graph.values[value].producer]
+            stop = index[self.graph.caffe_layer(value)]
             if stop >= start:
-                net._forward(start, stop)
+                caffe_errors(where, net._forward, start, stop)
                 start = stop + 1
             got[value] = np.array(net.blobs[self.graph.values[value].blob].data, copy=True)
         return got
 
     def _logit_values(self) -> dict[str, str]:
-        """The input value of each Softmax that writes an output value -> that Softmax."""
+        """The input value of every Softmax layer -> that Softmax (net inputs and the
+        outputs already compared left out)."""
         logits: dict[str, str] = {}
-        for value in self._output_values:
-            layer = self.graph.layers[self.graph.values[value].producer]
-            if layer.type == "Softmax":
-                logits.setdefault(layer.bottoms[0], layer.name)
+        for layer in self.graph.compute_layers():
+            value = layer.bottoms[0] if layer.type == "Softmax" else None
+            if value is not None and value not in self.graph.inputs and value not in self._output_values:
+                logits.setdefault(value, layer.name)
         return logits
 
-    def outputs_with_logits(self) -> list[str]:
-        """The output blobs plus the input blob of each final Softmax.
+    def _name(self, value: str) -> str:
+        """How results name ``value``: its blob, unless a later write took the blob's name."""
+        blob = self.graph.values[value].blob
+        return blob if self.graph.final_value[blob] == value else value
 
-        Accuracy checks compare those logits too: the softmax of random (or confident)
-        logits saturates to 0 and 1 and would hide errors.
-        """
-        return list(self.output_blobs) + [self.graph.values[v].blob for v in self._logit_values()]
+    def checked_values(self) -> dict[str, str]:
+        """What accuracy checks compare (``check``, ``compare``, ``--min-segment-size auto``):
+        value id -> the name its row gets; the outputs, then the input of every Softmax."""
+        names = dict(zip(self._output_values, self.output_blobs))
+        names.update((v, self._name(v)) for v in self._logit_values())
+        return names
+
+    def outputs_with_logits(self) -> list[str]:
+        """The output blobs plus the input of every Softmax (a blob name, or the value id
+        where an in-place layer rewrites the blob later)."""
+        return list(self.checked_values().values())
+
+    def run_values(self, inputs: Mapping[str, np.ndarray], values: Sequence[str]) -> dict[str, np.ndarray]:
+        """Run the hybrid and return ``values`` (value ids). Values not yet segment outputs
+        become outputs now, which re-cuts and, once engines exist, rebuilds them."""
+        if any(v not in self._kept for v in values):
+            self.close()
+            self._kept = list(dict.fromkeys([*self._kept, *values]))
+            self.partition = partition(self.graph, self._capability, self._min_segment_size,
+                                       keep_outputs=self._kept)
+        feeds = {self.graph.input_value(name): a for name, a in self.check_inputs(inputs).items()}
+        return self._ensure_executor().run(feeds, list(values))
+
+    def reference_values(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Pure Caffe's values of ``checked_values`` on ``inputs`` (value id -> array)."""
+        return self.run_caffe_values(inputs, list(self.checked_values()))
+
+    def compare_values(self, got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray],
+                       tolerance: float = 1e-4) -> list[OutputDifference]:
+        """Rows (named as in ``checked_values``) comparing the hybrid's ``got`` with Caffe's
+        ``want``, both keyed by value id, for every value in ``checked_values``; DetectionOutput
+        blobs are compared as detections (``tolerance`` bounds their scores and coordinates)."""
+        names = self.checked_values()
+        detections = {names[v]: t for v, t in detection_outputs(self.graph).items() if v in names}
+        return compare_outputs({names[v]: got[v] for v in names}, {names[v]: want[v] for v in names},
+                               detections=detections, tolerance=tolerance)
 
     def check(self, inputs: Mapping[str, np.ndarray], tolerance: float = 1e-4) -> CheckResult:
         """Run the hybrid and pure Caffe on ``inputs`` and compare the outputs and the input
-        of each final Softmax (relative L2 against ``tolerance``; see ``CheckResult``).
+        of every Softmax (relative L2 against ``tolerance``; see ``CheckResult``).
 
         Without ``keep_logits=True`` at load, the logits become segment outputs now, which
         rebuilds the engines once."""
-        logits = self._logit_values()
-        if any(v not in self._kept for v in logits):
-            self.close()
-            self._kept = self._output_values + list(logits)
-            self.partition = partition(self.graph, self._capability, self._min_segment_size,
-                                       keep_outputs=self._kept)
-        wanted = self._output_values + [v for v in logits if v not in self._output_values]
-        got = self._ensure_executor().run(
-            {self.graph.input_value(name): a for name, a in self.check_inputs(inputs).items()}, wanted)
-        want = self.run_caffe_values(inputs, wanted)
-        names = dict(zip(self._output_values, self.output_blobs))
-        for value in wanted[len(self._output_values):]:
-            blob = self.graph.values[value].blob
-            names[value] = blob if self.graph.final_value[blob] == value else value
-        detections = {names[v]: t for v, t in detection_outputs(self.graph).items() if v in names}
-        rows = compare_outputs({names[v]: got[v] for v in wanted}, {names[v]: want[v] for v in wanted},
-                               detections=detections, tolerance=tolerance)
-        return CheckResult(rows, {names[v]: softmax for v, softmax in logits.items()}, tolerance)
+        tolerance = arguments.real(tolerance, "tolerance", 0.0)
+        wanted = list(self.checked_values())
+        rows = self.compare_values(self.run_values(inputs, wanted), self.run_caffe_values(inputs, wanted), tolerance)
+        names = self.checked_values()
+        return CheckResult(rows, {names[v]: softmax for v, softmax in self._logit_values().items()}, tolerance)
 
     def partition_report(self, fmt: str = "text") -> str:
         """The partition as the CLI shows it: "text", "json", "dot" or "svg"."""
@@ -338,7 +444,8 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
          build_settings: Optional["BuildSettings"] = None, engine_cache: Optional["EngineCache"] = None,
          tensorrt_module: Optional[str] = None, device: Optional[int] = None,
          zero_copy: bool = True, lowerings: Sequence["LoweringModule"] = (),
-         keep_logits: bool = False) -> HybridNet:
+         keep_logits: bool = False, calibration: "PathLike | Calibration | PrecisionPlan | None" = None,
+         keep_fp32: Iterable[str] = ()) -> HybridNet:
     """Load a Caffe model and partition it.
 
     ``lowerings`` names modules (importable names, ``.py`` paths, or modules) whose
@@ -352,8 +459,16 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
     batch axis stays free either way. ``build_settings``, ``engine_cache`` and
     ``tensorrt_module`` ("tensorrt" or "tensorrt_rtx") steer TensorRT engine builds.
     ``device=N`` runs Caffe segments on GPU N and ``keep_logits=True`` prepares ``check``
-    (see ``HybridNet``).
+    (see ``HybridNet``). Arguments of the wrong type or range raise ``OptionError`` naming
+    the argument.
+    ``calibration`` (a file from ``hybrid-infer calibrate``, or a loaded ``Calibration``)
+    runs the TensorRT segments in its precision (INT8 Q/DQ or FP16), with ``keep_fp32``
+    (layer names or types) left in FP32; a stale file raises ``CalibrationError``.
     """
+    prototxt = arguments.path(prototxt, "prototxt")
+    weights = arguments.optional(arguments.path, weights, "weights")
+    random_weights = arguments.optional(arguments.integer, random_weights, "random_weights", 0, 2**64 - 1)
+    input_shapes = arguments.shapes(input_shapes, "input_shapes")
     load_lowering_modules(lowerings)
     model = CaffeModel(prototxt, weights, input_shapes)
     if random_weights is not None:
@@ -361,4 +476,5 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
     return HybridNet(model, engine=engine, profile=profile, min_segment_size=min_segment_size,
                      fallback=fallback, outputs=outputs, build_settings=build_settings,
                      engine_cache=engine_cache, tensorrt_module=tensorrt_module, device=device,
-                     zero_copy=zero_copy, keep_logits=keep_logits)
+                     zero_copy=zero_copy, keep_logits=keep_logits, calibration=calibration,
+                     keep_fp32=keep_fp32)

@@ -169,6 +169,12 @@ class DetectionComparison:
         """No difference that near-equal numbers fail to explain."""
         return not self.real
 
+    @property
+    def lone_rows(self) -> int:
+        """Detection rows on one side only (a moved box or a changed label is one such row on
+        each side), near-ties included."""
+        return sum({"missing": 1, "extra": 1, "moved": 2, "label": 2}.get(d.kind, 0) for d in self.diffs)
+
     def summary(self) -> str:
         text = (f"{self.actual} detection(s), Caffe {self.expected}; {self.matched} matched (max abs "
                 f"{self.max_abs:.3g})")
@@ -179,7 +185,7 @@ class DetectionComparison:
     def to_json(self) -> dict:
         return {"expected": self.expected, "actual": self.actual, "matched": self.matched,
                 "max_abs": self.max_abs, "rel_l2": self.rel_l2, "real": len(self.real),
-                "near_ties": len(self.near_ties), "nonfinite": self.nonfinite,
+                "near_ties": len(self.near_ties), "nonfinite": self.nonfinite, "lone_rows": self.lone_rows,
                 "differences": [d.describe() for d in self.diffs]}
 
 

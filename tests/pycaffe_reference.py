@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from hybrid_infer.model.caffe_import import caffe
+from hybrid_infer.model.isolated import CaffeFailure, call_isolated
 
 REPRO = Path(__file__).resolve().parents[2] / "shared" / "repro"
 
@@ -35,6 +36,17 @@ def caffe_forward(prototxt: str | os.PathLike[str], inputs: Mapping[str, np.ndar
         net.blobs[name].data[...] = array
     net.forward()
     return {b: np.array(net.blobs[b].data, copy=True) for b in blobs}
+
+
+def caffe_refuses(prototxt: str | os.PathLike[str], caffemodel: Optional[str | os.PathLike[str]] = None) -> str:
+    """The message with which pycaffe refuses to build ``prototxt`` (with ``caffemodel``),
+    from a forked child; the test fails if Caffe accepts it."""
+    def load() -> None:
+        cf = caffe()
+        cf.Net(str(prototxt), cf.TEST, weights=str(caffemodel)) if caffemodel else cf.Net(str(prototxt), cf.TEST)
+    with pytest.raises(CaffeFailure) as caught:
+        call_isolated(load)
+    return str(caught.value)
 
 
 def repro_file(name: str) -> Path:

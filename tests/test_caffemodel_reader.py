@@ -21,9 +21,8 @@ from hybrid_infer.metrics import relative_l2
 from hybrid_infer.model.caffe_import import caffe, caffe_pb2
 from hybrid_infer.model.caffe_model import CaffeModel
 from hybrid_infer.model.caffemodel import read_caffemodel
-from hybrid_infer.model.isolated import CaffeFailure, call_isolated
 
-from pycaffe_reference import REPRO, caffe_forward
+from pycaffe_reference import REPRO, caffe_forward, caffe_refuses
 
 NET = '''input: "data" input_shape { dim: 2 dim: 3 dim: 8 dim: 8 }
 layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 4 kernel_size: 3 } }
@@ -82,15 +81,6 @@ def _fork_file(src, out) -> None:
     out.write_bytes(net.SerializePartialToString())
 
 
-def _caffe_refuses(prototxt, caffemodel) -> str:
-    def load() -> None:
-        cf = caffe()
-        cf.Net(str(prototxt), cf.TEST, weights=str(caffemodel))
-    with pytest.raises(CaffeFailure) as caught:
-        call_isolated(load)
-    return str(caught.value)
-
-
 def test_other_fork_weights_repro_runs_and_matches_caffe_on_the_original(shared_models, tmp_path, capsys):
     prototxt = shared_models / "lenet_mnist/mnist_deploy.prototxt"
     original = shared_models / "lenet_mnist/lenet_iter_10000.caffemodel"
@@ -100,7 +90,7 @@ def test_other_fork_weights_repro_runs_and_matches_caffe_on_the_original(shared_
         subprocess.run([sys.executable, str(script), str(original), str(forked)], check=True)
     else:
         _fork_file(original, forked)
-    assert "Failed to parse NetParameter file" in _caffe_refuses(prototxt, forked)
+    assert "Failed to parse NetParameter file" in caffe_refuses(prototxt, forked)
     x = np.random.default_rng().uniform(0, 1, (3, 1, 28, 28)).astype(np.float32)
     want = caffe_forward(prototxt, x_in := {"data": x}, ["ip2", "loss"], caffemodel=original)
     net = hybrid_infer.load(prototxt, forked, engine="onnxruntime", outputs=["ip2", "loss"])
@@ -192,25 +182,6 @@ def test_double_data_and_legacy_shapes_in_the_current_format(make_prototxt, tmp_
     _assert_same_weights(CaffeModel(path, file), _caffe_params(path, file))
 
 
-def test_repeated_layer_names_get_the_stored_blobs_with_a_shape_check(make_prototxt, tmp_path):
-    """Two layers named "fc" (Caffe allows it): the renamed copy fc#2 gets the stored fc, checked."""
-    _, model, weights = _saved(make_prototxt, tmp_path)
-    twice = NET + 'layer { name: "fc" type: "InnerProduct" bottom: "conv" top: "fc_b" inner_product_param { num_output: 5 } }\n'
-    loaded = CaffeModel(make_prototxt(twice), weights)
-    assert loaded.renamed_layers == {"fc#2": "fc"}
-    for index in (0, 1):
-        np.testing.assert_array_equal(loaded.weights["fc#2"][index], model.weights["fc"][index])
-    with hybrid_infer.load(make_prototxt(twice), weights, engine="onnxruntime") as net:
-        x = {"data": np.random.default_rng().standard_normal((2, 3, 8, 8)).astype(np.float32)}
-        got, want = net.run(x), net.run_caffe(x)
-        assert relative_l2(got["fc_b"], want["fc_b"]) <= 1e-5
-        np.testing.assert_allclose(got["fc_b"], got["fc"], rtol=1e-5, atol=1e-6)
-    wider = twice.replace('top: "fc_b" inner_product_param { num_output: 5 }', 'top: "fc_b" inner_product_param { num_output: 7 }')
-    with pytest.raises(ModelError, match=r"layer 'fc#2' blob 0: shape mismatch: the caffemodel holds 5x144, "
-                                         r"the prototxt needs 7x144"):
-        CaffeModel(make_prototxt(wider), weights)
-
-
 def test_errors_say_what_is_wrong(make_prototxt, tmp_path):
     path, _, weights = _saved(make_prototxt, tmp_path)
     data = weights.read_bytes()
@@ -239,7 +210,8 @@ def test_errors_say_what_is_wrong(make_prototxt, tmp_path):
              r"w\.caffemodel has no weights for layer\(s\) fc2 \(closest in the caffemodel: fc\) of .*; pass the "
              r"caffemodel trained for this prototxt"),
             (NET.replace("num_output: 5 }", "num_output: 5 bias_term: false }"),
-             r"layer 'fc' has 1 parameter blob\(s\) in the prototxt but 2 in the caffemodel"),
+             r"layer 'fc' \(InnerProduct\): blob count 1 vs 2 in the caffemodel \(its layer at byte \d+; Caffe "
+             r"refuses: \"Incompatible number of blobs for layer fc\"\)"),
             (NET.replace("num_output: 4 kernel_size: 3", "num_output: 6 kernel_size: 3"),
              r"does not fit .*: layer 'conv' blob 0: shape mismatch: the caffemodel holds 4x3x3x3, the prototxt "
              r"needs 6x3x3x3")):
@@ -277,6 +249,109 @@ def test_cli_error_for_a_damaged_caffemodel_is_one_line(make_prototxt, tmp_path)
     proc = subprocess.run([sys.executable, "-m", "hybrid_infer.cli.main", "run", str(path), "--weights", str(cut)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "truncated" in proc.stderr
+
+
+def _key(field: int, wire: int) -> bytes:
+    return _varint(field << 3 | wire)
+
+
+def _length_delimited(field: int, payload: bytes) -> bytes:
+    return _key(field, 2) + _varint(len(payload)) + payload
+
+
+def _unpacked_blob(values: np.ndarray, shape: tuple[int, ...], double: bool = False, split: int = 0) -> bytes:
+    """A BlobProto whose values are stored one key per value (valid protobuf, which Caffe's
+    writer never produces), after ``split`` of them stored packed."""
+    dims = b"".join(_varint(d) for d in shape)
+    out = _length_delimited(7, _length_delimited(1, dims))
+    field, wire, code = (8, 1, "<f8") if double else (5, 5, "<f4")
+    if split:
+        out += _length_delimited(field, values[:split].astype(code).tobytes())
+    key = _key(field, wire)
+    out += b"".join(key + v.tobytes() for v in values[split:].astype(code))
+    return out
+
+
+def test_unpacked_values_read_as_caffe_reads_them_in_bounded_memory(make_prototxt, tmp_path):
+    """Float and double values stored unpacked (one key each), alone or after a packed run:
+    the same values as Caffe's own reader gives, with memory about that of the values
+    (the reviewer's 5 MB file took 656 MiB and seconds)."""
+    import tracemalloc
+    rng = np.random.default_rng()
+    path = make_prototxt('''input: "data" input_shape { dim: 1 dim: 400 }
+layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 500 } }
+''')
+    weight, bias = rng.standard_normal((500, 400)).astype(np.float32), rng.standard_normal(500).astype(np.float32)
+    for double, split in ((False, 0), (True, 0), (False, 1000)):
+        layer = _length_delimited(1, b"fc") + _length_delimited(7, _unpacked_blob(weight.ravel(), weight.shape,
+                                                                                 double, split)) \
+            + _length_delimited(7, _unpacked_blob(bias, bias.shape, double))
+        file = tmp_path / f"unpacked{int(double)}{split}.caffemodel"
+        file.write_bytes(_length_delimited(100, layer))
+        expected = _caffe_params(path, file)
+        np.testing.assert_array_equal(expected["fc"][0], weight)
+        tracemalloc.start()
+        try:
+            stored = read_caffemodel(file)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        np.testing.assert_array_equal(stored[0].blobs[0].data.reshape(500, 400), weight)
+        np.testing.assert_array_equal(stored[0].blobs[1].data, bias)
+        values_bytes = weight.nbytes * (2 if double else 1)
+        assert peak < 2.5 * values_bytes, f"peak {peak} bytes for {values_bytes} bytes of values"
+        _assert_same_weights(CaffeModel(path, file), expected)
+
+
+def _solver_state(path) -> None:
+    state = caffe_pb2().SolverState(iter=1234, learned_net="snapshots/net_iter_1234.caffemodel", current_step=1)
+    state.history.add().data.extend([0.5, 0.25])
+    path.write_bytes(state.SerializeToString())
+
+
+@pytest.mark.parametrize("content, message", [
+    ("\ufeffname: \"net\"\nlayer { name: \"a\" }\n".encode(), r"a text file, not a binary \.caffemodel \(is it a prototxt\?\)"),
+    ("# réseau pour la détection\nname: \"net\"\n".encode(), r"a text file, not a binary \.caffemodel"),
+    ("# 检测网络\n".encode() * 60, r"a text file, not a binary \.caffemodel"),
+    (b"\n", r"truncated: the file ends at byte 1"),
+    (None, r"a Caffe solver state \(\.solverstate: iteration 1234, its weights saved as "
+           r"'snapshots/net_iter_1234\.caffemodel'\), not weights; pass the \.caffemodel written with it"),
+])
+def test_what_a_weights_file_really_is(make_prototxt, tmp_path, content, message):
+    path = make_prototxt(NET)
+    file = tmp_path / "given.caffemodel"
+    if content is None:
+        _solver_state(file)
+    else:
+        file.write_bytes(content)
+    with pytest.raises(ModelError, match=message):
+        CaffeModel(path, file)
+
+
+def test_negative_dims_and_mixed_layer_formats(make_prototxt, tmp_path):
+    path, _, weights = _saved(make_prototxt, tmp_path)
+    net = caffe_pb2().NetParameter()
+    net.ParseFromString(weights.read_bytes())
+    conv = next(layer for layer in net.layer if layer.name == "conv")
+    del conv.blobs[0].shape.dim[:]
+    conv.blobs[0].shape.dim.extend([-2, 3, 3, 3])
+    negative = tmp_path / "negative.caffemodel"
+    negative.write_bytes(net.SerializeToString())
+    with pytest.raises(ModelError, match=r"layer 'conv' blob 0: shape mismatch: the caffemodel holds -2x3x3x3, "):
+        CaffeModel(path, negative)
+    mixed = caffe_pb2().NetParameter()
+    mixed.ParseFromString(weights.read_bytes())
+    mixed.layers.add(name="old")
+    both = tmp_path / "both.caffemodel"
+    both.write_bytes(mixed.SerializeToString())
+    assert "Refusing to upgrade inconsistent NetParameter input" in caffe_refuses(path, both)
+    with pytest.raises(ModelError, match=r"holds both 'layer' \(current\) and 'layers' \(V1\) entries, which "
+                                         r"Caffe refuses"):
+        CaffeModel(path, both)
+    text = make_prototxt(NET + 'layers { name: "old" type: RELU bottom: "fc" top: "fc" }\n')
+    with pytest.raises(ModelError, match=r"uses both 'layer \{\}' and the old 'layers \{\}' entries, which Caffe "
+                                         r"refuses"):
+        CaffeModel(text)
 
 
 @pytest.mark.big_file

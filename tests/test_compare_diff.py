@@ -95,6 +95,13 @@ def test_auto_min_segment_size_says_what_it_chose_and_why(python_layers, capsys)
     assert "min 1:" in out and "OK" in out
 
 
+def test_auto_labels_a_partition_no_minimum_changes(capsys):
+    """LeNet is one TensorRT segment with no Caffe neighbour: every minimum gives that cut."""
+    assert main(["run", *LENET, "--input", LENET_SAMPLES[0], "--min-segment-size", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "fastest of 1 distinct partition(s)" in out and "* min 1 or more: " in out
+
+
 def test_partitions_beyond_tolerance_are_refused_not_timed(tmp_path, capsys):
     """At tolerance 0 only bit-exact partitions qualify: pure Caffe, and a hybrid whose every
     layer is in Caffe; every partition with a lowered convolution is refused."""
@@ -120,7 +127,7 @@ def test_auto_never_chooses_a_partition_that_differs_from_caffe(python_layers):
     x = {name: np.random.default_rng().standard_normal(shape).astype(np.float32)
          for name, shape in net.input_shapes().items()}
     make = lambda size: hybrid_infer.api.HybridNet(net.model, engine="onnxruntime", min_segment_size=size)
-    choice = choose_min_segment_size(make, x, net.run_caffe(x), tolerance=0.0, runs=1, warmup=0)
+    choice = choose_min_segment_size(make, x, net.reference_values(x), tolerance=0.0, runs=1, warmup=0)
     assert [s.backend for s in choice.net.partition.segments] == [CAFFE]
     assert "refused: relative L2" in choice.reason
     choice.net.close()
@@ -129,7 +136,7 @@ def test_auto_never_chooses_a_partition_that_differs_from_caffe(python_layers):
 def test_partition_command_refuses_auto(python_layers, capsys):
     with pytest.raises(SystemExit):
         main(["partition", PYTHON_NET, "--min-segment-size", "auto"])
-    assert "invalid int value: 'auto'" in capsys.readouterr().err
+    assert "expected a whole number, not 'auto'" in capsys.readouterr().err
 
 
 def test_diff_reports_every_value_of_the_bundled_classifier(capsys, tmp_path):

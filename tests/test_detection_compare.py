@@ -371,8 +371,10 @@ def test_compare_before_and_after_as_detections(shared_models, tmp_path, capsys)
     assert (after["tensorrt_segments"], after["caffe_segments"]) == (1, 0)
     assert (before["tensorrt_segments"], before["caffe_segments"]) == (1, 1)
     for row in (after, before):
-        (accuracy,) = row["accuracy"]
-        assert accuracy["detections"]["real"] == 0 and accuracy["detections"]["matched"] > 0
+        # The detections, and the confidences before their Softmax (mbox_conf_softmax).
+        detections, logits = row["accuracy"]
+        assert logits["output"] == "mbox_conf_reshape" and logits["rel_l2"] <= 1e-4
+        assert detections["detections"]["real"] == 0 and detections["detections"]["matched"] > 0
         assert not row["refused"]
 
 

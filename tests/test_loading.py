@@ -110,10 +110,11 @@ def test_weights_from_caffemodel_and_missing_weights(make_prototxt, tmp_path):
 
 
 def test_weights_of_other_model_are_rejected(shared_models):
-    # cifar10's ip1 is the closest to lenet's ip2; conv1's shapes differ too, but a layer
-    # without weights is named first.
+    # conv1's shapes differ too, but a layer without weights is named first; cifar10's ip1,
+    # the name closest to ip2, goes to lenet's own ip1 and so is not suggested.
     with pytest.raises(ModelError, match=r"cifar10_full_iter_70000.caffemodel has no weights for layer\(s\) ip2 "
-                                         r"\(closest in the caffemodel: ip1\) of .*mnist_deploy.prototxt"):
+                                         r"of .*mnist_deploy.prototxt; pass the caffemodel trained for this "
+                                         r"prototxt$"):
         CaffeModel(shared_models / "lenet_mnist/mnist_deploy.prototxt",
                    shared_models / "cifar10_full/cifar10_full_iter_70000.caffemodel")
 
@@ -142,3 +143,23 @@ def test_v1_upgrade_leaves_no_log_files(make_prototxt, tmp_path, monkeypatch):
     CaffeModel(make_prototxt('input: "data" input_dim: 1 input_dim: 1 input_dim: 4 input_dim: 4\n'
                              'layers { name: "relu" type: RELU bottom: "data" top: "r" }'))
     assert list(logs.iterdir()) == []
+
+
+def test_shapeless_legacy_input_takes_its_shape_from_input_shape(make_prototxt, tmp_path, capsys):
+    import hybrid_infer
+    from hybrid_infer.cli.main import main
+    from hybrid_infer.metrics import relative_l2
+    from pycaffe_reference import caffe_forward
+    conv = 'layer { name: "conv" type: "Convolution" bottom: "data" top: "c" convolution_param { num_output: 2 kernel_size: 3 } }\n'
+    path = make_prototxt('input: "data"\n' + conv)
+    shaped = make_prototxt('input: "data" input_shape { dim: 2 dim: 3 dim: 6 dim: 6 }\n' + conv)  # Caffe needs one
+    with pytest.raises(ModelError, match=r"Input layer 'data' gives no shape for 'data'; .* or pass "
+                                         r"--input-shape data=NxCxHxW"):
+        CaffeModel(path)
+    assert main(["partition", str(path)]) == 2
+    assert "--input-shape data=NxCxHxW" in capsys.readouterr().err
+    net = hybrid_infer.load(path, random_weights=1, input_shapes={"data": (2, 3, 6, 6)}, engine="onnxruntime")
+    x = {"data": np.random.default_rng().standard_normal((2, 3, 6, 6)).astype(np.float32)}
+    want = caffe_forward(shaped, x, ["c"], weights=net.model.weights)["c"]
+    assert want.shape == (2, 2, 4, 4) and relative_l2(net.run(x)["c"], want) <= 1e-5
+    assert main(["run", str(path), "--random-weights", "1", "--input-shape", "data=1x3x6x6", "--check"]) == 0

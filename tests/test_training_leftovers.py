@@ -111,3 +111,19 @@ def test_other_dangling_bottoms_stay_errors(make_prototxt):
                                          r"dropped as a training-only layer \(Accuracy reads 'label'"):
         CaffeModel(make_prototxt(BODY + LEFTOVERS.split("\n")[0] + "\n"
                                  + 'layer { name: "use" type: "ReLU" bottom: "accuracy" top: "r" }\n'))
+
+
+def test_fork_loss_types_and_chained_drops_are_named(make_prototxt, caplog):
+    """A fork's loss type not ending in "Loss" (SoftmaxWithLossOHEM, unknown to this Caffe),
+    DetectionEvaluate, and a Silence that reads a dropped layer's top, whose reason says so."""
+    text = BODY + (
+        'layer { name: "ohem" type: "SoftmaxWithLossOHEM" bottom: "fc" bottom: "label" top: "ohem" top: "weights" }\n'
+        'layer { name: "eval" type: "DetectionEvaluate" bottom: "fc" bottom: "gt" top: "det_eval" }\n'
+        'layer { name: "quiet" type: "Silence" bottom: "weights" }\n')
+    with caplog.at_level(logging.WARNING, logger="hybrid_infer"):
+        model = CaffeModel(make_prototxt(text))
+    assert [(d.name, d.reason) for d in model.dropped_layers] == [
+        ("ohem", "SoftmaxWithLossOHEM reads 'label', which nothing produces at inference"),
+        ("eval", "DetectionEvaluate reads 'gt', which nothing produces at inference"),
+        ("quiet", "Silence reads 'weights', whose producer 'ohem' (SoftmaxWithLossOHEM) was dropped")]
+    assert "whose producer 'ohem' (SoftmaxWithLossOHEM) was dropped" in caplog.text

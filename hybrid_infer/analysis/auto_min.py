@@ -16,8 +16,6 @@ import numpy as np
 
 from ..api import HybridNet
 from ..errors import HybridInferError
-from ..detections import detection_outputs
-from ..metrics import compare_outputs
 from ..partition.partitioner import TENSORRT, Partition
 from .timing import Timing, time_calls
 
@@ -57,9 +55,10 @@ def candidate_sizes(make_net: Callable[[int], HybridNet]) -> list[int]:
 def choose_min_segment_size(make_net: Callable[[int], HybridNet], inputs: Mapping[str, np.ndarray],
                             reference: Mapping[str, np.ndarray], *, tolerance: float = 1e-4, runs: int = 5,
                             warmup: int = 1, tick: Optional[Callable[[], None]] = None) -> AutoChoice:
-    """Time each distinct partition on ``inputs`` whose outputs are within ``tolerance`` of
-    ``reference`` (pure Caffe's); return the fastest (ties: smaller minimum). The largest
-    candidate puts every layer in Caffe, so at least one candidate always qualifies."""
+    """Time each distinct partition on ``inputs`` whose outputs and Softmax inputs are within
+    ``tolerance`` of ``reference`` (pure Caffe's ``HybridNet.reference_values``, as ``compare``
+    checks); return the fastest (ties: smaller minimum). The largest candidate puts every
+    layer in Caffe, so at least one candidate always qualifies."""
     by_partition: dict[tuple, Candidate] = {}
     for size in candidate_sizes(make_net):
         net = make_net(size)
@@ -78,8 +77,7 @@ def choose_min_segment_size(make_net: Callable[[int], HybridNet], inputs: Mappin
     for candidate in candidates:
         net = make_net(candidate.min_sizes[0])
         # The first run builds the engines, which is not part of the per-call latency.
-        accuracy = compare_outputs(net.run(inputs), reference, detections=detection_outputs(net.graph),
-                                   tolerance=tolerance)
+        accuracy = net.compare_values(net.run_values(inputs, list(net.checked_values())), reference, tolerance)
         candidate.rel_l2 = max(d.rel_l2 for d in accuracy)
         if not all(d.within(tolerance) for d in accuracy):
             net.close()
@@ -97,8 +95,14 @@ def choose_min_segment_size(make_net: Callable[[int], HybridNet], inputs: Mappin
     return AutoChoice(chosen.min_sizes[0], net, candidates, _explain(chosen, candidates, tolerance))
 
 
-def _describe(c: Candidate, tolerance: float) -> str:
-    sizes = (f"{c.min_sizes[0]}" if len(c.min_sizes) == 1 else f"{c.min_sizes[0]}..{c.min_sizes[-1]}")
+def _describe(c: Candidate, tolerance: float, largest: int) -> str:
+    """One candidate; the one holding the largest minimum tried holds every larger one too
+    (no segment has more compute layers), e.g. a net whose TensorRT segments are isolated
+    and so stay whatever the minimum."""
+    if c.min_sizes[-1] == largest:
+        sizes = f"{c.min_sizes[0]} or more"
+    else:
+        sizes = f"{c.min_sizes[0]}" if len(c.min_sizes) == 1 else f"{c.min_sizes[0]}..{c.min_sizes[-1]}"
     speed = (f"{c.timing.median * 1e3:.2f} ms median" if c.timing
              else f"refused: relative L2 {c.rel_l2:.2g} against Caffe > {tolerance:g}")
     return f"min {sizes}: {speed}, {c.segments} segment(s), {c.tensorrt_layers} layer(s) on TensorRT"
@@ -113,4 +117,6 @@ def _explain(chosen: Candidate, candidates: list[Candidate], tolerance: float) -
         runner_up = timed[0]
         gain = runner_up.timing.median / chosen.timing.median - 1  # type: ignore[union-attr]
         why += f", {gain:.1%} faster than the next best (min {runner_up.min_sizes[0]})"
-    return why + "\n" + "\n".join(f"  {'*' if c is chosen else ' '} {_describe(c, tolerance)}" for c in candidates)
+    largest = max(size for c in candidates for size in c.min_sizes)
+    return why + "\n" + "\n".join(f"  {'*' if c is chosen else ' '} {_describe(c, tolerance, largest)}"
+                                  for c in candidates)

@@ -15,8 +15,7 @@ import numpy as np
 
 from ..api import HybridNet
 from ..errors import OptionError
-from ..detections import detection_outputs
-from ..metrics import OutputDifference, compare_outputs
+from ..metrics import OutputDifference
 from ..model.caffe_model import CaffeModel
 from ..partition.partitioner import TENSORRT
 from ..report.partition_report import boundaries, coverage
@@ -40,6 +39,18 @@ class PartitionResult:
     tolerance: float
     timing: Optional[Timing] = None  # None: refused, outputs beyond the tolerance
     notes: list[str] = field(default_factory=list)
+    #: A reduced-precision variant of the partition ("INT8 entropy", "FP16"); "" for FP32.
+    variant: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.spec.label + (f" [{self.variant}]" if self.variant else "")
+
+    @property
+    def detections_differ(self) -> Optional[int]:
+        """SSD detections found on one side only (Caffe's or the hybrid's), or None."""
+        counts = [a.detections.lone_rows for a in self.accuracy if a.detections is not None]
+        return sum(counts) if counts else None
 
     @property
     def within(self) -> bool:
@@ -69,7 +80,7 @@ def open_partition(model: CaffeModel, spec: PartitionSpec, *, engine: str = "aut
     """The hybrid for ``spec`` on an already loaded model; a bad fallback name names the spec."""
     try:
         return HybridNet(model, engine=engine, profile=spec.profile, min_segment_size=spec.min_segment_size,
-                         fallback=spec.fallback, outputs=outputs)
+                         fallback=spec.fallback, outputs=outputs, keep_logits=True)
     except OptionError as exc:
         raise OptionError(f"partition {spec.label}: {exc}") from None
 
@@ -77,33 +88,39 @@ def open_partition(model: CaffeModel, spec: PartitionSpec, *, engine: str = "aut
 def measure_partition(net: HybridNet, spec: PartitionSpec, inputs: Mapping[str, np.ndarray],
                       reference: Mapping[str, np.ndarray], *, tolerance: float, runs: int, warmup: int,
                       tick: Optional[Callable[[], None]] = None) -> PartitionResult:
-    """Build (first run), check against ``reference``, then, if within ``tolerance``, time
-    ``net`` on ``inputs``."""
+    """Build (first run), check against ``reference`` (pure Caffe's ``reference_values``: the
+    outputs and every Softmax's input), then, if within ``tolerance``, time ``net`` on ``inputs``."""
     batch = next(iter(inputs.values())).shape[0]
+    values = list(net.checked_values())
     if spec.pure_caffe:
         run: Callable[[], dict[str, np.ndarray]] = lambda: net.run_caffe(inputs)
+        checked = lambda: net.run_caffe_values(inputs, values)
     else:
         run = lambda: net.run(inputs)
+        checked = lambda: net.run_values(inputs, values)
     start = time.perf_counter()
-    accuracy = compare_outputs(run(), reference, detections=detection_outputs(net.graph), tolerance=tolerance)
+    accuracy = net.compare_values(checked(), reference, tolerance)
     setup = time.perf_counter() - start
     timing = time_calls(run, runs, warmup, tick) if within(accuracy, tolerance) else None
+    refused = []
+    if timing is None:
+        if any(a.detections is not None and not a.within(tolerance) for a in accuracy):
+            refused.append(f"refused: detections differ from Caffe's (not only by near-ties within {tolerance:g}); "
+                           "not timed")
+        else:
+            why = "".join(f" ({a.name}: {a.note})" for a in accuracy if a.note)
+            refused.append(f"refused: outputs differ from Caffe's by relative L2 "
+                           f"{max(a.rel_l2 for a in accuracy):.3g} > {tolerance:g}{why}; not timed")
     if spec.pure_caffe:
         layers = len(net.graph.compute_layers())
         return PartitionResult(spec, batch, 1, 0, 0, 0, 0.0, 0.0, setup, accuracy, tolerance, timing,
-                               [f"{layers} layers in one Caffe net"])
+                               [f"{layers} layers in one Caffe net", *refused])
     part = net.partition  # after the first run: engines that refused layers may have re-cut it
     cov = coverage(part)
     bounds = boundaries(part)
     notes = [se.fallback_note for se in net.segment_engines if se.fallback_note]
     notes += [f"{a.name}: {a.detections.summary()}" for a in accuracy if a.detections and a.detections.diffs]
-    if timing is None:
-        if any(a.detections is not None and not a.within(tolerance) for a in accuracy):
-            notes.append(f"refused: detections differ from Caffe's (not only by near-ties within {tolerance:g}); "
-                         "not timed")
-        else:
-            notes.append(f"refused: outputs differ from Caffe's by relative L2 {max(a.rel_l2 for a in accuracy):.3g} "
-                         f"> {tolerance:g}; not timed")
+    notes += refused
     return PartitionResult(
         spec, batch, len(part.segments), sum(s.backend == TENSORRT for s in part.segments), len(bounds),
         sum(b["bytes_per_image"] for b in bounds), cov.layer_share, cov.flop_share, setup, accuracy, tolerance,
@@ -117,7 +134,7 @@ def compare_partitions(model: CaffeModel, specs: Sequence[PartitionSpec], inputs
     """Every spec measured on ``inputs``; nets are opened one at a time (they hold engines and
     weights) and closed after their measurement. Specs are all checked before any is run."""
     nets = [open_partition(model, spec, engine=engine, outputs=outputs) for spec in specs]
-    reference = nets[0].run_caffe(inputs)
+    reference = nets[0].reference_values(inputs)
     results = []
     for spec, net in zip(specs, nets):
         with net:
@@ -136,7 +153,7 @@ def to_json(results: Sequence[PartitionResult], meta: Mapping[str, Any]) -> dict
     for r in results:
         t = r.timing
         rows.append({
-            "spec": r.spec.label, "batch": r.batch, "segments": r.segments,
+            "spec": r.label, "batch": r.batch, "segments": r.segments,
             "tensorrt_segments": r.tensorrt_segments, "caffe_segments": r.segments - r.tensorrt_segments,
             "boundaries": r.boundaries, "boundary_bytes_per_image": r.boundary_bytes_per_image,
             "layer_share_tensorrt": round(r.layer_share, 4), "flop_share_tensorrt": round(r.flop_share, 4),
@@ -161,22 +178,28 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def to_text(results: Sequence[PartitionResult]) -> str:
     caffe = _caffe_median(results)
+    detector = any(r.detections_differ is not None for r in results)
     rows = []
     for r in results:
         t = r.timing
         speed = ([f"{t.median * 1e3:.2f}", f"{t.p90 * 1e3:.2f}", f"{t.throughput(r.batch):.1f}",
                   f"{caffe / t.median:.2f}x" if caffe else "-"] if t else ["refused", "-", "-", "-"])
-        rows.append([r.spec.label, f"{r.segments} ({r.tensorrt_segments} trt)", str(r.boundaries),
+        rows.append([r.label, f"{r.segments} ({r.tensorrt_segments} trt)", str(r.boundaries),
                      f"{r.boundary_bytes_per_image / 1024:.1f}", f"{r.layer_share:.0%}", f"{r.flop_share:.1%}",
-                     *speed, f"{r.max_abs:.2g}", f"{r.rel_l2:.2g}", "-" if r.top1 is None else f"{r.top1:.0%}"])
+                     *speed, f"{r.max_abs:.2g}", f"{r.rel_l2:.2g}", "-" if r.top1 is None else f"{r.top1:.0%}"]
+                    + ([str(r.detections_differ if r.detections_differ is not None else "-")] if detector else []))
     lines = _table(["partition", "segments", "bounds", "KiB/img", "layers", "FLOPs", "median ms", "p90 ms",
-                    "items/s", "vs Caffe", "max abs", "rel L2", "top-1"], rows)
-    notes = [f"  {r.spec.label}: {n}" for r in results for n in r.notes if not r.spec.pure_caffe]
+                    "items/s", "vs Caffe", "max abs", "rel L2", "top-1"] + (["det. differ"] if detector else []), rows)
+    notes = [f"  {r.label}: {n}" for r in results for n in r.notes if not r.spec.pure_caffe]
     batch = results[0].batch if results else 0
     tolerance = results[0].tolerance if results else 0
     lines += ["", f"batch {batch}; layers/FLOPs: share on TensorRT; bounds: tensors handed between segments; "
-                  f"error against pure Caffe on the same inputs (worst output); partitions beyond relative L2 "
+                  f"error against pure Caffe on the same inputs (worst of the outputs and every Softmax input); "
+                  f"partitions beyond relative L2 "
                   f"{tolerance:g} are refused, not timed"]
+    if any(r.variant for r in results):
+        lines.append("[...]: the partition with its TensorRT segments in that calibrated precision (on this "
+                     "machine ONNX Runtime runs the same Q/DQ or FP16 ONNX), timed whatever its error")
     if notes:
         lines += ["notes:", *notes]
     return "\n".join(lines) + "\n"
@@ -185,7 +208,7 @@ def to_text(results: Sequence[PartitionResult]) -> str:
 def plot(results: Sequence[PartitionResult], path: Any, title: str) -> None:
     """Median latency per partition with a whisker up to p90; refused partitions are drawn n/a."""
     from ..report.bar_chart import grouped_bar_chart
-    labels = [r.spec.label.replace(",", "\n") for r in results]
+    labels = [r.label.replace(",", "\n") for r in results]
     name = "median latency (ms)"
     grouped_bar_chart(path, labels, {name: [r.timing.median * 1e3 if r.timing else None for r in results]},
                       errors={name: [(r.timing.p90 - r.timing.median) * 1e3 if r.timing else None

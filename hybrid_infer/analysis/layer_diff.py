@@ -24,7 +24,7 @@ from ..executor.engine_factory import build_engines, resolve_engine
 from ..executor.hybrid_executor import HybridExecutor
 from ..graph.layer_graph import LayerGraph
 from ..detections import DetectionComparison, compare_detections, detection_outputs
-from ..metrics import max_abs_error, relative_l2
+from ..metrics import max_abs_error, nonfinite_note, relative_l2
 from ..partition.capability import Capability
 from ..partition.partitioner import Partition, partition
 
@@ -50,6 +50,8 @@ class ValueDiff:
     rel_l2: float
     #: For a DetectionOutput top: its rows compared as detections (max_abs, rel_l2: matched ones).
     detections: Optional[DetectionComparison] = None
+    #: Why ``rel_l2`` is infinite when NaN/Inf rather than distance made it so ("" otherwise).
+    note: str = ""
 
     def above(self, tolerance: float) -> bool:
         if self.detections is not None:
@@ -114,10 +116,8 @@ def diff_values(graph: LayerGraph, got: Mapping[str, np.ndarray], want: Mapping[
             rows.append(ValueDiff(value, layer.name, layer.type, kinds.get(segment.id, segment.backend), segment.id,
                                   tuple(b.shape), found.max_abs, found.rel_l2, found))
             continue
-        same = a.shape == b.shape  # downstream of DetectionOutput, the sizes can differ
         rows.append(ValueDiff(value, layer.name, layer.type, kinds.get(segment.id, segment.backend), segment.id,
-                              tuple(b.shape), max_abs_error(a, b) if same else float("inf"),
-                              relative_l2(a, b) if same else float("inf")))
+                              tuple(b.shape), max_abs_error(a, b), relative_l2(a, b), note=nonfinite_note(a, b)))
     return LayerDiff(rows, tolerance)
 
 
@@ -147,7 +147,8 @@ def to_text(diff: LayerDiff) -> str:
         above = sum(r.above(diff.tolerance) for r in diff.rows)
         out.append(f"first value above relative L2 {diff.tolerance:g}: {first.value} (layer {first.layer}, "
                    f"{first.layer_type}, {first.backend}, segment {first.segment}): rel L2 {first.rel_l2:.3g}, "
-                   f"max abs {first.max_abs:.3g}; {above} of {len(diff.rows)} values above")
+                   f"max abs {first.max_abs:.3g}{f' ({first.note})' if first.note else ''}; {above} of "
+                   f"{len(diff.rows)} values above")
     for r in diff.rows:
         if r.detections is not None:
             out.append(f"{r.value} as detections: {r.detections.summary()}")

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -13,6 +11,7 @@ from ..api import HybridNet, load
 from ..errors import ModelError, OptionError
 from ..partition.capability import PROFILES
 from ..partition.partitioner import CAFFE
+from .option_types import MAX_WORKSPACE_MIB, float_type, input_shape, int_type
 
 if TYPE_CHECKING:
     from ..engines.engine_cache import EngineCache
@@ -21,18 +20,18 @@ if TYPE_CHECKING:
 
 AUTO = "auto"
 DEFAULT_MIN_SEGMENT_SIZE = 3
+#: --random-weights seeds: what numpy's generators accept, within 64 bits.
+SEED = int_type(0, 2**64 - 1)
 
 
 def parse_min_segment_size(text: str) -> int | str:
     if text == AUTO:
         return AUTO
     try:
-        value = int(text)
+        int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of layers or 'auto', not {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return value
+    return int_type(0)(text)
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, weights: bool = True, auto_min: bool = False) -> None:
@@ -41,11 +40,11 @@ def add_model_options(parser: argparse.ArgumentParser, *, weights: bool = True, 
     if weights:
         group = parser.add_mutually_exclusive_group()
         group.add_argument("--weights", type=Path, help="trained .caffemodel")
-        group.add_argument("--random-weights", type=int, metavar="SEED",
+        group.add_argument("--random-weights", type=SEED, metavar="SEED",
                            help="fill all parameters with random values (models without weights)")
     parser.add_argument("--profile", choices=PROFILES, default="tensorrt",
                         help="which layers TensorRT may take (default: tensorrt)")
-    parser.add_argument("--min-segment-size", type=parse_min_segment_size if auto_min else int,
+    parser.add_argument("--min-segment-size", type=parse_min_segment_size if auto_min else int_type(0),
                         default=DEFAULT_MIN_SEGMENT_SIZE, metavar="N|auto" if auto_min else "N",
                         help="TensorRT segments with fewer compute layers run in Caffe (default 3)"
                              + ("; auto: time every distinct partition on the inputs and take the fastest"
@@ -56,7 +55,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, weights: bool = True, 
                         help="blob to return (run) or show as a segment output (partition) "
                              "instead of the net's outputs: its last write, as Caffe's net.blobs holds "
                              "after forward (a value id such as data@bn names one write); repeatable")
-    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=DxDxDxD",
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=DxDxDxD", type=input_shape,
                         help="replace an input's size from the prototxt, e.g. data=1x3x720x1280")
     add_lowerings_option(parser)
     parser.add_argument("--require-full", action="store_true",
@@ -86,14 +85,14 @@ def _net_options(args: argparse.Namespace, engine: str, batch: int, min_segment_
         options["device"] = args.device
     if getattr(args, "check", False):
         options["keep_logits"] = True  # run --check compares them: keep them from the start
+    if getattr(args, "calibration", None) is not None or getattr(args, "keep_fp32", None):
+        options.update(calibration=args.calibration, keep_fp32=args.keep_fp32)
     return options
 
 
 def open_net(args: argparse.Namespace, *, engine: str = "auto", batch: int = 1) -> HybridNet:
     """The model partitioned as the options say; with ``--min-segment-size auto`` at the default
     minimum until ``auto_min_segment_size`` has measured the alternatives on the inputs."""
-    if not isinstance(args.min_segment_size, str) and args.min_segment_size < 0:
-        raise OptionError("--min-segment-size must be 0 or more")
     min_size = DEFAULT_MIN_SEGMENT_SIZE if args.min_segment_size == AUTO else args.min_segment_size
     load_lowerings(args)
     net = load(args.model, getattr(args, "weights", None), random_weights=getattr(args, "random_weights", None),
@@ -119,22 +118,23 @@ def auto_min_segment_size(net: HybridNet, args: argparse.Namespace, inputs: Mapp
     from ..analysis.auto_min import choose_min_segment_size
     net.close()
     choice = choose_min_segment_size(lambda size: HybridNet(net.model, **_net_options(args, engine, batch, size)),
-                                     inputs, net.run_caffe(inputs), tolerance=getattr(args, "tolerance", 1e-4))
+                                     inputs, net.reference_values(inputs), tolerance=getattr(args, "tolerance", 1e-4))
     print(choice.reason)
     return choice.net
 
 
 def add_build_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("TensorRT builder")
-    g.add_argument("--workspace", type=float, default=1024, metavar="MIB",
+    g.add_argument("--workspace", type=float_type(maximum=MAX_WORKSPACE_MIB, positive=True), default=1024,
+                   metavar="MIB",
                    help="workspace memory pool limit in MiB (the old MaxWorkspaceSize; default 1024)")
-    g.add_argument("--max-batch", type=int, default=None, metavar="N",
+    g.add_argument("--max-batch", type=int_type(1), default=None, metavar="N",
                    help="largest batch the engines accept (optimization profile max; the old MaxBatchSize)")
-    g.add_argument("--opt-batch", type=int, default=None, metavar="N", help="batch the engines are tuned for")
+    g.add_argument("--opt-batch", type=int_type(1), default=None, metavar="N", help="batch the engines are tuned for")
     g.add_argument("--fp16", action="store_true", help="FP16 engines (FP32 inputs and outputs)")
     g.add_argument("--tf32", action="store_true", help="allow TF32 matrix math (off: FP32 matches Caffe)")
     g.add_argument("--opt-level", type=int, choices=range(6), metavar="0-5", help="builder optimization level")
-    g.add_argument("--timing-iterations", type=int, metavar="N", help="timing iterations where supported")
+    g.add_argument("--timing-iterations", type=int_type(1), metavar="N", help="timing iterations where supported")
     g.add_argument("--compute-capability", nargs="+", default=[], metavar="X.Y",
                    help="TensorRT-RTX target GPUs, e.g. 8.6 12.0 (default: RTX's own set)")
     g.add_argument("--mark-all-outputs", action="store_true",
@@ -146,6 +146,9 @@ def add_build_options(parser: argparse.ArgumentParser) -> None:
 
 def build_settings(args: argparse.Namespace, batch: int = 1) -> "BuildSettings":
     from ..engines.tensorrt_build import BuildSettings
+    if args.opt_batch and args.max_batch and args.opt_batch > args.max_batch:
+        raise OptionError(f"--opt-batch {args.opt_batch} is above --max-batch {args.max_batch}: the batch the "
+                          "engines are tuned for must be one they accept")
     batch_max = max(args.max_batch or batch, batch)
     return BuildSettings(workspace_bytes=int(args.workspace * 2**20), batch_min=1,
                          batch_opt=min(args.opt_batch or batch, batch_max), batch_max=batch_max,
@@ -160,28 +163,6 @@ def engine_cache(args: argparse.Namespace) -> "EngineCache":
     return EngineCache(args.engine_cache)
 
 
-def parse_input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for spec in specs:
-        name, sep, dims = spec.partition("=")
-        try:
-            shape = tuple(int(d) for d in dims.lower().split("x"))
-        except ValueError:
-            shape = ()
-        if not sep or not name or not shape or min(shape) < 1:
-            raise OptionError(f"--input-shape {spec}: expected NAME=DxDx..., e.g. data=1x3x720x1280")
-        shapes[name] = shape
-    return shapes
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` so that readers see the old file or the whole new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def parse_input_shapes(specs: list[tuple[str, tuple[int, ...]]]) -> dict[str, tuple[int, ...]]:
+    """``--input-shape`` values (already checked by ``option_types.input_shape``) by input name."""
+    return dict(specs)

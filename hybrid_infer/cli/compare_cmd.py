@@ -11,15 +11,16 @@ from pathlib import Path
 from ..analysis.compare import compare_partitions, plot, to_json, to_text
 from ..analysis.partition_spec import PartitionSpec, default_specs, parse_spec, unique_with_caffe_first
 from ..api import HybridNet
-from ..errors import OptionError
 from ..executor.engine_factory import ENGINES
 from ..model.caffe_model import CaffeModel
 from ..partition.capability import PROFILES
 from ..report.bar_chart import CHART_SUFFIXES, check_writable
 from ..report.progress import Progress
-from .common import (AUTO, add_lowerings_option, load_lowerings, parse_input_shapes, parse_min_segment_size,
-                     write_atomically)
+from ..files import write_atomically
+from .common import AUTO, SEED, add_lowerings_option, load_lowerings, parse_input_shapes, parse_min_segment_size
 from .input_options import add_input_options, gather_inputs, preprocessing
+from .option_types import float_type, input_shape, int_type
+from .precision_options import add_precision_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", type=Path, help="deploy.prototxt of the Caffe model")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--weights", type=Path, help="trained .caffemodel")
-    group.add_argument("--random-weights", type=int, metavar="SEED",
+    group.add_argument("--random-weights", type=SEED, metavar="SEED",
                        help="fill all parameters with random values (models without weights)")
     p.add_argument("--partition", action="append", default=[], metavar="SPEC",
                    help="a partition to measure instead of the default set: 'caffe' or key=value pairs "
@@ -49,18 +50,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="profile for --min-segment-size (default: tensorrt)")
     p.add_argument("--output-blob", action="append", default=[], metavar="BLOB",
                    help="compare these blobs instead of the net's outputs; repeatable")
-    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=DxDxDxD",
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=DxDxDxD", type=input_shape,
                    help="replace an input's size from the prototxt, e.g. data=1x3x720x1280")
     add_input_options(p)
     add_lowerings_option(p)
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="engine for supported segments (auto: TensorRT if it can run here, else ONNX Runtime)")
-    p.add_argument("--runs", type=int, default=20, help="timed runs per partition after warm-up (20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (3)")
-    p.add_argument("--tolerance", type=float, default=1e-4,
+    p.add_argument("--runs", type=int_type(1), default=20, help="timed runs per partition after warm-up (20)")
+    p.add_argument("--warmup", type=int_type(0), default=3, help="untimed runs first (3)")
+    p.add_argument("--tolerance", type=float_type(0), default=1e-4,
                    help="relative L2 error against Caffe above which a partition is flagged (1e-4)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="draw median latencies as a bar chart")
+    add_precision_options(p, several=True)
     p.set_defaults(func=run)
 
 
@@ -77,15 +79,13 @@ def _auto_spec(probe: HybridNet, args: argparse.Namespace, inputs: dict) -> Part
     fallback = tuple(args.fallback[0]) if args.fallback else ()
     make_net = lambda size: HybridNet(probe.model, engine=args.engine, profile=args.profile, min_segment_size=size,
                                       fallback=fallback, outputs=args.output_blob)
-    choice = choose_min_segment_size(make_net, inputs, probe.run_caffe(inputs), tolerance=args.tolerance)
+    choice = choose_min_segment_size(make_net, inputs, probe.reference_values(inputs), tolerance=args.tolerance)
     choice.net.close()
     print(choice.reason)
     return PartitionSpec(profile=args.profile, min_segment_size=choice.min_segment_size, fallback=fallback)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.runs < 1 or args.warmup < 0:
-        raise OptionError("--runs must be 1 or more and --warmup 0 or more")
     if args.plot:
         check_writable(args.plot, "--plot", CHART_SUFFIXES)
     if args.json:
@@ -101,11 +101,16 @@ def run(args: argparse.Namespace) -> int:
         specs = unique_with_caffe_first([*specs, _auto_spec(probe, args, inputs)])
     print(f"measuring {len(specs)} partition(s), {args.warmup} warm-up + {args.runs} timed run(s) each",
           file=sys.stderr)
-    progress = Progress(len(specs) * (args.runs + args.warmup), "compare")
+    progress = Progress((len(specs) + len(args.calibration)) * (args.runs + args.warmup), "compare")
     try:
         results = compare_partitions(model, specs, inputs, engine=args.engine, outputs=args.output_blob,
                                      tolerance=args.tolerance, runs=args.runs, warmup=args.warmup,
                                      tick=progress.tick)
+        if args.calibration:
+            from ..precision.variants import measure_precisions
+            results += measure_precisions(model, args.calibration, inputs, probe.run_caffe(inputs),
+                                          engine=args.engine, outputs=args.output_blob, keep_fp32=args.keep_fp32,
+                                          runs=args.runs, warmup=args.warmup, tick=progress.tick)
     finally:
         progress.close()
     sys.stdout.write(to_text(results))
@@ -114,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         meta = {"model": str(args.model), "weights": str(args.weights) if args.weights else None,
                 "random_weights": args.random_weights, "runs": args.runs, "warmup": args.warmup,
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s)"}
-        write_atomically(args.json, (json.dumps(to_json(results, meta), indent=2) + "\n").encode())
+        write_atomically(args.json, (json.dumps(to_json(results, meta), indent=2) + "\n").encode(),
+                         option="--json")
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         plot(results, args.plot, title)

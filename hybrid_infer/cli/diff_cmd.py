@@ -8,11 +8,12 @@ from pathlib import Path
 
 from ..analysis.bisect import bisect
 from ..analysis.layer_diff import Settings, caffe_values, layer_diff, to_json, to_text
-from ..errors import OptionError
 from ..executor.engine_factory import ENGINES
 from ..report.bar_chart import check_writable
-from .common import add_model_options, open_net, write_atomically
+from ..files import write_atomically
+from .common import add_model_options, open_net
 from .input_options import add_input_options, gather_inputs, preprocessing
+from .option_types import float_type
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_input_options(p)
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="engine for supported segments (auto: TensorRT if it can run here, else ONNX Runtime)")
-    p.add_argument("--tolerance", type=float, default=1e-4,
+    p.add_argument("--tolerance", type=float_type(0), default=1e-4,
                    help="relative L2 error per value above which it is flagged (1e-4; 0 flags any difference)")
     p.add_argument("--bisect", action="store_true",
                    help="on a mismatch, find the smallest set of TensorRT layers that still causes one "
@@ -36,8 +37,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.tolerance < 0:
-        raise OptionError(f"--tolerance {args.tolerance:g}: a relative error cannot be negative")
     if args.json:
         check_writable(args.json, "--json")
     net = open_net(args, engine=args.engine, batch=args.batch or 1)
@@ -53,6 +52,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nbisect: {found.explanation}")
         report["bisect"] = {"culprits": found.culprits, "runs": found.runs, "explanation": found.explanation}
     if args.json:
-        write_atomically(args.json, (json.dumps(report, indent=2) + "\n").encode())
+        write_atomically(args.json, (json.dumps(report, indent=2) + "\n").encode(), option="--json")
         print(f"wrote {args.json}", file=sys.stderr)
     return status

@@ -11,7 +11,9 @@ import onnx
 from ..executor.engine_factory import segment_onnx
 from ..partition.partitioner import TENSORRT
 from ..report.partition_report import to_json
-from .common import add_model_options, open_net, write_atomically
+from ..errors import OptionError
+from ..files import check_output_folder, write_files_atomically
+from .common import add_model_options, open_net
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,8 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    folder: Path = args.output_dir
+    check_output_folder(folder, "-o", may_create=True)
     net = open_net(args)
     manifest = to_json(net.partition)
+    files: dict[Path, bytes] = {}
+    lines = []
     for entry, segment in zip(manifest["segments"], net.partition.segments):
         if segment.backend != TENSORRT:
             continue
@@ -31,11 +37,18 @@ def run(args: argparse.Namespace) -> int:
         onnx.checker.check_model(model, full_check=True)
         name = f"segment{segment.id}.onnx"
         data = model.SerializeToString()
-        write_atomically(args.output_dir / name, data)
+        files[folder / name] = data
         entry["onnx"] = name
         entry["onnx_bytes"] = len(data)
-        print(f"segment {segment.id}: {len(segment.layers)} layers -> {args.output_dir / name} "
-              f"({len(data) / 2**20:.1f} MiB)")
-    write_atomically(args.output_dir / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
-    print(f"wrote {args.output_dir / 'manifest.json'}")
+        lines.append(f"segment {segment.id}: {len(segment.layers)} layers -> {folder / name} "
+                     f"({len(data) / 2**20:.1f} MiB)")
+    # All segments and the manifest land together (manifest last), or none of them does.
+    files[folder / "manifest.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OptionError(f"-o {folder}: cannot create this folder ({exc.strerror or exc})") from None
+    write_files_atomically(files, option="-o")
+    print("\n".join(lines))
+    print(f"wrote {folder / 'manifest.json'}")
     return 0

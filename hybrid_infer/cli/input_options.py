@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,30 +12,24 @@ from ..api import HybridNet
 from ..errors import InputError, OptionError
 from ..index_inputs import index_bound
 from ..inputs import Preprocessing, load_input, random_indices, random_input
+from .option_types import float_type, int_type, resize
 
 
 def add_input_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", action="extend", nargs="+", default=[], metavar="[NAME=]FILE",
                    help="input blob from .npy arrays or images; several files of one input form a "
                         "batch; FILE alone feeds the only input")
-    p.add_argument("--batch", type=int, help="repeat the inputs to this batch size")
+    p.add_argument("--batch", type=int_type(1), help="repeat the inputs to this batch size")
     prep = p.add_argument_group("image preprocessing: value = (pixel - mean[c]) * scale, pixels 0..255")
-    prep.add_argument("--scale", type=float, default=1.0)
-    prep.add_argument("--mean", type=float, nargs="+", default=[], help="one value, or one per channel")
+    prep.add_argument("--scale", type=float_type(), default=1.0)
+    prep.add_argument("--mean", type=float_type(), nargs="+", default=[], help="one value, or one per channel")
     prep.add_argument("--channel-order", choices=("bgr", "rgb"), default="bgr",
                       help="channel order the model expects (Caffe models: usually bgr)")
-    prep.add_argument("--resize", metavar="HxW", help="resize images to HxW (default: the input's size)")
+    prep.add_argument("--resize", metavar="HxW", type=resize, help="resize images to HxW (default: the input's size)")
 
 
 def preprocessing(args: argparse.Namespace) -> Preprocessing:
-    resize = None
-    if args.resize:
-        try:
-            h, w = (int(x) for x in args.resize.lower().split("x"))
-        except ValueError:
-            raise OptionError(f"--resize {args.resize}: expected HxW, e.g. 224x224") from None
-        resize = (h, w)
-    return Preprocessing(args.scale, tuple(args.mean), args.channel_order, resize)
+    return Preprocessing(args.scale, tuple(args.mean), args.channel_order, args.resize)
 
 
 def gather_inputs(net: HybridNet, specs: list[str], prep: Preprocessing,
@@ -52,11 +47,13 @@ def gather_inputs(net: HybridNet, specs: list[str], prep: Preprocessing,
             raise InputError(f"--input {spec}: '{name}' is not an input of {net.model.prototxt}; "
                              f"its inputs are {', '.join(shapes)}")
         files.setdefault(name, []).append(Path(file))
+    # Nothing is allocated for inputs or activations that cannot fit (memory_budget.py).
+    net.check_memory(batch or 1, sum(4 * (batch or shape[0]) * math.prod(shape[1:]) for shape in shapes.values()))
     inputs: dict[str, np.ndarray] = {}
     labels: list[str] = []
     for name, shape in shapes.items():
         if name in files:
-            inputs[name] = np.concatenate([load_input(f, shape, prep) for f in files[name]])
+            inputs[name] = _stack([(f, load_input(f, shape, prep)) for f in files[name]], name)
             labels = labels or [f.name for f in files[name]]
         else:
             shape = (batch, *shape[1:]) if batch else shape
@@ -75,3 +72,13 @@ def gather_inputs(net: HybridNet, specs: list[str], prep: Preprocessing,
             inputs[name] = np.concatenate([array] * reps)[:batch]
         labels = (labels * batch)[:batch] if labels else []
     return inputs, labels
+
+
+def _stack(arrays: list[tuple[Path, np.ndarray]], name: str) -> np.ndarray:
+    """One batch from the files of input ``name``, which must agree on everything but the batch."""
+    first_path, first = arrays[0]
+    for path, array in arrays[1:]:
+        if array.shape[1:] != first.shape[1:]:
+            raise InputError(f"--input {name}: {path} holds items of shape {array.shape[1:]}, {first_path} of shape "
+                             f"{first.shape[1:]}; the files of one input must agree (they form one batch)")
+    return np.concatenate([array for _, array in arrays])

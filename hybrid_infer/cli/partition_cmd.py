@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from ..report.partition_report import FORMATS
-from .common import add_model_options, open_net, write_atomically
+from ..files import check_output_path, write_atomically
+from .common import add_model_options, open_net
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,10 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.output:
+        check_output_path(args.output, "-o")
     net = open_net(args)
     rendered = FORMATS[args.format](net.partition)
     if args.output:
-        write_atomically(args.output, rendered.encode())
+        write_atomically(args.output, rendered.encode(), option="-o")
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(rendered)

@@ -12,10 +12,13 @@ from ..executor.engine_factory import ENGINES
 from ..detections import DetectionComparison, detection_outputs, parse
 from ..partition.partitioner import TENSORRT
 from ..report import handoff_report
+from ..files import check_output_path, write_atomically
+from ..inputs import read_labels
 from ..report.partition_report import user_lowerings
-from .common import (add_build_options, add_model_options, auto_min_segment_size, open_net,
-                     write_atomically)
+from .common import add_build_options, add_model_options, auto_min_segment_size, open_net
 from .input_options import add_input_options, gather_inputs, preprocessing
+from .option_types import float_type, int_type
+from .precision_options import add_precision_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,22 +29,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="engine for supported segments (auto: TensorRT if it can run here, else ONNX Runtime; "
                         "caffe: Caffe too, on the same cut)")
-    p.add_argument("--device", type=int, metavar="N",
+    p.add_argument("--device", type=int_type(0), metavar="N",
                    help="run the Caffe segments on GPU N (needs the CUDA Caffe: scripts/setup.sh --cuda); "
                         "tensors then stay on the GPU between GPU engines")
     p.add_argument("-o", "--output", type=Path, help="save outputs to FILE.npz")
     p.add_argument("--check", action="store_true", help="also run pure Caffe and report the difference")
-    p.add_argument("--tolerance", type=float, default=1e-4,
+    p.add_argument("--tolerance", type=float_type(0), default=1e-4,
                    help="relative L2 limit for --check (1e-4); for DetectionOutput blobs the largest score or "
                         "coordinate difference, and the margin within which scores and thresholds count as equal")
     p.add_argument("--labels", type=Path, help="class names, one per line, for classifier outputs")
-    p.add_argument("--top", type=int, default=5, help="classes to show per image (5)")
+    p.add_argument("--top", type=int_type(1), default=5, help="classes to show per image (5)")
     add_build_options(p)
+    add_precision_options(p)
     p.set_defaults(func=run)
 
 
 def _describe_output(name: str, array: np.ndarray, labels: list[str], names: list[str], top: int) -> str:
     out = io.StringIO()
+    if array.size == 0:
+        return f"{name}: shape {tuple(array.shape)}, empty"
     flat = array.reshape(array.shape[0], -1) if array.ndim >= 2 else array.reshape(1, -1)
     looks_like_scores = array.ndim >= 2 and all(d == 1 for d in array.shape[2:]) and 1 < flat.shape[1] <= 100000
     print(f"{name}: shape {tuple(array.shape)}, min {array.min():.4g}, max {array.max():.4g}", file=out)
@@ -75,10 +81,14 @@ def _print_detection_check(name: str, found: DetectionComparison, ok: bool, limi
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.output:
+        check_output_path(args.output, "-o")
+    if args.labels:
+        read_labels(args.labels)  # a bad file is reported before the model is loaded
     net = open_net(args, engine=args.engine, batch=args.batch or 1)
     inputs, labels = gather_inputs(net, args.input, preprocessing(args), args.batch)
     net = auto_min_segment_size(net, args, inputs, engine=args.engine, batch=args.batch or 1)
-    class_names = args.labels.read_text().split("\n") if args.labels else []
+    class_names = read_labels(args.labels) if args.labels else []
     start = time.perf_counter()
     outputs = net.run(inputs)
     first = time.perf_counter() - start
@@ -88,12 +98,16 @@ def run(args: argparse.Namespace) -> int:
     detections = detection_outputs(net.graph)
     for name, array in outputs.items():
         print(_describe_detections(name, array, args.top) if name in detections
-              else _describe_output(name, array, labels, [c.strip() for c in class_names], args.top))
+              else _describe_output(name, array, labels, class_names, args.top))
     print(f"\n{len(net.partition.segments)} segment(s); first run {first * 1e3:.1f} ms "
           f"(includes engine set-up), second run {again * 1e3:.1f} ms")
     trt_kinds = sorted({se.engine.kind for se in net.segment_engines if se.segment.backend == TENSORRT})
     if trt_kinds:
         print(f"  TensorRT segments ran with {', '.join(trt_kinds)} ({net.engine_reason})")
+    if net.precision is not None:
+        kept = sorted(net.precision.keep_fp32)
+        print(f"  precision {net.precision.label} from {net.precision.calibration.path}"
+              + (f"; kept in FP32: {', '.join(kept)}" if kept else ""))
     times = net.segment_times()
     for se in net.segment_engines:
         note = f"  (fell back: {se.fallback_note})" if se.fallback_note else ""
@@ -109,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         result = net.check(inputs, args.tolerance)
         status = 0 if result.ok else 1
-        print("\ncheck against pure Caffe (the outputs, and the input of each final Softmax, whose "
-              "saturated probabilities would hide errors):")
+        compared = ", ".join(f"'{name}'" for name in result.softmax_inputs.values())
+        print("\ncheck against pure Caffe: the outputs" + (f", and the input of every Softmax ({compared}), whose "
+              "saturated probabilities would hide errors" if compared else "") + ":")
         for row in result.rows:
             if row.detections is not None:
                 _print_detection_check(row.name, row.detections, row.within(args.tolerance))
@@ -119,11 +134,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {row.name}{role}: max abs error {row.max_abs:.3g}, relative L2 {row.rel_l2:.3g} "
                   f"{'OK' if row.rel_l2 <= args.tolerance else 'ABOVE'} (tolerance {args.tolerance:g})"
                   + (f", top-1 agreement {row.top1_agreement:.0%}" if row.top1_agreement is not None else "")
-                  + (f", {row.nonfinite} value(s) NaN or Inf on one side only" if row.nonfinite else ""))
+                  + (f", {row.nonfinite} value(s) NaN or Inf on one side only" if row.nonfinite else "")
+                  + (f" ({row.note})" if row.note and not row.nonfinite else ""))
     if args.output:
         buffer = io.BytesIO()
         np.savez(buffer, **outputs)
-        write_atomically(args.output, buffer.getvalue())
+        write_atomically(args.output, buffer.getvalue(), option="-o")
         print(f"wrote {args.output}")
     net.close()
     return status

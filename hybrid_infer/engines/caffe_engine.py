@@ -5,6 +5,11 @@ segment's layers with their parameters copied verbatim (so fork-specific fields 
 Python layers' ``param_str`` survive), and their weights copied by layer name. Blobs
 are renamed to value ids, which turns in-place chains into plain ones and lets a
 sub-net expose a value that a later in-place layer of the same segment overwrites.
+
+Caffe aborts the process on what it cannot do, so on the CPU each sub-net's set-up and
+its first reshape and forward at each new input shape are rehearsed in a forked child
+(``model/isolated.py``); what fails there, or a Python layer raising during forward,
+becomes a ``ModelError`` naming the segment and quoting Caffe or the layer.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ import numpy as np
 
 from ..graph.layer_graph import LayerGraph
 from ..model.caffe_import import caffe, caffe_pb2
+from ..model.caffe_limits import refuse_cpu_unsupported
+from ..model.isolated import Rehearsal, caffe_errors, call_isolated
 from ..model.caffe_model import push_weights
 from ..model.protofile import write_prototxt
 from .caffe_batch import check_feed_batch
@@ -63,11 +70,17 @@ class CaffeEngine:
         self.output_names = list(outputs)
         self._graph = graph
         self._layers = [graph.layers[n] for n in layer_names]
+        shown = ", ".join(layer_names[:4]) + (f" and {len(layer_names) - 4} more" if len(layer_names) > 4 else "")
+        #: How messages name this segment.
+        self.label = f"Caffe {name} ({shown})"
+        self._rehearsal = Rehearsal()
+        self._check_layers([layer.param for layer in self._layers])
         self._workdir = Path(tempfile.mkdtemp(prefix="hybrid_infer_caffe_"))
         prototxt = self._workdir / f"{name}.prototxt"
         write_prototxt(subnet_parameter(graph, layer_names, inputs, name), prototxt)
         cf = caffe()
         self._use_mode()
+        self._set_up_in_child(str(prototxt))
         self._net = cf.Net(str(prototxt), cf.TEST)
         push_weights(self._net, {n: weights[n] for n in layer_names if n in self._net.params}, name)
         self._blobs = self._net.blobs
@@ -76,6 +89,16 @@ class CaffeEngine:
         """Caffe's mode is one setting per thread, shared by every net: set this engine's
         before it creates or runs its net, since another engine may have changed it."""
         caffe().set_mode_cpu()
+
+    def _check_layers(self, layers: Sequence[Any]) -> None:
+        """Refuse layers Caffe's CPU code would abort on (the GPU engine runs them)."""
+        refuse_cpu_unsupported(layers, self.label)
+
+    def _set_up_in_child(self, prototxt: str) -> None:
+        """Set the sub-net up once in a forked child, so that an abort there is an error here."""
+        def set_up() -> None:
+            caffe().Net(prototxt, caffe().TEST)
+        caffe_errors(self.label, call_isolated, set_up)
 
     def _reshape(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Resize the input blobs (and, through Caffe, the rest) only when a shape changed;
@@ -96,10 +119,15 @@ class CaffeEngine:
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the sub-net; returned arrays are Caffe's blob memory, valid until the next run."""
         self._use_mode()
-        self._reshape({name: tuple(feeds[name].shape) for name in self.input_names})
-        for name in self.input_names:
-            self._blobs[name].data[...] = feeds[name]
-        self._forward()
+        shapes = {name: tuple(feeds[name].shape) for name in self.input_names}
+        check_feed_batch(self._graph, self._layers, shapes)  # here, not as a failure in the rehearsal
+
+        def step() -> None:
+            self._reshape(shapes)
+            for name in self.input_names:
+                self._blobs[name].data[...] = feeds[name]
+            self._forward()
+        caffe_errors(self.label, self._rehearsal.run, tuple(shapes.items()), step)
         return {name: self._blobs[name].data for name in self.output_names}
 
     def close(self) -> None:

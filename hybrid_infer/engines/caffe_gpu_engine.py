@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import EnvironmentProblem, InputError, OptionError
 from ..graph.layer_graph import LayerGraph
 from ..model.caffe_import import caffe
+from ..model.isolated import caffe_errors
 from ..native import blob_access
 from .caffe_engine import CaffeEngine
 from .device_tensor import DeviceTensor
@@ -102,6 +103,13 @@ class CaffeGpuEngine(CaffeEngine):
         cf.set_mode_gpu()
         cf.set_device(self.device.index)
 
+    def _check_layers(self, layers: Sequence[object]) -> None:
+        """Caffe's GPU code implements every layer its CPU code lacks (stochastic pooling)."""
+
+    def _set_up_in_child(self, prototxt: str) -> None:
+        """Not rehearsed: a CUDA context does not survive ``fork``, so a child could not use
+        this GPU. The whole model's set-up was rehearsed on the CPU when it was loaded."""
+
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Host arrays in and out: one copy each way per tensor."""
         return {name: self.download(tensor) for name, tensor in self.run_device(feeds).items()}
@@ -118,7 +126,7 @@ class CaffeGpuEngine(CaffeEngine):
             for name in self.input_names:
                 if self._bind_input(name, feeds[name]):
                     lent.append(name)
-            self._forward()
+            caffe_errors(self.label, self._forward)  # not rehearsed in a child: see _set_up_in_child
             outputs = {name: DeviceTensor(self._native.gpu_data(self._blobs[name]),
                                           tuple(int(d) for d in self._blobs[name].shape), FLOAT32)
                        for name in self.output_names}

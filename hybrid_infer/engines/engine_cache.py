@@ -8,9 +8,12 @@ TensorRT; the compute-capability list for TensorRT-RTX, whose builds need no GPU
 
 Both files are written to a temporary name and moved into place with ``os.replace``,
 plan first, so a reader never sees half a file under a final name, and the sidecar
-appears only once its plan is complete. A plan is checked against its sidecar before it
-is returned: deserializing a corrupt plan can crash TensorRT, so a mismatch is reported
-as a miss and the engine is rebuilt over it.
+appears only once its plan is complete. Everything found in the cache folder is
+untrusted (another process, a crash or a person may have left anything there): a plan is
+checked against its sidecar before it is returned, since deserializing a corrupt plan
+can crash TensorRT, and an entry that is not two regular files of sane sizes is a miss;
+the engine is then rebuilt over it. A folder that cannot be written is reported before
+any build.
 """
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,9 @@ from typing import Optional, Union
 
 import onnx
 
-from ..errors import EnvironmentProblem
+from .. import arguments
+from ..errors import EnvironmentProblem, HybridInferError
+from ..files import open_regular_file, read_regular_file, write_files_atomically
 from . import trt_api
 from .tensorrt_build import BuildSettings, BuiltEngine, build_engine
 from .trt_api import TrtApi
@@ -35,6 +39,10 @@ log = logging.getLogger("hybrid_infer.tensorrt")
 
 CACHE_FORMAT = 1
 ENV_DIR = "HYBRID_INFER_ENGINE_CACHE"
+#: Limits on what is read from the cache: a sidecar is a few KiB, plans of large nets some
+#: hundred MiB (AlexNet's 234 MiB); anything beyond is not an entry of this cache.
+MAX_SIDECAR_BYTES = 64 * 2**20
+MAX_PLAN_BYTES = 16 * 2**30
 
 
 def default_directory() -> Path:
@@ -71,7 +79,8 @@ class EngineCache:
     """A directory of plans keyed by content; safe to share between processes."""
 
     def __init__(self, directory: Union[str, os.PathLike[str], None] = None) -> None:
-        self.directory = Path(directory).expanduser() if directory else default_directory()
+        self.directory = (arguments.path(directory, "engine cache directory").expanduser() if directory
+                          else default_directory())
 
     def key(self, onnx_bytes: bytes, settings: BuildSettings, api: TrtApi, target: str) -> str:
         material = {
@@ -88,37 +97,65 @@ class EngineCache:
         return self.directory / f"{key}.plan", self.directory / f"{key}.json"
 
     def lookup(self, key: str) -> tuple[CacheLookup, Optional[BuiltEngine]]:
-        """The cached engine for ``key`` if its plan matches its sidecar, else why not."""
+        """The cached engine for ``key`` if its plan matches its sidecar, else why not.
+
+        Never raises: whatever is on disk is untrusted, and anything unusable is a miss
+        (the entry is then rebuilt over). Both files must be regular files, not links
+        (opened without following them, and without blocking on a FIFO); their sizes are
+        checked before they are read, the sidecar's fields have the right types, and the
+        plan has the size and SHA-256 the sidecar records.
+        """
         plan_path, meta_path = self._paths(key)
 
         def miss(reason: str) -> tuple[CacheLookup, None]:
             return CacheLookup(key, False, reason, plan_path), None
 
-        if not meta_path.exists():
-            return miss("not cached" if not plan_path.exists() else "incomplete entry (no sidecar)")
+        if not _exists(meta_path):
+            return miss("not cached" if not _exists(plan_path) else "incomplete entry (no sidecar)")
         try:
-            meta = json.loads(meta_path.read_text())
-            if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+            meta = json.loads(read_regular_file(meta_path, "sidecar", _Unusable, max_bytes=MAX_SIDECAR_BYTES,
+                                                follow_symlinks=False))
+            if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
                 return miss("sidecar from another cache format")
-            expected_size, expected_sha = int(meta["plan_size"]), str(meta["plan_sha256"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            return miss(f"unreadable sidecar ({exc.__class__.__name__})")
+            expected_size, expected_sha = meta.get("plan_size"), meta.get("plan_sha256")
+            if (not isinstance(expected_size, int) or isinstance(expected_size, bool)
+                    or not 0 < expected_size <= MAX_PLAN_BYTES or not isinstance(expected_sha, str)):
+                return miss("unreadable sidecar (plan size or checksum missing or of the wrong type)")
+        except (_Unusable, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+            return miss(f"unreadable sidecar ({exc})")
         try:
-            plan = plan_path.read_bytes()
-        except OSError:
-            return miss("plan file missing")
+            with open_regular_file(plan_path, "plan", _Unusable, follow_symlinks=False) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != expected_size:
+                    log.warning("engine cache: %s is %d bytes, its sidecar says %d; rebuilding",
+                                plan_path, size, expected_size)
+                    return miss(f"plan truncated or replaced ({size} of {expected_size} bytes)")
+                plan = f.read(expected_size + 1)
+        except (_Unusable, OSError) as exc:
+            return miss(f"plan unusable ({exc})")
         if len(plan) != expected_size:
-            log.warning("engine cache: %s is truncated (%d of %d bytes); rebuilding",
-                        plan_path, len(plan), expected_size)
-            return miss(f"plan truncated ({len(plan)} of {expected_size} bytes)")
+            return miss(f"plan changed while read ({len(plan)} of {expected_size} bytes)")
         if hashlib.sha256(plan).hexdigest() != expected_sha:
             log.warning("engine cache: %s does not match its checksum; rebuilding", plan_path)
             return miss("plan checksum mismatch (corrupt file)")
         try:
-            built = BuiltEngine.from_metadata(plan, meta["engine"])
-        except (KeyError, TypeError) as exc:
-            return miss(f"unreadable sidecar ({exc.__class__.__name__})")
+            built = BuiltEngine.from_metadata(plan, meta.get("engine"))
+        except ValueError as exc:
+            return miss(f"unreadable sidecar ({exc})")
         return CacheLookup(key, True, "hit", plan_path), built
+
+    def check_directory(self) -> None:
+        """Make sure the cache folder exists and can be written, before minutes of building:
+        raises ``EnvironmentProblem`` saying how to choose another."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            usable = self.directory.is_dir() and os.access(self.directory, os.R_OK | os.W_OK | os.X_OK)
+            problem = "" if usable else "not a writable folder"
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+        if problem:
+            raise EnvironmentProblem(f"engine cache {self.directory}: {problem}; pass --engine-cache DIR or "
+                                     f"set {ENV_DIR} to a writable folder")
 
     def store(self, key: str, built: BuiltEngine) -> Path:
         """Write the entry atomically (plan, then sidecar); return the plan's path."""
@@ -131,13 +168,9 @@ class EngineCache:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "engine": built.metadata(),
         }
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            _write_atomically(plan_path, built.plan)
-            _write_atomically(meta_path, json.dumps(meta, indent=1).encode())
-        except OSError as exc:
-            raise EnvironmentProblem(f"cannot write the engine cache at {self.directory} ({exc}); "
-                                     f"set {ENV_DIR} to a writable directory") from exc
+        self.check_directory()
+        write_files_atomically({plan_path: built.plan, meta_path: json.dumps(meta, indent=1).encode()},
+                               option="engine cache entry", error=EnvironmentProblem, owned_folder=True)
         return plan_path
 
     def get_or_build(self, onnx_model: Union[onnx.ModelProto, bytes],
@@ -153,19 +186,20 @@ class EngineCache:
             log.info("%s: engine cache hit (%s)", label, lookup.plan_path)
             return built, lookup
         log.info("%s: engine cache miss: %s", label, lookup.reason)
+        self.check_directory()
         built = build_engine(onnx_bytes, settings, api=api, label=label)
         self.store(key, built)
         return built, lookup
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+class _Unusable(HybridInferError):
+    """A cache file that cannot be used (internal: turned into a miss)."""
+
+
+def _exists(path: Path) -> bool:
+    """Whether anything (a dangling link included) stands at ``path``; errors count as "no"."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        os.lstat(path)
+    except OSError:
+        return False
+    return True

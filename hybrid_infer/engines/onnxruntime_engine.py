@@ -2,6 +2,7 @@
 CUDA/TensorRT execution providers where they are installed."""
 from __future__ import annotations
 
+import os
 import re
 from typing import Mapping, Optional
 
@@ -9,6 +10,10 @@ import numpy as np
 import onnx
 
 from ..errors import EngineRejected, InputError
+
+# ONNX Runtime 1.32 starts a telemetry session on import, which writes TMPDIR/.ses (left in
+# the user's temporary folder by every run) and may report usage; off unless the user set it.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 #: Where ORT's run-time errors name the failing node.
 _FAILED_NODE = re.compile(r"Name:'([^']*)'")
@@ -49,7 +54,7 @@ class OnnxRuntimeEngine:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: a failure is reported once, by run()
         if not idle_spin:
             options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
@@ -61,14 +66,33 @@ class OnnxRuntimeEngine:
                                  layers_named_in(str(exc), model)) from exc
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
+        #: ONNX node name -> the Caffe layer it was lowered from (the lowering's doc_string).
+        self._layers = {node.name: node.doc_string for node in model.graph.node if node.doc_string}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the session. A failure at run time (ONNX Runtime checks some shapes only then)
+        is an ``InputError`` for value-checked layers, else an ``EngineRejected`` naming the
+        Caffe layer whose node failed and the --fallback that runs it in Caffe."""
         try:
             results = self._session.run(self.output_names, {name: feeds[name] for name in self.input_names})
         except Exception as exc:  # ORT raises its own InvalidArgument/Fail/RuntimeException types
             self._raise_value_error(str(exc))
-            raise
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            node = _FAILED_NODE.search(message)
+            layer = self._layer_of(node.group(1)) if node else None
+            advice = (f"; run that layer in Caffe instead with --fallback {layer}" if layer
+                      else "; run the segment's layers in Caffe with --fallback")
+            raise EngineRejected(f"ONNX Runtime failed running{f' layer {layer!r}' if layer else ''}: "
+                                 f"{message}{advice}", [layer] if layer else []) from None
         return dict(zip(self.output_names, results))
+
+    def _layer_of(self, node: str) -> Optional[str]:
+        """The Caffe layer of an ONNX node; ORT's optimizer renames nodes it rewrites by adding
+        to the name ("tall" -> "tall_nchwc"), so the longest layer name it starts with."""
+        if node in self._layers:
+            return self._layers[node]
+        starts = [layer for layer in set(self._layers.values()) if node.startswith(layer)]
+        return max(starts, key=len) if starts else None
 
     def _raise_value_error(self, message: str) -> None:
         """Raise InputError if ORT's error ``message`` comes from a node of a value-checked layer."""

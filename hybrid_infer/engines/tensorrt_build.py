@@ -99,9 +99,39 @@ class BuiltEngine:
         return d
 
     @classmethod
-    def from_metadata(cls, plan: bytes, metadata: dict[str, Any]) -> BuiltEngine:
-        fields = {f.name for f in dataclasses.fields(cls)} - {"plan"}
-        return cls(plan=plan, **{k: metadata[k] for k in fields})
+    def from_metadata(cls, plan: bytes, metadata: Any) -> BuiltEngine:
+        """The engine whose ``metadata()`` this was; raises ``ValueError`` naming the first field
+        that is missing or of the wrong type (the metadata comes from a file on disk)."""
+        if not isinstance(metadata, dict):
+            raise ValueError(f"engine metadata is a {type(metadata).__name__}, not an object")
+        for name, check in _METADATA_FIELDS.items():
+            if name not in metadata:
+                raise ValueError(f"engine metadata has no '{name}'")
+            if not check(metadata[name]):
+                raise ValueError(f"engine metadata field '{name}' has the wrong type")
+        return cls(plan=plan, **{name: metadata[name] for name in _METADATA_FIELDS})
+
+
+def _str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _layer_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+
+
+#: Every BuiltEngine field but the plan, with the check its value from JSON must pass.
+_METADATA_FIELDS = {
+    "build_seconds": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "input_names": _str_list,
+    "output_names": _str_list,
+    "network_layers": _layer_list,
+    "engine_layers": lambda v: v is None or _layer_list(v),
+    "engine_layers_note": lambda v: isinstance(v, str),
+    "module": lambda v: isinstance(v, str),
+    "module_version": lambda v: isinstance(v, str),
+    "fp16_onnx": lambda v: isinstance(v, bool),
+}
 
 
 def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -168,6 +198,14 @@ def _graphs(graph: onnx.GraphProto):
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for sub in attr.graphs:
                     yield from _graphs(sub)
+
+
+def _reduced_precision(model: onnx.ModelProto) -> bool:
+    """Q/DQ nodes (explicit quantization) or 16-bit float weights: the precision is in the
+    tensors' types, which only a strongly typed network obeys (and TensorRT's explicit
+    quantization requires one: no precision flags)."""
+    return (any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node)
+            or any(init.data_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16) for init in model.graph.initializer))
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -293,12 +331,13 @@ def _add_profile(builder: Any, network: Any, config: Any, settings: BuildSetting
         config.add_optimization_profile(profile)
 
 
-def _configure(api: TrtApi, builder: Any, network: Any, settings: BuildSettings, label: str) -> Any:
+def _configure(api: TrtApi, builder: Any, network: Any, settings: BuildSettings, label: str,
+               strongly_typed: bool = False) -> Any:
     trt = api.module
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    if settings.fp16 and api.has_fp16_flag:
+    if settings.fp16 and api.has_fp16_flag and not strongly_typed:  # types decide in a typed network
         config.set_flag(trt.BuilderFlag.FP16)
     if api.has_tf32_flag:
         (config.set_flag if settings.tf32 else config.clear_flag)(trt.BuilderFlag.TF32)
@@ -378,11 +417,12 @@ def build_engine(onnx_model: Union[onnx.ModelProto, bytes], settings: BuildSetti
 
     started = time.perf_counter()
     builder = api.module.Builder(api.logger)
-    network = builder.create_network(api.network_flags(fp16_onnx or api.always_strongly_typed))
+    strongly_typed = fp16_onnx or api.always_strongly_typed or _reduced_precision(model)
+    network = builder.create_network(api.network_flags(strongly_typed))
     parser = _parse(api, network, model, label)
     if settings.mark_all_outputs:
         _mark_all_outputs(network, value_names)
-    config = _configure(api, builder, network, settings, label)
+    config = _configure(api, builder, network, settings, label, strongly_typed)
     layers = _network_layers(api, network, docs)
     input_names = [network.get_input(i).name for i in range(network.num_inputs)]
     output_names = [network.get_output(i).name for i in range(network.num_outputs)]

@@ -38,4 +38,5 @@ def layer_flops(layer: Layer, graph: LayerGraph) -> int:
 
 
 def model_flops(graph: LayerGraph) -> dict[str, int]:
-    return {layer.name: layer_flops(layer, graph) for layer in graph.compute_layers()}
+    """FLOPs per batch item of every layer of the model (not of the graph's synthetic views)."""
+    return {layer.name: layer_flops(layer, graph) for layer in graph.compute_layers() if not layer.alias_of}

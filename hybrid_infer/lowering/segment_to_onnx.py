@@ -7,7 +7,7 @@ ONNX Runtime at whatever batch the user brings.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -21,10 +21,14 @@ from .registry import REGISTRY
 MIN_OPSET = 13  # Softmax's single-axis semantics and axes-as-input ops start here
 
 
+#: The name of the symbolic batch axis of every segment's inputs and outputs.
+BATCH = "batch"
+
+
 def _value_info(graph: LayerGraph, value_id: str,
                 declared: Mapping[str, Sequence[int | str]] = {}) -> onnx.ValueInfoProto:
     shape = graph.values[value_id].shape
-    dims: list[int | str] = ["batch", *shape[1:]] if shape else []
+    dims: list[int | str] = [BATCH, *shape[1:]] if shape else []
     dims = list(declared.get(value_id, dims))
     return helper.make_tensor_value_info(value_id, TensorProto.FLOAT, dims)
 
@@ -100,6 +104,60 @@ def _lower_layer(ctx: LoweringContext, layer: Layer, graph: LayerGraph) -> None:
     if unwritten:
         raise LoweringError(layer.name, layer.type,
                             f"{registration.describe()} did not write its output(s) {', '.join(unwritten)}")
+    if not registration.built_in:
+        _check_top_shapes(ctx, layer, graph, registration.describe(), nodes, initializers)
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> Optional[list[Optional[int | str]]]:
+    """A tensor's inferred dims: an int, BATCH for the symbolic batch, None where unknown;
+    None for no shape at all."""
+    tensor = value_info.type.tensor_type
+    if not tensor.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else BATCH if d.dim_param == BATCH else None
+            for d in tensor.shape.dim]
+
+
+def _check_top_shapes(ctx: LoweringContext, layer: Layer, graph: LayerGraph, lowering: str,
+                      first_node: int, first_initializer: int) -> None:
+    """ONNX shape inference on just the nodes a user's lowering added for ``layer`` (its
+    bottoms as inputs, with the symbolic batch): every top must come out in Caffe's shape,
+    its batch axis symbolic or Caffe's size (or in the dims the lowering declared with
+    ``ctx.declare_dims``, where a name matches any size). Raises LoweringError naming the layer, the
+    lowering and both shapes, so that the layer runs in Caffe instead of giving a wrongly
+    shaped tensor to the layers after it."""
+    inputs = list(dict.fromkeys(layer.bottoms))
+    piece = helper.make_graph(ctx.nodes[first_node:], f"{layer.name} alone", [_value_info(graph, v) for v in inputs],
+                              [helper.make_value_info(top, onnx.TypeProto()) for top in layer.tops],
+                              ctx.initializers[first_initializer:])
+    opset_ids = [helper.make_opsetid("", ctx.opset)]
+    model = helper.make_model(piece, opset_imports=opset_ids, ir_version=helper.find_min_ir_version_for(opset_ids))
+    try:
+        inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model, data_prop=True).graph.output}
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        raise LoweringError(layer.name, layer.type, f"ONNX shape inference fails on the nodes of {lowering}: "
+                                                    f"{str(exc).strip().splitlines()[0]}") from exc
+    unknown_ops = sorted({n.op_type for n in ctx.nodes[first_node:] if not onnx.defs.has(n.op_type, n.domain)})
+    for top in layer.tops:
+        caffe_shape, declared = graph.values[top].shape, ctx.declared_dims.get(top)
+        dims = _dims(inferred[top]) if top in inferred else None
+        if declared is not None:  # ctx.declare_dims: a name stands for a size known only at run time
+            fits = dims is not None and len(dims) == len(declared) and all(
+                isinstance(e, str) or d == e for d, e in zip(dims, declared))
+            wanted = f"its declared dims are {tuple(declared)}"
+        else:
+            fits = dims is not None and len(dims) == len(caffe_shape) and all(
+                d == c or (i == 0 and d == BATCH) for i, (d, c) in enumerate(zip(dims, caffe_shape)))
+            wanted = f"Caffe's is {caffe_shape}"
+        if not fits and unknown_ops:
+            raise LoweringError(layer.name, layer.type, f"{lowering} uses operator(s) ONNX does not define "
+                                                        f"({', '.join(unknown_ops)}), so the shape of top '{top}' "
+                                                        "cannot be checked against Caffe's")
+        if not fits:
+            shown = "unknown" if dims is None else \
+                "(" + ", ".join("N" if d == BATCH else "?" if d is None else str(d) for d in dims) + ")"
+            raise LoweringError(layer.name, layer.type, f"{lowering} gives top '{top}' the shape {shown} "
+                                                        f"(ONNX shape inference), but {wanted}")
 
 
 def layers_named_in(message: str, model: onnx.ModelProto) -> list[str]:

@@ -9,6 +9,7 @@ builds; Caffe's own C++ reader never sees the file.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import shutil
 import tempfile
@@ -20,43 +21,55 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import EnvironmentProblem, ModelError
+from ..memory_budget import check_fits
 from .caffe_import import caffe, registered_layer_types
-from .caffemodel import fit_weights, read_caffemodel
+from .caffe_limits import check_set_up_net
+from .caffemodel import read_caffemodel
 from .isolated import CaffeFailure, call_isolated
+from .param_sharing import param_owners
 from .protofile import LayerParameter, NetParameter, normalise, read_prototxt, write_prototxt
 from .random_weights import random_weights
 from .training_layers import DroppedLayer, drop_training_leftovers
+from .weight_fitting import fit_weights
 
 Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class NetInfo:
-    """What Caffe computed when it set the net up."""
+    """What Caffe computed when it set the net up; ``fillers``: the parameter values its
+    fillers gave the layers asked for (layer name -> arrays)."""
     blob_shapes: dict[str, Shape]
     param_shapes: dict[str, list[Shape]]
     inputs: list[str]
     outputs: list[str]
+    fillers: dict[str, list[np.ndarray]]
 
 
-def _inspect_net(prototxt: str) -> NetInfo:
-    """Instantiate the net (in the forked child) and report shapes; it needs no weights."""
+def _inspect_net(prototxt: str, fillers_of: Sequence[str] = ()) -> NetInfo:
+    """Instantiate the net (in the forked child) and report shapes, and the filled parameter
+    values of the layers ``fillers_of``; it needs no weights."""
     cf = caffe()
     cf.set_mode_cpu()
     net = cf.Net(prototxt, cf.TEST)
+    layers = dict(zip(net._layer_names, net.layers))
     return NetInfo(
         blob_shapes={name: tuple(int(d) for d in blob.shape) for name, blob in net.blobs.items()},
         param_shapes={name: [tuple(int(d) for d in b.shape) for b in layer.blobs]
-                      for name, layer in zip(net._layer_names, net.layers) if len(layer.blobs)},
-        inputs=list(net.inputs), outputs=list(net.outputs))
+                      for name, layer in layers.items() if len(layer.blobs)},
+        inputs=list(net.inputs), outputs=list(net.outputs),
+        fillers={name: [np.array(b.data, copy=True) for b in layers[name].blobs]
+                 for name in fillers_of if name in layers and len(layers[name].blobs)})
 
 
 def _check_layers(net: NetParameter, source: str, dropped: Sequence[DroppedLayer] = ()) -> None:
     """Catch what Caffe would abort on, before Caffe sees the net (``dropped``: the
     training-only layers already removed, named when a layer reads one of their tops)."""
+    check_set_up_net(net, source)
     known = registered_layer_types()
     dropped_top = {top: d for d in dropped for top in d.tops}
     produced: set[str] = set()
+    readers: dict[str, list[str]] = {}  # blob -> the layers that read its latest write
     for layer in net.layer:
         if layer.type not in known:
             raise ModelError(
@@ -73,11 +86,18 @@ def _check_layers(net: NetParameter, source: str, dropped: Sequence[DroppedLayer
                 raise ModelError(
                     f"{source}: layer '{layer.name}' reads blob '{bottom}', which no earlier layer "
                     "produces (a dangling or cyclic blob); fix the layer's bottom or the layer order")
-        for top in layer.top:
-            if top in produced and top not in layer.bottom:
+        for bottom in layer.bottom:
+            readers.setdefault(bottom, []).append(layer.name)
+        for j, top in enumerate(layer.top):
+            in_place = j < len(layer.bottom) and layer.bottom[j] == top
+            if top in produced and not in_place:
                 raise ModelError(f"{source}: blob '{top}' is produced twice (by '{layer.name}' and an "
-                                 "earlier layer); only in-place layers may reuse a blob name")
+                                 "earlier layer); only in-place layers (top i the same as bottom i) may "
+                                 "reuse a blob name")
+            if in_place and len(readers[top]) > 1:
+                _refuse_shared_rewrite(layer.name, top, readers[top], source)
             produced.add(top)
+            readers[top] = []
         if layer.type == "Python":
             module = layer.python_param.module
             try:
@@ -90,6 +110,20 @@ def _check_layers(net: NetParameter, source: str, dropped: Sequence[DroppedLayer
                     "imported; add its folder to PYTHONPATH")
 
 
+def _refuse_shared_rewrite(layer: str, blob: str, readers: list[str], source: str) -> None:
+    """Caffe's InsertSplits (src/caffe/util/insert_splits.cpp) gives a blob write with
+    several readers a Split, and so renames the bottom of an in-place layer among them:
+    its top then names an existing blob and Net::AppendTop aborts with "Top blob ...
+    produced by multiple sources"."""
+    others = [r for r in readers if r != layer]
+    clash = f"but layer '{others[0]}' also reads that write of '{blob}'" if others else \
+        f"and reads that write of '{blob}' twice"
+    raise ModelError(f"{source}: layer '{layer}' rewrites blob '{blob}' in place, {clash} (Caffe refuses this: "
+                     f"\"Top blob '{blob}' produced by multiple sources\"); "
+                     f"give '{layer}' a new top (e.g. top: \"{blob}_{layer}\") and let the layers after "
+                     "it read that")
+
+
 def _override_input_shapes(net: NetParameter, shapes: Mapping[str, Sequence[int]], source: str) -> None:
     inputs = {top: layer for layer in net.layer if layer.type == "Input" for top in layer.top}
     for blob, dims in shapes.items():
@@ -99,6 +133,9 @@ def _override_input_shapes(net: NetParameter, shapes: Mapping[str, Sequence[int]
         layer = inputs[blob]
         index = list(layer.top).index(blob)
         params = layer.input_param.shape
+        if not len(params):  # an input without a shape: each top gets its own
+            for _ in layer.top:
+                params.add()
         shape = params[index] if len(params) > 1 else params[0]
         if len(params) == 1 and len(layer.top) > 1:
             raise ModelError(f"{source}: inputs {list(layer.top)} share one shape; set them together")
@@ -153,15 +190,16 @@ class CaffeModel:
         self.normalised_prototxt = self._workdir / "deploy.prototxt"
         write_prototxt(self.net, self.normalised_prototxt)
         try:
-            self.info: NetInfo = call_isolated(_inspect_net, str(self.normalised_prototxt))
+            self.info: NetInfo = call_isolated(_inspect_net, str(self.normalised_prototxt),
+                                               list(self.renamed_layers) if stored is not None else [])
         except CaffeFailure as exc:
             raise ModelError(f"{self.prototxt}: Caffe cannot set this net up: {exc}") from None
         # A net without learned parameters (e.g. only PriorBox and DetectionOutput) needs no weights.
         self._weights: dict[str, list[np.ndarray]] | None = None if self.info.param_shapes else {}
         if stored is not None:
             assert self.weights_path is not None
-            self._weights = fit_weights(stored, self.info.param_shapes, self.renamed_layers,
-                                        self.weights_path, self.prototxt)
+            self._weights = fit_weights(stored, self.net, self.info.param_shapes, self.renamed_layers,
+                                        self.info.fillers, self.weights_path, self.prototxt)
         self._reference: Any = None
 
     @property
@@ -189,7 +227,10 @@ class CaffeModel:
     def set_random_weights(self, seed: int) -> None:
         """Replace every parameter with random values drawn for its layer type (tests, benchmarks)."""
         layer_types = {layer.name: layer.type for layer in self.net.layer}
-        self._weights = random_weights(self.info.param_shapes, layer_types, seed)
+        count = sum(math.prod(shape) for shapes in self.info.param_shapes.values() for shape in shapes)
+        check_fits(12 * count, f"random weights for {self.prototxt}", "this model is too large for this machine")
+        self._weights = random_weights(self.info.param_shapes, layer_types, seed,
+                                       param_owners(self.net, self.info.param_shapes))
         if self._reference is not None:
             push_weights(self._reference, self._weights, "random weights")
 

@@ -21,16 +21,16 @@ protobuf parser holds the parsed message and then a copy of each field).
 """
 from __future__ import annotations
 
-import difflib
 import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import BinaryIO, Iterator
 
 import numpy as np
 
 from ..errors import ModelError
+from ..files import open_regular_file
 
 Shape = tuple[int, ...]
 
@@ -44,6 +44,7 @@ _V0_NAME, _V0_BLOBS = 1, 50
 _BLOB_LEGACY = (1, 2, 3, 4)  # num, channels, height, width
 _BLOB_DATA, _BLOB_SHAPE, _BLOB_DOUBLE_DATA = 5, 7, 8
 _SHAPE_DIM = 1
+_SOLVER_ITER, _SOLVER_LEARNED_NET = 1, 2
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # Caffe also accepts .h5 weights (Net::CopyTrainedLayersFromHDF5)
 
 
@@ -72,10 +73,12 @@ class StoredBlob:
 
 @dataclass(frozen=True)
 class StoredLayer:
-    """A layer of the caffemodel: its name, its blobs, and where it starts in the file."""
+    """A layer of the caffemodel: its name, its blobs, and where it starts and ends in the
+    file (byte offsets; ``end`` is one past its last byte)."""
     name: str
     blobs: list[StoredBlob]
     offset: int
+    end: int
 
 
 class _Damaged(Exception):
@@ -153,42 +156,71 @@ def _fields(buf: mmap.mmap, pos: int, end: int) -> Iterator[tuple[int, int, int,
         yield number, wire, start, stop
 
 
-def _packed(buf: mmap.mmap, spans: list[tuple[int, int]], dtype: str, item: int) -> np.ndarray:
-    """Values of a repeated fixed-size field: packed chunks and single values, in order."""
-    for start, stop in spans:
-        if (stop - start) % item:
-            raise _Damaged(start, f"packed values of {item} bytes in a field of {stop - start} bytes")
-    parts = [np.frombuffer(buf, dtype, count=(stop - start) // item, offset=start) for start, stop in spans]
-    return np.concatenate(parts) if len(parts) != 1 else parts[0].copy()
+def _packed(buf: mmap.mmap, start: int, stop: int, dtype: str, item: int) -> np.ndarray:
+    """The values of one packed chunk of a repeated fixed-size field (copied: no view may
+    outlive the memory map)."""
+    if (stop - start) % item:
+        raise _Damaged(start, f"packed values of {item} bytes in a field of {stop - start} bytes")
+    return np.frombuffer(buf, dtype, count=(stop - start) // item, offset=start).copy()
+
+
+def _unpacked_run(buf: mmap.mmap, pos: int, stop: int, dtype: str, item: int) -> tuple[np.ndarray, int]:
+    """Values stored unpacked (one key byte before each value, valid protobuf) from ``pos``
+    on, for as long as the key byte repeats: (a copy of the values, position after them).
+
+    Read as one strided array, not field by field: a float per field would otherwise cost a
+    Python tuple each (a 5 MB blob took 650 MiB and seconds)."""
+    records = np.frombuffer(buf, np.dtype([("key", "u1"), ("value", dtype)]),
+                            count=(stop - pos) // (item + 1), offset=pos)
+    keys = records["key"] == buf[pos]
+    run = len(keys) if keys.all() else int(np.argmin(keys))
+    return records["value"][:run].copy(), pos + run * (item + 1)
+
+
+def _signed(dim: int) -> int:
+    """A BlobShape dim as the int64 it is (a varint holds negative ones in two's complement)."""
+    return dim - (1 << 64) if dim >= 1 << 63 else dim
+
+
+def _float32(parts: list[np.ndarray]) -> np.ndarray:
+    """``parts`` joined into one float32 array (a single float32 part as it is)."""
+    if not parts:
+        return np.zeros(0, np.float32)
+    return parts[0].astype(np.float32, copy=False) if len(parts) == 1 else \
+        np.concatenate(parts).astype(np.float32, copy=False)
 
 
 def _blob(buf: mmap.mmap, start: int, stop: int) -> StoredBlob:
     legacy: dict[int, int] = {}
     shape: list[int] = []
-    floats: list[tuple[int, int]] = []
-    doubles: list[tuple[int, int]] = []
-    for number, wire, a, b in _fields(buf, start, stop):
-        if number in _BLOB_LEGACY and wire == _VARINT:
-            legacy[number] = a
+    floats: list[np.ndarray] = []
+    doubles: list[np.ndarray] = []
+    pos = start
+    while pos < stop:
+        number, wire, a, b, after = _field(buf, pos, stop)
+        if (number, wire) in ((_BLOB_DATA, _FIXED32), (_BLOB_DOUBLE_DATA, _FIXED64)) and a == pos + 1:
+            part, after = _unpacked_run(buf, pos, stop, "<f4" if wire == _FIXED32 else "<f8", b - a)
+            (floats if number == _BLOB_DATA else doubles).append(part)
+        elif number == _BLOB_DATA and wire in (_LENGTH, _FIXED32):
+            floats.append(_packed(buf, a, b, "<f4", 4))
+        elif number == _BLOB_DOUBLE_DATA and wire in (_LENGTH, _FIXED64):
+            doubles.append(_packed(buf, a, b, "<f8", 8))
+        elif number in _BLOB_LEGACY and wire == _VARINT:
+            legacy[number] = _signed(a)
         elif number == _BLOB_SHAPE and wire == _LENGTH:
             for n, w, x, y in _fields(buf, a, b):
                 if n == _SHAPE_DIM and w == _VARINT:
-                    shape.append(x)
+                    shape.append(_signed(x))
                 elif n == _SHAPE_DIM and w == _LENGTH:
-                    pos = x
-                    while pos < y:
-                        dim, pos = _varint(buf, pos, y)
-                        shape.append(dim)
-        elif number == _BLOB_DATA and wire in (_LENGTH, _FIXED32):
-            floats.append((a, b))
-        elif number == _BLOB_DOUBLE_DATA and wire in (_LENGTH, _FIXED64):
-            doubles.append((a, b))
-    if doubles:  # Blob::FromProto prefers double_data when it holds values
-        data = _packed(buf, doubles, "<f8", 8).astype(np.float32)
-    elif floats:
-        data = _packed(buf, floats, "<f4", 4)
-    else:
-        data = np.zeros(0, np.float32)
+                    inner = x
+                    while inner < y:
+                        dim, inner = _varint(buf, inner, y)
+                        shape.append(_signed(dim))
+        elif wire == _GROUP_END:
+            raise _Damaged(a, f"an end of group {number} that no group started")
+        pos = after
+    # Blob::FromProto prefers double_data when it holds values.
+    data = _float32(doubles or floats)
     legacy_shape = tuple(legacy.get(n, 0) for n in _BLOB_LEGACY) if legacy else None
     return StoredBlob(tuple(shape), legacy_shape, data)
 
@@ -210,11 +242,35 @@ def _layer(buf: mmap.mmap, start: int, stop: int, name_field: int, blobs_field: 
         elif name_field == _V1_NAME and number == _V1_V0:
             old = _layer(buf, a, b, _V0_NAME, _V0_BLOBS)  # a V0 layer wrapped in a V1 one
             name, blobs = name or old.name, blobs or old.blobs
-    return StoredLayer(name, blobs, start)
+    return StoredLayer(name, blobs, start, stop)
 
 
 def _looks_like_text(head: bytes) -> bool:
-    return bool(head) and all(32 <= c < 127 or c in b"\t\r\n" for c in head)
+    """UTF-8 text (a byte-order mark, comments in any language) with something besides
+    white space in it: no caffemodel starts like that (its first byte is a field key, and
+    a lone newline is the start of a cut-off ``name`` field)."""
+    head = head.removeprefix(b"\xef\xbb\xbf")
+    for cut in range(4):  # the last character may be cut in the middle
+        try:
+            text = head[:len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        return any(not c.isspace() for c in text) and all(c.isprintable() or c in "\t\r\n" for c in text)
+    return False
+
+
+def _solver_state(buf: mmap.mmap, size: int) -> str | None:
+    """What a Caffe solver snapshot (``SolverState``: ``iter = 1``, ``learned_net = 2``,
+    ``history = 3``; src/caffe/proto/caffe.proto) says about itself, or None if this is no
+    such file. A NetParameter never starts with a varint field 1 (its ``name`` is a string)."""
+    try:
+        fields = _fields(buf, 0, size)
+        first, second = next(fields), next(fields)
+    except (_Damaged, StopIteration):
+        return None
+    if first[:2] != (_SOLVER_ITER, _VARINT) or second[:2] != (_SOLVER_LEARNED_NET, _LENGTH):
+        return None
+    return f"iteration {first[2]}, its weights saved as '{_text(buf, second[2], second[3])}'"
 
 
 def read_caffemodel(path: str | os.PathLike[str]) -> list[StoredLayer]:
@@ -225,15 +281,23 @@ def read_caffemodel(path: str | os.PathLike[str]) -> list[StoredLayer]:
     it ends and the layer left incomplete), or holds no layers.
     """
     p = Path(path)
-    if not p.is_file():
-        raise ModelError(f"caffemodel '{p}' does not exist or is not a file")
-    size = p.stat().st_size
-    if size == 0:
-        raise ModelError(f"{p}: the file is empty; pass the trained .caffemodel")
+    with open_regular_file(p, "caffemodel", ModelError) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise ModelError(f"{p}: the file is empty; pass the trained .caffemodel")
+        return _read_layers(p, f, size)
+
+
+def _read_layers(p: Path, f: BinaryIO, size: int) -> list[StoredLayer]:
     layers: list[StoredLayer] = []
-    with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+    layer_fields: set[int] = set()
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if _looks_like_text(buf[:256]):
             raise ModelError(f"{p}: a text file, not a binary .caffemodel (is it a prototxt?)")
+        state = _solver_state(buf, size)
+        if state is not None:
+            raise ModelError(f"{p}: a Caffe solver state (.solverstate: {state}), not weights; pass the "
+                             ".caffemodel written with it")
         if buf[:8] == _HDF5_SIGNATURE:
             raise ModelError(f"{p}: HDF5 weights, which hybrid_infer does not read; save them as a .caffemodel "
                              "with pycaffe (caffe.Net(prototxt, caffe.TEST, weights=FILE).save(OUT))")
@@ -243,12 +307,19 @@ def read_caffemodel(path: str | os.PathLike[str]) -> list[StoredLayer]:
                     layers.append(_layer(buf, a, b, _LAYER_NAME, _LAYER_BLOBS))
                 elif wire == _LENGTH and number == _NET_V1_LAYERS:
                     layers.append(_layer(buf, a, b, _V1_NAME, _V1_BLOBS))
+                else:
+                    continue
+                layer_fields.add(number)
         except _Damaged as exc:
             raise _damage_error(p, size, exc, layers) from None
         except RecursionError:
             raise ModelError(f"{p}: not a valid binary .caffemodel: groups nested too deeply") from None
     if not any(layer.name for layer in layers):
         raise ModelError(f"{p}: holds no named layers: not a Caffe model (.caffemodel)")
+    if layer_fields == {_NET_LAYER, _NET_V1_LAYERS}:
+        raise ModelError(f"{p}: holds both 'layer' (current) and 'layers' (V1) entries, which Caffe refuses "
+                         "(UpgradeV1Net: \"Refusing to upgrade inconsistent NetParameter input\"); save the "
+                         "weights again with one Caffe")
     return layers
 
 
@@ -260,52 +331,3 @@ def _damage_error(path: Path, size: int, exc: _Damaged, layers: list[StoredLayer
                           f"byte {exc.offset} ({after}); download or copy it again")
     return ModelError(f"{path}: not a valid binary .caffemodel: the protobuf encoding breaks at byte "
                       f"{exc.offset} ({exc}; {after})")
-
-
-def fit_weights(stored: list[StoredLayer], param_shapes: Mapping[str, list[Shape]],
-                repeats: Mapping[str, str], weights_file: Path, prototxt: Path) -> dict[str, list[np.ndarray]]:
-    """Parameter arrays for every layer of ``param_shapes`` (layer name -> blob shapes
-    that Caffe set up from the prototxt), taken from ``stored`` by layer name.
-
-    As Caffe's ``Net::CopyTrainedLayersFrom`` (src/caffe/net.cpp): stored layers the
-    prototxt lacks are ignored, a later stored layer of the same name wins, and the blob
-    count and every blob's shape must fit. A layer name the prototxt repeats (renamed
-    ``name#2`` by ``normalise``; ``repeats`` maps it to the name) gets the stored blobs of
-    that name, checked against its own shapes. Arrays come back in the target shapes.
-
-    Raises ModelError naming the layers without blobs in the caffemodel (with the stored
-    names closest to each), or the layer, blob index and both shapes of a blob that does
-    not fit.
-    """
-    by_name = {layer.name: layer for layer in stored}
-    sources = {name: by_name.get(repeats.get(name, name)) for name in param_shapes}
-    missing = [name for name, source in sources.items() if source is None or not source.blobs]
-    if missing:
-        with_blobs = [layer.name for layer in stored if layer.blobs]
-
-        def closest(name: str) -> str:
-            near = difflib.get_close_matches(repeats.get(name, name), with_blobs, n=3, cutoff=0.5)
-            return f"{name} (closest in the caffemodel: {', '.join(near)})" if near else name
-        raise ModelError(f"{weights_file} has no weights for layer(s) {'; '.join(map(closest, missing))} of "
-                         f"{prototxt}; pass the caffemodel trained for this prototxt")
-    weights: dict[str, list[np.ndarray]] = {}
-    for name, shapes in param_shapes.items():
-        source = sources[name]
-        assert source is not None
-        where = f"{weights_file} does not fit {prototxt}: layer '{name}'"
-        if len(source.blobs) != len(shapes):
-            raise ModelError(f"{where} has {len(shapes)} parameter blob(s) in the prototxt but "
-                             f"{len(source.blobs)} in the caffemodel (stored layer '{source.name}')")
-        arrays = []
-        for index, (blob, shape) in enumerate(zip(source.blobs, shapes)):
-            if not blob.fits(shape):
-                raise ModelError(f"{where} blob {index}: shape mismatch: the caffemodel holds "
-                                 f"{blob.shape_text}, the prototxt needs {'x'.join(map(str, shape))}")
-            count = int(np.prod(shape, dtype=np.int64))
-            if blob.data.size != count:
-                raise ModelError(f"{weights_file}: layer '{source.name}' (at byte {source.offset}) blob {index} "
-                                 f"holds {blob.data.size} values but its shape {blob.shape_text} needs {count}: "
-                                 "the file is damaged")
-            arrays.append(blob.data.reshape(shape))
-        weights[name] = arrays
-    return weights

@@ -16,17 +16,13 @@ from typing import Any
 from google.protobuf import text_format
 
 from ..errors import EnvironmentProblem, ModelError
+from ..files import read_regular_file
 from .caffe_import import caffe, caffe_pb2
 
 NetParameter = Any  # caffe_pb2.NetParameter of the user's Caffe
 LayerParameter = Any
 
 
-def _existing_file(path: str | os.PathLike[str], what: str) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise ModelError(f"{what} '{p}' does not exist or is not a file")
-    return p
 
 
 def _upgrade_tool(name: str) -> Path:
@@ -48,7 +44,11 @@ def _upgrade_v1(path: Path) -> NetParameter:
     tool = _upgrade_tool("upgrade_net_proto_text")
     with tempfile.TemporaryDirectory(prefix="hybrid_infer_upgrade_") as tmp:
         out = Path(tmp) / path.name
+        # logtostderr: the tool calls InitGoogleLogging, which otherwise leaves a log file in
+        # the temporary folder (/tmp/upgrade_net_proto_*.INFO...) on every load.
+        # errors="replace": the tool echoes parts of the file, which need not be UTF-8.
         proc = subprocess.run([str(tool), str(path), str(out)], capture_output=True, text=True,
+                              errors="replace",
                               env={**os.environ, "GLOG_minloglevel": "0", "GLOG_logtostderr": "1"})
         if proc.returncode != 0 or not out.exists():
             last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
@@ -60,10 +60,11 @@ def _upgrade_v1(path: Path) -> NetParameter:
 
 def read_prototxt(path: str | os.PathLike[str]) -> NetParameter:
     """Parse a network definition; syntax errors name the file and line."""
-    p = _existing_file(path, "prototxt")
+    p = Path(path)
+    data = read_regular_file(p, "prototxt", ModelError)
     net = caffe_pb2().NetParameter()
     try:
-        text_format.Merge(p.read_text(), net)
+        text_format.Merge(data.decode(), net)
     except text_format.ParseError as exc:
         line = exc.GetLine() if hasattr(exc, "GetLine") else None
         where = f"{p}:{line}" if line else str(p)
@@ -71,6 +72,9 @@ def read_prototxt(path: str | os.PathLike[str]) -> NetParameter:
         raise ModelError(f"{where}: not a valid Caffe prototxt for this Caffe: {message}") from None
     except UnicodeDecodeError:
         raise ModelError(f"{p}: not a text prototxt (is it a .caffemodel?)") from None
+    if len(net.layers) and len(net.layer):
+        raise ModelError(f"{p}: uses both 'layer {{}}' and the old 'layers {{}}' entries, which Caffe refuses "
+                         "(\"Refusing to upgrade inconsistent NetParameter input\"); write every layer as 'layer {}'")
     if len(net.layers):
         net = _upgrade_v1(p)
     return net
@@ -97,7 +101,8 @@ def _layer_included(state: Any, layer: LayerParameter) -> bool:
 
 
 def _input_layers(net: NetParameter, source: str) -> list[LayerParameter]:
-    """Turn the legacy ``input:`` + ``input_shape``/``input_dim`` fields into Input layers."""
+    """Turn the legacy ``input:`` + ``input_shape``/``input_dim`` fields into Input layers
+    (without a shape where the file gives none)."""
     names = list(net.input)
     if not names:
         return []
@@ -111,13 +116,14 @@ def _input_layers(net: NetParameter, source: str) -> list[LayerParameter]:
                              f"values, found {len(dims)}")
         shapes = [dims[4 * i:4 * i + 4] for i in range(len(names))]
     else:
-        raise ModelError(f"{source}: inputs {names} have no input_shape or input_dim")
-    if len(shapes) != len(names):
+        shapes = []
+    if shapes and len(shapes) != len(names):
         raise ModelError(f"{source}: {len(names)} input(s) but {len(shapes)} input_shape entries")
     layers = []
-    for name, dims in zip(names, shapes):
+    for index, name in enumerate(names):
         layer = caffe_pb2().LayerParameter(name=name, type="Input", top=[name])
-        layer.input_param.shape.add().dim.extend(dims)
+        if shapes:
+            layer.input_param.shape.add().dim.extend(shapes[index])
         layers.append(layer)
     return layers
 
@@ -125,9 +131,14 @@ def _input_layers(net: NetParameter, source: str) -> list[LayerParameter]:
 def normalise(net: NetParameter, source: str) -> tuple[NetParameter, dict[str, str]]:
     """Return a copy of ``net`` holding the TEST-phase layers with inputs as Input layers.
 
-    Caffe tolerates two layers of one name (weights then go by name to both); the graph
-    needs unique names, so repeats become ``name#2``, ``name#3``. The returned dict maps
-    each such new name to the original one.
+    Caffe tolerates two layers of one name, but a caffemodel's blobs of that name go to the
+    first of them only (``Net::CopyTrainedLayersFrom`` searches the layers from the start;
+    the others keep their fillers' values, see ``weight_fitting``). The graph needs unique
+    names, so repeats become ``name#2``, ``name#3``; the returned dict maps each such new
+    name to the original one.
+
+    Legacy ``input:`` fields without ``input_shape``/``input_dim`` become Input layers without
+    a shape, which ``--input-shape`` must then supply (``CaffeModel`` checks).
     """
     pb2 = caffe_pb2()
     state = pb2.NetState()

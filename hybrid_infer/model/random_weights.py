@@ -7,7 +7,11 @@ activations in a sensible range and every value non-zero.
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
+
+from .param_sharing import ParamRef
 
 Shape = tuple[int, ...]
 
@@ -37,9 +41,17 @@ def _layer_params(rng: np.random.Generator, layer_type: str, shapes: list[Shape]
     return arrays
 
 
-def random_weights(param_shapes: dict[str, list[Shape]], layer_types: dict[str, str],
-                   seed: int) -> dict[str, list[np.ndarray]]:
-    """Draw parameters for every layer in ``param_shapes`` (layer name -> blob shapes)."""
+def random_weights(param_shapes: dict[str, list[Shape]], layer_types: dict[str, str], seed: int,
+                   owners: Mapping[ParamRef, ParamRef] | None = None) -> dict[str, list[np.ndarray]]:
+    """Draw parameters for every layer in ``param_shapes`` (layer name -> blob shapes, in
+    net order). A blob that shares another's memory (``owners``: blob -> owner, see
+    ``param_sharing``) is not drawn but gets the owner's values in its own shape, as in Caffe."""
     rng = np.random.default_rng(seed)
-    return {name: [a.astype(np.float32) for a in _layer_params(rng, layer_types[name], shapes)]
-            for name, shapes in param_shapes.items()}
+    owners = owners or {}
+    weights: dict[str, list[np.ndarray]] = {}
+    for name, shapes in param_shapes.items():
+        drawn = _layer_params(rng, layer_types[name], shapes)
+        weights[name] = [weights[owners[(name, j)][0]][owners[(name, j)][1]].reshape(shape)
+                         if (name, j) in owners else array.astype(np.float32)
+                         for j, (array, shape) in enumerate(zip(drawn, shapes))]
+    return weights

@@ -24,16 +24,25 @@ class DroppedLayer:
     type: str
     missing_blob: str
     tops: tuple[str, ...]
+    #: The dropped layer (name and type) that would have produced ``missing_blob``, if any.
+    dropped_producer: str = ""
 
     @property
     def reason(self) -> str:
+        if self.dropped_producer:
+            return f"{self.type} reads '{self.missing_blob}', whose producer {self.dropped_producer} was dropped"
         return f"{self.type} reads '{self.missing_blob}', which nothing produces at inference"
 
 
+#: Layer types only training and evaluation use, besides every loss layer.
+_TRAINING_TYPES = frozenset({"Accuracy", "Silence", "DetectionEvaluate"})
+
+
 def is_training_only(layer_type: str) -> bool:
-    """Accuracy, Silence and every loss layer (Caffe names them all ``*Loss``: SoftmaxWithLoss,
-    EuclideanLoss, MultiBoxLoss, ... including those of other forks)."""
-    return layer_type in ("Accuracy", "Silence") or layer_type.endswith("Loss")
+    """Accuracy, Silence, DetectionEvaluate and every loss layer (a type containing ``Loss``:
+    SoftmaxWithLoss, EuclideanLoss, MultiBoxLoss, and forks' variants such as
+    SoftmaxWithLossOHEM)."""
+    return layer_type in _TRAINING_TYPES or "Loss" in layer_type
 
 
 def drop_training_leftovers(net: Any, source: str) -> list[DroppedLayer]:
@@ -41,11 +50,16 @@ def drop_training_leftovers(net: Any, source: str) -> list[DroppedLayer]:
     training-only layers with an input no earlier layer produces; warn once, naming them."""
     produced: set[str] = set()
     dropped: list[DroppedLayer] = []
+    dropped_top: dict[str, DroppedLayer] = {}
     positions: list[int] = []
     for index, layer in enumerate(net.layer):
         missing = [b for b in layer.bottom if b not in produced]
         if missing and is_training_only(layer.type):
-            dropped.append(DroppedLayer(layer.name, layer.type, missing[0], tuple(layer.top)))
+            producer = dropped_top.get(missing[0])
+            d = DroppedLayer(layer.name, layer.type, missing[0], tuple(layer.top),
+                             f"'{producer.name}' ({producer.type})" if producer else "")
+            dropped.append(d)
+            dropped_top.update((top, d) for top in layer.top)
             positions.append(index)
         else:
             produced.update(layer.top)

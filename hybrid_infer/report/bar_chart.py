@@ -5,11 +5,12 @@ chart is asked for, and its absence is reported as something the user can instal
 """
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from ..errors import EnvironmentProblem, OptionError
+from ..files import check_output_path, write_atomically
 
 CHART_SUFFIXES = (".png", ".svg", ".pdf")
 
@@ -18,13 +19,7 @@ def check_writable(path: Path, option: str, suffixes: Sequence[str] = ()) -> Non
     """Fail before any measuring if ``path`` cannot be written, rather than after minutes of it."""
     if suffixes and path.suffix.lower() not in suffixes:
         raise OptionError(f"{option} {path}: the file name must end in {' or '.join(suffixes)}")
-    folder = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise OptionError(f"{option} {path}: is a folder; give a file name")
-    if not folder.is_dir():
-        raise OptionError(f"{option} {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise OptionError(f"{option} {path}: cannot write there (permission denied)")
+    check_output_path(path, option)
 
 
 def grouped_bar_chart(path: Path, groups: Sequence[str], series: Mapping[str, Sequence[Optional[float]]], *,
@@ -72,9 +67,10 @@ def grouped_bar_chart(path: Path, groups: Sequence[str], series: Mapping[str, Se
     if note:
         fig.text(0.01, 0.01, note, fontsize=7, va="bottom")
     fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
+    # Rendered in memory and written like every output file: never into a FIFO or device.
+    image = io.BytesIO()
     try:
-        fig.savefig(path, dpi=120)
-    except OSError as exc:
-        raise OptionError(f"cannot write the chart {path}: {exc}") from None
+        fig.savefig(image, dpi=120, format=path.suffix.lstrip(".").lower() or "png")
     finally:
         plt.close(fig)
+    write_atomically(path, image.getvalue(), option="chart")

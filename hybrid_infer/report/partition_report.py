@@ -33,7 +33,7 @@ class Coverage:
 
 def coverage(p: Partition) -> Coverage:
     flops = model_flops(p.graph)
-    on_trt = [name for s in p.segments if s.backend == TENSORRT for name in s.layers]
+    on_trt = [name for s in p.segments if s.backend == TENSORRT for name in s.layers if name in flops]
     return Coverage(len(flops), len(on_trt), sum(flops.values()), sum(flops[n] for n in on_trt))
 
 
@@ -108,6 +108,13 @@ def cost_notes(p: Partition) -> dict[str, str]:
     return notes
 
 
+def views(p: Partition) -> list[dict[str, Any]]:
+    """Each value a synthetic view layer makes (LayerGraph: blobs sharing memory that an
+    in-place layer rewrote through another of them)."""
+    return [{"value": layer.tops[0], "blob": p.graph.values[layer.tops[0]].blob, "layer": layer.name,
+             "written_by": layer.alias_of, "written_value": layer.bottoms[0]} for layer in p.graph.views()]
+
+
 def to_json(p: Partition) -> dict[str, Any]:
     cov = coverage(p)
     flops = model_flops(p.graph)
@@ -128,6 +135,7 @@ def to_json(p: Partition) -> dict[str, Any]:
                             "moved_to_caffe": d.moved_to_caffe, "reason": d.reason} for d in p.small_segments],
         "dropped_layers": [{"layer": d.name, "type": d.type, "reason": d.reason}
                            for d in p.graph.model.dropped_layers],
+        "shared_memory_views": views(p),
         "user_lowerings": user_lowerings(p),
         "cost_notes": cost_notes(p),
         "coverage": {"layers": cov.layers_total, "layers_tensorrt": cov.layers_tensorrt,
@@ -191,6 +199,12 @@ def to_text(p: Partition) -> str:
         out += ["", f"TensorRT segments below --min-segment-size {p.min_segment_size}"]
         out += _table(["layers", "compute", "decision"],
                       [[_span(d.layers), str(d.compute_layers), d.reason] for d in p.small_segments])
+    if p.graph.views():
+        out += ["", "blobs sharing memory (Split, Reshape, Flatten, ... tops) that an in-place layer rewrote "
+                    "through another of them: each gets the write, in its own shape"]
+        out += _table(["value", "written by", "as", "layer"],
+                      [[v["value"], f"{v['written_by']} ({p.graph.layers[v['written_by']].type})", v["written_value"],
+                        v["layer"]] for v in views(p)])
     if p.graph.model.dropped_layers:
         out += ["", "training-only layers dropped (their inputs cannot be produced at inference)"]
         out += _table(["layer", "type", "reason"],

@@ -1,0 +1,163 @@
+"""Numbers from the command line and the API, and verdicts on NaN (issue 13, kinds 5 and 7)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import hybrid_infer
+from hybrid_infer.cli.main import main
+from hybrid_infer.errors import HybridInferError, InputError, OptionError
+from hybrid_infer.metrics import compare_outputs, relative_l2
+
+from child_process import run_in_child
+from conftest import GRAPHS
+
+PROTOTXT = str(GRAPHS / "lenet_digits/deploy.prototxt")
+WEIGHTS = str(GRAPHS / "lenet_digits/lenet_digits.caffemodel")
+LENET = [PROTOTXT, "--weights", WEIGHTS]
+
+
+def _error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.mark.parametrize("command, option, value, says", [
+    ("run", "--batch", "0", "must be 1 or more, not 0"),
+    ("run", "--batch", "-1", "must be 1 or more, not -1"),
+    ("run", "--batch", "2147483648", "must be at most 2147483647"),
+    ("run", "--batch", "x", "expected a whole number, not 'x'"),
+    ("run", "--workspace", "nan", "must be a finite number, not nan"),
+    ("run", "--workspace", "inf", "must be a finite number, not inf"),
+    ("run", "--workspace", "0", "must be above 0"),
+    ("run", "--workspace", "1e30", "must be at most 1.04858e+06"),
+    ("run", "--random-weights", "-1", "must be 0 or more, not -1"),
+    ("run", "--input-shape", "data=1x1x99999999999999999999x16", "each dimension must be at most 2147483647"),
+    ("run", "--input-shape", "data=1x0x16x16", "each dimension must be 1 or more, not 0"),
+    ("run", "--input-shape", "data", "expected NAME=DxDx..."),
+    ("run", "--tolerance", "-1e-3", "must be at least 0, not -0.001"),
+    ("run", "--tolerance", "nan", "must be a finite number, not nan"),
+    ("run", "--top", "-3", "must be 1 or more, not -3"),
+    ("run", "--resize", "0x0", "each dimension must be 1 or more, not 0"),
+    ("run", "--resize", "100000x100000", "100000x100000 is 10000000000 pixels; at most 89478485"),
+    ("run", "--scale", "inf", "must be a finite number, not inf"),
+    ("run", "--max-batch", "0", "must be 1 or more"),
+    ("run", "--device", "-1", "must be 0 or more"),
+    ("run", "--min-segment-size", "-2", "must be 0 or more, not -2"),
+    ("diff", "--tolerance", "nan", "must be a finite number, not nan"),
+    ("compare", "--runs", "0", "must be 1 or more, not 0"),
+    ("compare", "--warmup", "-1", "must be 0 or more, not -1"),
+    ("build", "--timing-iterations", "0", "must be 1 or more, not 0"),
+    ("partition", "--min-segment-size", "1e3", "expected a whole number"),
+])
+def test_every_option_is_checked_when_parsed(capsys, command, option, value, says):
+    weights = [] if command == "partition" else ["--weights", WEIGHTS]
+    with pytest.raises(SystemExit) as exit_:
+        main([command, PROTOTXT, *weights, f"{option}={value}"])
+    assert exit_.value.code == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"hybrid-infer {command}: error: argument {option}: {says}"), line
+
+
+def test_opt_batch_above_max_batch_is_refused(capsys):
+    assert main(["build", *LENET, "--max-batch", "2", "--opt-batch", "4"]) == 2
+    assert "--opt-batch 4 is above --max-batch 2" in _error_line(capsys)
+
+
+def test_a_batch_too_large_for_memory_is_refused_before_allocating(capsys):
+    assert main(["run", *LENET, "--batch", "2000000000"]) == 2
+    line = _error_line(capsys)
+    assert "at batch 2000000000 needs about" in line and "GiB of memory" in line and "--batch" in line
+    net = hybrid_infer.load(PROTOTXT, WEIGHTS)
+    with pytest.raises(InputError, match="needs about .* GiB of memory"):
+        net.check_memory(2**31 - 1)
+
+
+def test_random_weights_too_large_for_memory_are_refused(make_prototxt):
+    """25 M parameters: Caffe sets them up in 100 MB, random weights need 300 MB more, and the
+    process may take 250 MB: refused with the budget's message, not a MemoryError."""
+    path = make_prototxt('''
+        layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 5000 } } }
+        layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { num_output: 5000 } }''')
+    message = run_in_child(lambda: hybrid_infer.load(path, random_weights=1), extra_address_space=250 * 2**20)
+    assert message.startswith("InputError: random weights for") and "needs about 0.3 GiB of memory" in message
+    assert run_in_child(lambda: hybrid_infer.load(path, random_weights=1), extra_address_space=2**30) == "no error"
+
+
+def _lenet() -> hybrid_infer.HybridNet:
+    return hybrid_infer.load(PROTOTXT, WEIGHTS)
+
+
+API_CALLS = {
+    "prototxt int": (lambda: hybrid_infer.load(123), OptionError, "prototxt must be a file path"),
+    "seed str": (lambda: hybrid_infer.load(PROTOTXT, random_weights="1"), OptionError, "must be a whole"),
+    "seed negative": (lambda: hybrid_infer.load(PROTOTXT, random_weights=-1), OptionError, "0 or more"),
+    "seed bool": (lambda: hybrid_infer.load(PROTOTXT, random_weights=True), OptionError, "not bool True"),
+    "fallback str": (lambda: hybrid_infer.load(PROTOTXT, fallback="LRN"), OptionError, "list of names"),
+    "outputs str": (lambda: hybrid_infer.load(PROTOTXT, outputs="prob"), OptionError, "list of names"),
+    "min str": (lambda: hybrid_infer.load(PROTOTXT, min_segment_size="3"), OptionError, "whole number"),
+    "engine int": (lambda: hybrid_infer.load(PROTOTXT, engine=5), OptionError, "engine must be one of"),
+    "profile None": (lambda: hybrid_infer.load(PROTOTXT, profile=None), OptionError, "profile must be one of"),
+    "shape str": (lambda: hybrid_infer.load(PROTOTXT, input_shapes={"data": "1x1"}), OptionError, "sequence of dim"),
+    "shapes list": (lambda: hybrid_infer.load(PROTOTXT, input_shapes=[1, 2]), OptionError, "map input names"),
+    "shape huge": (lambda: hybrid_infer.load(PROTOTXT, input_shapes={"data": (1, 1, 2**40, 1)}), OptionError,
+                   "at most 2147483647"),
+    "device str": (lambda: hybrid_infer.load(PROTOTXT, device="0"), OptionError, "device must be a whole number"),
+    "settings dict": (lambda: hybrid_infer.load(PROTOTXT, build_settings={}), OptionError, "BuildSettings"),
+    "cache int": (lambda: hybrid_infer.load(PROTOTXT, engine_cache=3), OptionError, "EngineCache"),
+    "inputs list": (lambda: _lenet().run([1, 2]), InputError, "dict of input name"),
+    "input object": (lambda: _lenet().run({"data": object()}), InputError, "dtype object"),
+    "input complex": (lambda: _lenet().run({"data": np.zeros((1, 1, 16, 16), np.complex64)}),
+                      InputError, "dtype complex64"),
+    "input name int": (lambda: _lenet().run({1: np.zeros((1, 1, 16, 16), np.float32)}),
+                       InputError, "input names must be str"),
+    "empty batch": (lambda: _lenet().run({"data": np.zeros((0, 1, 16, 16), np.float32)}),
+                    InputError, "batch size 0"),
+    "check tolerance": (lambda: _lenet().check({"data": np.zeros((1, 1, 16, 16), np.float32)}, tolerance="x"),
+                        OptionError, "tolerance must be a number"),
+    "check tolerance nan": (lambda: _lenet().check({"data": np.zeros((1, 1, 16, 16), np.float32)},
+                                                   tolerance=float("nan")),
+                            OptionError, "tolerance must be a finite number"),
+    "caffe device": (lambda: _lenet().run_caffe({"data": np.zeros((1, 1, 16, 16), np.float32)}, device="x"),
+                     OptionError, "whole number"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(API_CALLS))
+def test_python_api_arguments_of_the_wrong_type_get_the_projects_errors(name):
+    call, error, says = API_CALLS[name]
+    with pytest.raises(error, match=says) as raised:
+        call()
+    assert isinstance(raised.value, HybridInferError)
+
+
+# --- verdicts ---------------------------------------------------------------------------------
+
+def test_relative_l2_never_passes_what_was_not_compared():
+    x = np.random.default_rng(7).standard_normal((2, 5)).astype(np.float32)
+    nan = np.full_like(x, np.nan)
+    assert relative_l2(nan, nan) == float("inf")  # all NaN on both sides: nothing was compared
+    assert relative_l2(np.where(x > 0, np.nan, x), x) == float("inf")  # NaN where Caffe has numbers
+    assert relative_l2(x, np.where(x > 0, np.nan, x)) == float("inf")
+    assert relative_l2(x[:1], x) == float("inf")  # shapes differ: never broadcast
+    same = np.where(x > 0, np.nan, x)
+    assert relative_l2(same, same) == 0.0  # NaN in the same places, beside matching numbers
+    row = compare_outputs({"y": nan}, {"y": nan})[0]
+    assert row.rel_l2 == float("inf") and "no finite value" in row.note
+
+
+NAN_NET = '''
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 4 dim: 4 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 3 kernel_size: 1 } }
+layer { name: "root" type: "Power" bottom: "conv" top: "root" power_param { power: 0.5 scale: 0 shift: -1 } }
+'''
+
+
+def test_all_nan_outputs_do_not_pass_check(make_prototxt, capsys):
+    path = str(make_prototxt(NAN_NET))
+    assert main(["run", path, "--random-weights", "1", "--min-segment-size", "1", "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "root: max abs error 0, relative L2 inf ABOVE" in out and "no finite value" in out
+    assert main(["diff", path, "--random-weights", "1", "--min-segment-size", "1"]) == 1
+    assert "first value above relative L2 0.0001: root" in capsys.readouterr().out
