@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from ..api import HybridNet
 from ..errors import OptionError
 from ..files import check_output_path
 from ..partition.partitioner import TENSORRT
-from ..precision.calibrate import batches_of, calibrate, check_finite, tensorrt_segments
+from ..precision.calibrate import batches_of, calibrate, check_finite, fp16_overflow, tensorrt_segments
 from ..precision.calibration_file import METHODS, PRECISIONS, Calibration
 from ..precision.checks import reads_images
 from ..precision.plan import PrecisionPlan, quantizable_layers, resolve_layers
@@ -85,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
     segments = tensorrt_segments(net)
     print(f"{len(segments)} TensorRT segment(s), {sum(len(s.ranges) for s in calibration.segments)} tensor "
           f"ranges, {time.perf_counter() - start:.1f} s")
+    overflow = fp16_overflow(calibration) if args.precision == "fp16" else []
+    if overflow:
+        print(f"{len(overflow)} tensor(s) exceed FP16's range (65504) on these inputs, e.g. {', '.join(overflow[:5])}: "
+              "the layers that write or read them stay FP32 (listed below), so nothing becomes inf")
     make_net = _net_factory(net, args)
     values = list(dict.fromkeys([*net.checked_values(), *measuring_points(net)]))
     reference = net.run_caffe_values(evaluation, values)
@@ -98,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(details))
     print(f"{label} ({', '.join(engines)}) against Caffe FP32 on {items} {on}: "
           + _error_text(error))
-    calibration.accuracy = {**error, "inputs": items, "on": on, "engine": ", ".join(engines)}
+    calibration.accuracy = {**_json_safe(error), "inputs": items, "on": on, "engine": ", ".join(engines)}
     net.close()
     if target is not None:
         _search(calibration, plan, make_net, evaluation, reference, target, args,
@@ -119,6 +124,13 @@ def _error_text(error: dict) -> str:
     return ", ".join(parts)
 
 
+def _json_safe(error: dict) -> dict:
+    """Measured errors for the file: an infinite or NaN one (overflow, NaN outputs) becomes
+    null, with ``nonfinite`` saying so."""
+    safe = {k: (v if v is None or math.isfinite(v) else None) for k, v in error.items()}
+    return {**safe, **({"nonfinite": True} if safe != error else {})}
+
+
 def _search(calibration: Calibration, plan: PrecisionPlan, make_net: Callable[[Optional[PrecisionPlan]], HybridNet],
             evaluation: dict, reference: dict, target, args: argparse.Namespace, layers: list[str]) -> None:
     """The sensitivity search; its report and the layers it kept go into ``calibration``."""
@@ -130,7 +142,7 @@ def _search(calibration: Calibration, plan: PrecisionPlan, make_net: Callable[[O
     calibration.sensitivity = json.loads(json.dumps(report.to_json()))
     if report.met and report.steps:
         best = [s for s in report.steps if not s.skipped][-1]
-        calibration.accuracy = {**(calibration.accuracy or {}), **best.error}
+        calibration.accuracy = {**(calibration.accuracy or {}), **_json_safe(best.error)}
 
 
 def _warn_about_the_set(args: argparse.Namespace, count: int) -> None:

@@ -132,12 +132,12 @@ def residual_sums(graph: LayerGraph, layers: Iterable[str]) -> set[str]:
 
 
 def reduced_neighbours(graph: LayerGraph, layers: Iterable[str], kept: set[str], weighted: Iterable[str],
-                       passing: Optional[Iterable[str]] = None) -> set[str]:
+                       passing: Optional[Iterable[str]] = None) -> dict[str, str]:
     """Pass-through layers (types in ``passing``; None: every type not in ``weighted``) of
-    ``layers`` that must stay FP32 beside the kept ones, so that a kept layer's output is not
-    rounded on its way on (see the module docstring): those reached (through other
+    ``layers`` that stay FP32 beside the kept ones -> why, so that a kept layer's output is
+    not rounded on its way on (see the module docstring): those reached (through other
     pass-through layers) from a kept weighted layer upstream, and those with no reduced
-    weighted layer upstream whose readers are kept or not reduced at all."""
+    weighted layer upstream whose readers are kept or not reduced at all (nothing to gain)."""
     inside = list(layers)
     members = set(inside)
     weighted = set(weighted)
@@ -172,13 +172,17 @@ def reduced_neighbours(graph: LayerGraph, layers: Iterable[str], kept: set[str],
                     kinds.add(k)
         return kinds
 
-    result = set()
+    result = {}
     for name in inside:
         if kind(name) != "pass":
             continue
         up, down = reach(name, True), reach(name, False)
-        if "kept" in up or ("reduced" not in up and ("kept" in down or "reduced" not in down)):
-            result.add(name)
+        if "kept" in up:
+            result[name] = "reads a layer kept in FP32"
+        elif "reduced" not in up and "kept" in down:
+            result[name] = "feeds a layer kept in FP32"
+        elif "reduced" not in up and "reduced" not in down:
+            result[name] = "only float layers around it"
     return result
 
 
@@ -295,13 +299,14 @@ class PrecisionPlan:
             else:
                 neighbours = reduced_neighbours(self.graph, layers, fp32_layers, QUANTIZABLE_TYPES,
                                                 set(CPU_INTEGER_TYPES) - set(QUANTIZABLE_TYPES))
-                record.also_fp32.update((n, "beside a layer kept in FP32") for n in neighbours - fp32_layers)
+                record.also_fp32.update(neighbours)
                 residual = set()
                 quantized = {n for n in layers if self.graph.layers[n].type in CPU_INTEGER_TYPES}
-                quantized -= fp32_layers | neighbours
+                quantized -= fp32_layers | set(neighbours)
                 float_inputs = {n for n in layers if self.graph.layers[n].type in FLOAT_INPUT_TYPES}
             try:
-                model = quantize(prepared, entry.ranges, target, quantized, float_inputs, residual)
+                model = quantize(prepared, entry.ranges, target, quantized, float_inputs, residual,
+                                 fp32_layers | set(record.also_fp32))
             except MissingRange as exc:
                 raise CalibrationError(
                     f"{self.calibration.path}: segment {segment.id} needs a range for tensor '{exc.tensor}', which the "
@@ -327,8 +332,8 @@ class PrecisionPlan:
         neighbours = reduced_neighbours(self.graph, layers, kept, QUANTIZABLE_TYPES)
         record.also_fp32 = {**{n: "box decoding and NMS" for n in sorted(always)},
                             **{n: f"a tensor beyond FP16's range ({FP16_MAX:g})" for n in sorted(overflow - always)},
-                            **{n: "beside a layer kept in FP32" for n in sorted(neighbours - kept)}}
-        blocked = kept | neighbours
+                            **neighbours}
+        blocked = kept | set(neighbours)
         record.reduced = [n for n in quantizable_layers(self.graph, layers) if n not in blocked]
         half = to_half(prepared, [node.name for node in prepared.graph.node if node.doc_string in blocked])
         return (half if target == TENSORRT else emulate_half(half)), record

@@ -130,13 +130,14 @@ def tensorrt_nodes(model: onnx.ModelProto, quantized_layers: Collection[str],
 
 def quantize(prepared: onnx.ModelProto, ranges: Mapping[str, Sequence[float]], target: str,
              quantized_layers: Collection[str], float_input_layers: Collection[str] = (),
-             residual_layers: Collection[str] = ()) -> onnx.ModelProto:
+             residual_layers: Collection[str] = (), fp32_layers: Collection[str] = ()) -> onnx.ModelProto:
     """Q/DQ copy of ``prepared`` for ``target`` ("tensorrt" or "onnxruntime").
 
     ``ranges`` maps tensor names of ``prepared`` to ``(lowest, highest)`` from calibration.
     Only nodes of ``quantized_layers`` (Caffe layer names) get Q/DQ for their own sake;
     nodes of ``float_input_layers`` read full-precision inputs where the quantizer gave them
-    a pair for a neighbour's sake (on TensorRT every node outside the quantized ones does);
+    a pair for a neighbour's sake (on TensorRT every node outside the quantized ones does),
+    nodes of ``fp32_layers`` (kept in FP32, CPU) where the tensor's producer computes in float;
     ``residual_layers`` are the Eltwise SUMs that may be residual Adds (TensorRT placement).
     Segment inputs and outputs keep their names and stay FP32. Raises ValueError for an
     unknown target, ``MissingRange`` for a tensor to quantize without a calibrated range.
@@ -183,6 +184,11 @@ def quantize(prepared: onnx.ModelProto, ranges: Mapping[str, Sequence[float]], t
         raise
     result: onnx.ModelProto = quantizer.model.model
     _float_inputs_for(result, float_readers, original_inputs, original_producers)
+    if target == ONNXRUNTIME:  # layers kept in FP32 read a float producer's tensor in float; an INT8
+        # producer's output (QLinearConv's 8-bit result) they read as it is
+        float_writers = {name for name, layer in layers.items() if layer not in quantized}
+        _float_inputs_for(result, {n for n in float_writers if layers[n] in set(fp32_layers)}, original_inputs,
+                          original_producers, float_writers)
     if target == TENSORRT:
         _quantize_residual_inputs_only(result, set(nodes))
     _float_graph_outputs(result, original_producers, original_nodes)
@@ -199,12 +205,14 @@ def _qdq_source(producer: Mapping[str, onnx.NodeProto], name: str) -> Optional[s
 
 
 def _float_inputs_for(model: onnx.ModelProto, nodes: set[str], original_inputs: Mapping[str, list[str]],
-                      original_producers: Mapping[str, str]) -> None:
+                      original_producers: Mapping[str, str], writers: Optional[set[str]] = None) -> None:
     """Feed ``nodes`` their float tensor again where the quantizer gave them a Q/DQ pair it
-    inserted for another consumer of the same tensor (it rewires every consumer). Only where
-    that tensor is still what the node read: where the quantizer removed a ReLU into the pair
-    (the ReLU's producer then writes the ReLU's output name, unclipped), the node keeps the
-    pair, whose quantization does the clipping."""
+    inserted for another consumer of the same tensor (it rewires every consumer); with
+    ``writers``, only tensors that one of those nodes (or the segment input) writes. Only where
+    that tensor is still
+    what the node read: where the quantizer removed a ReLU into the pair (the ReLU's producer
+    then writes the ReLU's output name, unclipped), the node keeps the pair, whose
+    quantization does the clipping."""
     producer = _producers(model)
     for node in model.graph.node:
         if node.name not in nodes:
@@ -212,7 +220,8 @@ def _float_inputs_for(model: onnx.ModelProto, nodes: set[str], original_inputs: 
         for k, name in enumerate(node.input):
             source = _qdq_source(producer, name)
             writer = producer[source].name if source in producer else None
-            if source in original_inputs.get(node.name, ()) and writer == original_producers.get(source):
+            if source in original_inputs.get(node.name, ()) and writer == original_producers.get(source) \
+                    and (writers is None or writer is None or writer in writers):
                 node.input[k] = source
 
 
@@ -323,8 +332,34 @@ def to_half(prepared: onnx.ModelProto, float_nodes: Collection[str]) -> onnx.Mod
     converter; ``float_nodes`` (ONNX node names) and nodes with subgraphs stay FP32 (the
     converter casts around them)."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-    return convert_float_to_float16(prepared, keep_io_types=True, node_block_list=sorted(float_nodes),
+    half = convert_float_to_float16(prepared, keep_io_types=True, node_block_list=sorted(float_nodes),
                                     op_block_list=[*DEFAULT_OP_BLOCK_LIST, *SUBGRAPH_OPS])
+    _skip_fp16_round_trips(half)
+    return half
+
+
+def _is_cast_to(node: onnx.NodeProto, elem_type: int) -> bool:
+    return node.op_type == "Cast" and any(a.name == "to" and a.i == elem_type for a in node.attribute)
+
+
+def _skip_fp16_round_trips(model: onnx.ModelProto) -> None:
+    """The float16 converter casts *every* tensor between two FP32 nodes to FP16 and back
+    (producer -> Cast FP16 -> Cast FP32 -> consumer), so a run of kept layers still rounds,
+    and overflows, at each step. Let each such Cast to FP32 read the FP32 tensor before the
+    pair (a Cast of FP32 to FP32 passes it unchanged), and drop casts nothing reads."""
+    producer = _producers(model)
+    for node in model.graph.node:
+        first = producer.get(node.input[0]) if node.input else None
+        if _is_cast_to(node, TensorProto.FLOAT) and first is not None and _is_cast_to(first, TensorProto.FLOAT16):
+            node.input[0] = first.input[0]
+    outputs = {value.name for value in model.graph.output}
+    while True:
+        read = {name for node in model.graph.node for name in node.input} | outputs
+        dead = [n for n in model.graph.node if n.op_type == "Cast" and not set(n.output) & read]
+        if not dead:
+            break
+        for node in dead:
+            model.graph.node.remove(node)
 
 
 def _rounding(name: str, rounded: str) -> list[onnx.NodeProto]:
@@ -356,7 +391,7 @@ def emulate_half(half: onnx.ModelProto) -> onnx.ModelProto:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR:
                 _to_float(attr.t)
-        if node.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT16 for a in node.attribute):
+        if _is_cast_to(node, TensorProto.FLOAT16):
             nodes += _rounding(node.input[0], node.output[0])
             continue
         half_outputs = [o for o in node.output if types.get(o) == TensorProto.FLOAT16]

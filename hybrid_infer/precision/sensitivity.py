@@ -17,7 +17,9 @@ by detection (``detections.py``: detections found on one side only are counted).
 3. Greedy: starting from every layer reduced, the most sensitive layer not yet kept goes
    back to FP32, and the whole hybrid is measured again (error and median latency). A step
    that makes the target's metric worse is undone (listed as skipped); the search stops
-   when the target is met.
+   when the target is met. If the ranked list runs out first, the skipped layers are kept
+   after all, one by one, until it is (with every layer kept the floor is reached, and
+   the floor meets the target, or step 1 stopped the search).
 
 The engines are the ones the hybrid would use (ONNX Runtime's CPU placement here,
 TensorRT's where it runs), so both figures are for the engine the user will run.
@@ -274,15 +276,23 @@ def search(plan: PrecisionPlan, make_net: Callable[[Optional[PrecisionPlan]], Hy
                           for layer in candidates}
     keep = set(base_keep)
     best = first
+    skipped = []
     for layer in sorted(candidates, key=lambda name: -_rank(report.sensitivity[name])):
         if target.met(best.error):
             break
         step, _ = measure(layer, keep | {layer})
         if target.worse(step.error, best.error):
             step.skipped = True
+            skipped.append(layer)
         else:
             keep.add(layer)
             best = step
         report.steps.append(step)
+    for layer in skipped:  # the floor meets the target: the skipped layers, kept after all, lead there
+        if target.met(best.error):
+            break
+        keep.add(layer)
+        best, _ = measure(layer, set(keep))
+        report.steps.append(best)
     report.met = target.met(best.error)
     return report
