@@ -209,10 +209,9 @@ def _float_inputs_for(model: onnx.ModelProto, nodes: set[str], original_inputs: 
     """Feed ``nodes`` their float tensor again where the quantizer gave them a Q/DQ pair it
     inserted for another consumer of the same tensor (it rewires every consumer); with
     ``writers``, only tensors that one of those nodes (or the segment input) writes. Only where
-    that tensor is still
-    what the node read: where the quantizer removed a ReLU into the pair (the ReLU's producer
-    then writes the ReLU's output name, unclipped), the node keeps the pair, whose
-    quantization does the clipping."""
+    that tensor is still what the node read: where the quantizer removed a ReLU into the pair
+    (the ReLU's producer then writes the ReLU's output name, unclipped), the node keeps the
+    pair, whose quantization does the clipping."""
     producer = _producers(model)
     for node in model.graph.node:
         if node.name not in nodes:
