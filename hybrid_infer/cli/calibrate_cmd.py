@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     inputs, _ = gather_inputs(net, args.input, prep, None)
     count = next(iter(inputs.values())).shape[0]
     check_finite(inputs, "calibration input", f" of --input {' '.join(args.input)}")
-    evaluation = gather_inputs(net, args.eval_input, prep, None)[0] if args.eval_input else inputs
+    evaluation = net.check_inputs(gather_inputs(net, args.eval_input, prep, None)[0]) if args.eval_input else inputs
     _warn_about_the_set(args, count)
     batches = batches_of(inputs, args.calibration_batch)
     label = args.precision.upper() + (f" {args.method}" if args.precision == "int8" else "")

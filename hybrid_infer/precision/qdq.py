@@ -193,7 +193,7 @@ def quantize(prepared: onnx.ModelProto, ranges: Mapping[str, Sequence[float]], t
         _quantize_residual_inputs_only(result, set(nodes))
     _float_graph_outputs(result, original_producers, original_nodes)
     _drop_unread_qdq(result)
-    _restore_layer_names(result, layers)
+    _restore_layer_names(result)
     return result
 
 
@@ -307,21 +307,22 @@ def _drop_unread_qdq(model: onnx.ModelProto) -> None:
             model.graph.node.remove(node)
 
 
-def _restore_layer_names(model: onnx.ModelProto, layers: Mapping[str, str]) -> None:
-    """Give Q/DQ nodes the Caffe layer of the node they feed or follow, so TensorRT's
-    messages and layer lists keep speaking in Caffe layers."""
+def _restore_layer_names(model: onnx.ModelProto) -> None:
+    """Give Q/DQ nodes the Caffe layer of the node they feed or follow (a Q on a segment input
+    that of its DQ's reader), so TensorRT's messages and layer lists keep speaking in Caffe layers."""
     producer = _producers(model)
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    for node in model.graph.node:
-        if node.doc_string or node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        near = [c for out in node.output for c in consumers.get(out, []) if c.name in layers]
-        near += [producer[i] for i in node.input if i in producer and producer[i].name in layers]
-        if near:
-            node.doc_string = layers[near[0].name]
+    for op_type in ("DequantizeLinear", "QuantizeLinear"):  # a Q may only know its DQ's layer
+        for node in model.graph.node:
+            if node.doc_string or node.op_type != op_type:
+                continue
+            near = [c for out in node.output for c in consumers.get(out, []) if c.doc_string]
+            near += [producer[i] for i in node.input if i in producer and producer[i].doc_string]
+            if near:
+                node.doc_string = near[0].doc_string
 
 
 # --- FP16 ---------------------------------------------------------------------------------
