@@ -143,6 +143,9 @@ class HybridNet:
         from .precision.plan import plan_for
         #: Reduced precision for the TensorRT segments (None: FP32), from ``calibration``.
         self.precision: Optional["PrecisionPlan"] = plan_for(calibration, model, self.graph, keep_fp32)
+        if self.precision is not None and build_settings is not None and build_settings.fp16:
+            raise OptionError("fp16 build settings with a calibration: the calibration sets the precision "
+                              "(calibrate with --precision fp16 for FP16 engines)")
         self._reference_rehearsal = Rehearsal()
 
     @staticmethod

@@ -92,7 +92,8 @@ def hybrid_values(net: HybridNet, settings: Settings, inputs: Mapping[str, np.nd
     if engine == "tensorrt":
         from ..engines.tensorrt_segment import tensorrt_factory
         factory = tensorrt_factory()
-    executor = HybridExecutor(build_engines(graph, net.model, cut.segments, engine, factory))
+    transform = net.precision.segment_model if net.precision is not None else None  # --calibration
+    executor = HybridExecutor(build_engines(graph, net.model, cut.segments, engine, factory, transform=transform))
     try:
         checked = net.check_inputs(inputs)
         got = executor.run({graph.input_value(name): a for name, a in checked.items()}, wanted)

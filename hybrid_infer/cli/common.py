@@ -85,8 +85,13 @@ def _net_options(args: argparse.Namespace, engine: str, batch: int, min_segment_
         options["device"] = args.device
     if getattr(args, "check", False):
         options["keep_logits"] = True  # run --check compares them: keep them from the start
-    if getattr(args, "calibration", None) is not None or getattr(args, "keep_fp32", None):
-        options.update(calibration=args.calibration, keep_fp32=args.keep_fp32)
+    if hasattr(args, "calibration"):  # run, build, export, diff (calibrate's --keep-fp32 goes into its file)
+        if args.calibration is not None and getattr(args, "fp16", False):
+            raise OptionError("--fp16 with --calibration: the calibration file sets the precision (its Q/DQ or "
+                              "FP16 network is strongly typed, and TensorRT ignores precision flags there); for "
+                              "FP16 engines calibrate with --precision fp16")
+        if args.calibration is not None or args.keep_fp32:
+            options.update(calibration=args.calibration, keep_fp32=args.keep_fp32)
     return options
 
 

@@ -97,20 +97,23 @@ def run(args: argparse.Namespace) -> int:
         model.set_random_weights(args.random_weights)
     probe = HybridNet(model, outputs=args.output_blob)
     inputs, _ = gather_inputs(probe, args.input, preprocessing(args), args.batch)
+    variants = []
+    if args.calibration:  # every file checked (stale, unreadable) before anything is measured
+        from ..precision.variants import measure_precisions, open_precisions
+        variants = open_precisions(model, args.calibration, engine=args.engine, outputs=args.output_blob,
+                                   keep_fp32=args.keep_fp32)
     if args.min_segment_size == AUTO:
         specs = unique_with_caffe_first([*specs, _auto_spec(probe, args, inputs)])
-    print(f"measuring {len(specs)} partition(s), {args.warmup} warm-up + {args.runs} timed run(s) each",
-          file=sys.stderr)
-    progress = Progress((len(specs) + len(args.calibration)) * (args.runs + args.warmup), "compare")
+    print(f"measuring {len(specs)} partition(s)" + (f" and {len(variants)} calibrated variant(s)" if variants else "")
+          + f", {args.warmup} warm-up + {args.runs} timed run(s) each", file=sys.stderr)
+    progress = Progress((len(specs) + len(variants)) * (args.runs + args.warmup), "compare")
     try:
         results = compare_partitions(model, specs, inputs, engine=args.engine, outputs=args.output_blob,
                                      tolerance=args.tolerance, runs=args.runs, warmup=args.warmup,
                                      tick=progress.tick)
-        if args.calibration:
-            from ..precision.variants import measure_precisions
-            results += measure_precisions(model, args.calibration, inputs, probe.run_caffe(inputs),
-                                          engine=args.engine, outputs=args.output_blob, keep_fp32=args.keep_fp32,
-                                          runs=args.runs, warmup=args.warmup, tick=progress.tick)
+        if variants:
+            results += measure_precisions(variants, inputs, probe.reference_values(inputs), runs=args.runs,
+                                          warmup=args.warmup, tick=progress.tick)
     finally:
         progress.close()
     sys.stdout.write(to_text(results))

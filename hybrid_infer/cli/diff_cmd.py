@@ -11,9 +11,11 @@ from ..analysis.layer_diff import Settings, caffe_values, layer_diff, to_json, t
 from ..executor.engine_factory import ENGINES
 from ..report.bar_chart import check_writable
 from ..files import write_atomically
+from ..errors import OptionError
 from .common import add_model_options, open_net
 from .input_options import add_input_options, gather_inputs, preprocessing
 from .option_types import float_type
+from .precision_options import add_precision_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,10 +35,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="on a mismatch, find the smallest set of TensorRT layers that still causes one "
                         "(runs the hybrid repeatedly with layers forced to Caffe)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the per-value errors as JSON")
+    add_precision_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bisect and args.calibration:
+        raise OptionError("--bisect moves layers to Caffe, which re-cuts the segments the calibration was made for; "
+                          "bisect without --calibration (or keep layers in FP32 with --keep-fp32 instead)")
     if args.json:
         check_writable(args.json, "--json")
     net = open_net(args, engine=args.engine, batch=args.batch or 1)

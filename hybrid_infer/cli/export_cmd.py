@@ -14,12 +14,16 @@ from ..report.partition_report import to_json
 from ..errors import OptionError
 from ..files import check_output_folder, write_files_atomically
 from .common import add_model_options, open_net
+from .precision_options import add_precision_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write TensorRT segments as ONNX files with a manifest")
+    p = sub.add_parser("export", help="write TensorRT segments as ONNX files with a manifest",
+                       description="Write each TensorRT segment's ONNX (with --calibration: the Q/DQ or FP16 ONNX "
+                                   "TensorRT builds from it) and manifest.json, for trtexec, Polygraphy or Netron.")
     add_model_options(p)
     p.add_argument("-o", "--output-dir", type=Path, required=True, help="folder for the .onnx files")
+    add_precision_options(p)
     p.set_defaults(func=run)
 
 
@@ -34,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
         if segment.backend != TENSORRT:
             continue
         model = segment_onnx(net.graph, net.model, segment)
+        if net.precision is not None:  # what TensorRT builds: the Q/DQ (or FP16) ONNX of its placement
+            model = net.precision.segment_model(model, segment, "tensorrt")
+            entry["precision"] = net.precision.label
         onnx.checker.check_model(model, full_check=True)
         name = f"segment{segment.id}.onnx"
         data = model.SerializeToString()
@@ -41,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         entry["onnx"] = name
         entry["onnx_bytes"] = len(data)
         lines.append(f"segment {segment.id}: {len(segment.layers)} layers -> {folder / name} "
-                     f"({len(data) / 2**20:.1f} MiB)")
+                     f"({len(data) / 2**20:.1f} MiB{', ' + net.precision.label + ' for TensorRT' if net.precision else ''})")
     # All segments and the manifest land together (manifest last), or none of them does.
     files[folder / "manifest.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
     try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from ..report.partition_report import user_lowerings
 from .common import add_build_options, add_model_options, auto_min_segment_size, open_net
 from .input_options import add_input_options, gather_inputs, preprocessing
 from .option_types import float_type, int_type
-from .precision_options import add_precision_options
+from .precision_options import (add_precision_options, check_tolerance, input_range_warnings, precision_input_checks,
+                                precision_lines)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,9 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "tensors then stay on the GPU between GPU engines")
     p.add_argument("-o", "--output", type=Path, help="save outputs to FILE.npz")
     p.add_argument("--check", action="store_true", help="also run pure Caffe and report the difference")
-    p.add_argument("--tolerance", type=float_type(0), default=1e-4,
-                   help="relative L2 limit for --check (1e-4); for DetectionOutput blobs the largest score or "
-                        "coordinate difference, and the margin within which scores and thresholds count as equal")
+    p.add_argument("--tolerance", type=float_type(0), default=None,
+                   help="relative L2 limit for --check (1e-4; with --calibration twice the error calibrate measured, "
+                        "at least 1e-4); for DetectionOutput blobs the largest score or coordinate difference, and "
+                        "the margin within which scores and thresholds count as equal")
     p.add_argument("--labels", type=Path, help="class names, one per line, for classifier outputs")
     p.add_argument("--top", type=int_type(1), default=5, help="classes to show per image (5)")
     add_build_options(p)
@@ -86,7 +89,13 @@ def run(args: argparse.Namespace) -> int:
     if args.labels:
         read_labels(args.labels)  # a bad file is reported before the model is loaded
     net = open_net(args, engine=args.engine, batch=args.batch or 1)
-    inputs, labels = gather_inputs(net, args.input, preprocessing(args), args.batch)
+    prep = preprocessing(args)
+    precision_notes = precision_input_checks(net, prep, args.input)  # refuses other preprocessing, before running
+    inputs, labels = gather_inputs(net, args.input, prep, args.batch)
+    for note in precision_notes + input_range_warnings(net, inputs):
+        print(note, file=sys.stderr)
+    args.tolerance, why_tolerance = check_tolerance(net, args.tolerance)
+    tolerance = args.tolerance
     net = auto_min_segment_size(net, args, inputs, engine=args.engine, batch=args.batch or 1)
     class_names = read_labels(args.labels) if args.labels else []
     start = time.perf_counter()
@@ -105,9 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if trt_kinds:
         print(f"  TensorRT segments ran with {', '.join(trt_kinds)} ({net.engine_reason})")
     if net.precision is not None:
-        kept = sorted(net.precision.keep_fp32)
-        print(f"  precision {net.precision.label} from {net.precision.calibration.path}"
-              + (f"; kept in FP32: {', '.join(kept)}" if kept else ""))
+        print("\n".join(precision_lines(net)))
     times = net.segment_times()
     for se in net.segment_engines:
         note = f"  (fell back: {se.fallback_note})" if se.fallback_note else ""
@@ -121,18 +128,20 @@ def run(args: argparse.Namespace) -> int:
     print("\nhand-offs of the second run:\n" + handoff_report.to_text(net.handoffs()), end="")
     status = 0
     if args.check:
-        result = net.check(inputs, args.tolerance)
+        result = net.check(inputs, tolerance)
         status = 0 if result.ok else 1
         compared = ", ".join(f"'{name}'" for name in result.softmax_inputs.values())
+        if why_tolerance:
+            print(f"\n{why_tolerance}", end="")
         print("\ncheck against pure Caffe: the outputs" + (f", and the input of every Softmax ({compared}), whose "
               "saturated probabilities would hide errors" if compared else "") + ":")
         for row in result.rows:
             if row.detections is not None:
-                _print_detection_check(row.name, row.detections, row.within(args.tolerance))
+                _print_detection_check(row.name, row.detections, row.within(tolerance))
                 continue
             role = f" (input of Softmax '{result.softmax_inputs[row.name]}')" if row.name in result.softmax_inputs else ""
             print(f"  {row.name}{role}: max abs error {row.max_abs:.3g}, relative L2 {row.rel_l2:.3g} "
-                  f"{'OK' if row.rel_l2 <= args.tolerance else 'ABOVE'} (tolerance {args.tolerance:g})"
+                  f"{'OK' if row.rel_l2 <= tolerance else 'ABOVE'} (tolerance {tolerance:g})"
                   + (f", top-1 agreement {row.top1_agreement:.0%}" if row.top1_agreement is not None else "")
                   + (f", {row.nonfinite} value(s) NaN or Inf on one side only" if row.nonfinite else "")
                   + (f" ({row.note})" if row.note and not row.nonfinite else ""))
