@@ -4,16 +4,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from ..analysis.bisect import bisect
 from ..analysis.layer_diff import Settings, caffe_values, layer_diff, to_json, to_text
 from ..executor.engine_factory import ENGINES
 from ..report.bar_chart import check_writable
-from ..files import write_atomically
+from ..files import check_not_read, write_atomically
 from .common import add_model_options, open_net, require_weights
-from .input_options import add_input_options, gather_inputs, preprocessing
-from .option_types import float_type
+from .input_options import add_input_options, files_read, gather_inputs, preprocessing
+from .option_types import float_type, output_file
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bisect", action="store_true",
                    help="on a mismatch, find the smallest set of TensorRT layers that still causes one "
                         "(runs the hybrid repeatedly with layers forced to Caffe)")
-    p.add_argument("--json", type=Path, metavar="FILE", help="write the per-value errors as JSON")
+    p.add_argument("--json", type=output_file, metavar="FILE", help="write the per-value errors as JSON")
     p.set_defaults(func=run)
 
 
@@ -40,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     require_weights(args)
     if args.json:
         check_writable(args.json, "--json")
+        check_not_read(args.json, "--json", files_read(args))
     net = open_net(args, engine=args.engine, batch=args.batch or 1)
     inputs, _ = gather_inputs(net, args.input, preprocessing(args), args.batch)
     settings = Settings(args.profile, args.min_segment_size, tuple(args.fallback), args.engine)

@@ -12,14 +12,16 @@ from ..executor.engine_factory import segment_onnx
 from ..partition.partitioner import TENSORRT
 from ..report.partition_report import to_json
 from ..errors import OptionError
-from ..files import check_output_folder, write_files_atomically
+from ..files import check_not_read, check_output_folder, write_files_atomically
 from .common import add_model_options, open_net, require_weights
+from .input_options import files_read
+from .option_types import output_folder
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write TensorRT segments as ONNX files with a manifest")
     add_model_options(p)
-    p.add_argument("-o", "--output-dir", type=Path, required=True, help="folder for the .onnx files")
+    p.add_argument("-o", "--output-dir", type=output_folder, required=True, help="folder for the .onnx files")
     p.set_defaults(func=run)
 
 
@@ -27,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
     require_weights(args)
     folder: Path = args.output_dir
     check_output_folder(folder, "-o", may_create=True)
+    if not folder.exists():  # only the export folder itself is created, never its parents
+        check_output_folder(folder.parent, "-o", folder)
     net = open_net(args)
     manifest = to_json(net.partition)
     files: dict[Path, bytes] = {}
@@ -45,8 +49,10 @@ def run(args: argparse.Namespace) -> int:
                      f"({len(data) / 2**20:.1f} MiB)")
     # All segments and the manifest land together (manifest last), or none of them does.
     files[folder / "manifest.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
+    for path in files:
+        check_not_read(path, "-o", files_read(args))
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(exist_ok=True)
     except OSError as exc:
         raise OptionError(f"-o {folder}: cannot create this folder ({exc.strerror or exc})") from None
     write_files_atomically(files, option="-o")

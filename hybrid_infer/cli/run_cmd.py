@@ -12,12 +12,12 @@ from ..executor.engine_factory import ENGINES
 from ..detections import DetectionComparison, detection_outputs, parse
 from ..partition.partitioner import TENSORRT
 from ..report import handoff_report
-from ..files import check_output_path, write_atomically
+from ..files import check_not_read, check_output_path, write_atomically
 from ..inputs import read_labels
 from ..report.partition_report import user_lowerings
 from .common import add_build_options, add_model_options, auto_min_segment_size, open_net, require_weights
-from .input_options import add_input_options, gather_inputs, preprocessing
-from .option_types import float_type, int_type
+from .input_options import add_input_options, files_read, gather_inputs, preprocessing
+from .option_types import float_type, int_type, output_file
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", type=int_type(0), metavar="N",
                    help="run the Caffe segments on GPU N (needs the CUDA Caffe: scripts/setup.sh --cuda); "
                         "tensors then stay on the GPU between GPU engines")
-    p.add_argument("-o", "--output", type=Path, help="save outputs to FILE.npz")
+    p.add_argument("-o", "--output", type=output_file, help="save outputs to FILE.npz")
     p.add_argument("--check", action="store_true", help="also run pure Caffe and report the difference")
     p.add_argument("--tolerance", type=float_type(0), default=1e-4,
                    help="relative L2 limit for --check (1e-4); for DetectionOutput blobs the largest score or "
@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     require_weights(args)
     if args.output:
         check_output_path(args.output, "-o")
+        check_not_read(args.output, "-o", files_read(args))
     if args.labels:
         read_labels(args.labels)  # a bad file is reported before the model is loaded
     net = open_net(args, engine=args.engine, batch=args.batch or 1)
