@@ -15,6 +15,7 @@ from .engines.caffe_batch import check_feed_batch
 from .errors import InputError, OptionError
 from .graph.layer_graph import Layer, LayerGraph
 from .index_inputs import check_index_inputs, index_inputs
+from .inputs import check_float32_range
 from .lowering.plugins import LoweringModule, load_lowering_modules
 from .detections import detection_outputs
 from .metrics import OutputDifference, compare_outputs
@@ -225,6 +226,7 @@ class HybridNet:
             if batch is not None and array.shape[0] != batch:
                 raise InputError(f"inputs have different batch sizes ({batch} and {array.shape[0]} for '{name}')")
             batch = array.shape[0]
+            check_float32_range(array, f"input '{name}'")
             checked[name] = np.ascontiguousarray(array, dtype=np.float32)
         if batch is not None:
             if batch < 1:

@@ -65,6 +65,11 @@ def gather_inputs(net: HybridNet, specs: list[str], prep: Preprocessing,
                   batch: int | None) -> tuple[dict[str, np.ndarray], list[str]]:
     """Inputs by blob name, plus the file names per batch item (for printing)."""
     shapes = net.input_shapes()
+    if prep.mean:
+        for name, shape in shapes.items():
+            if len(shape) == 4 and len(prep.mean) not in (1, shape[1]):
+                raise OptionError(f"--mean has {len(prep.mean)} values; input '{name}' has {shape[1]} channels: give "
+                                  "one value, or one per channel")
     files: dict[str, list[Path]] = {}
     for spec in specs:
         name, file = split_input_spec(spec, list(shapes))

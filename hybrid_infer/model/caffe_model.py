@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import EnvironmentProblem, ModelError
 from ..memory_budget import check_fits
 from .caffe_import import caffe, registered_layer_types
-from .caffe_limits import check_set_up_net
+from .caffe_limits import check_in_place, check_operand_shapes, check_set_up_net
 from .caffemodel import read_caffemodel
 from .isolated import CaffeFailure, call_isolated
 from .param_sharing import param_owners
@@ -94,6 +94,8 @@ def _check_layers(net: NetParameter, source: str, dropped: Sequence[DroppedLayer
                 raise ModelError(f"{source}: blob '{top}' is produced twice (by '{layer.name}' and an "
                                  "earlier layer); only in-place layers (top i the same as bottom i) may "
                                  "reuse a blob name")
+            if in_place:
+                check_in_place(layer, top, source)
             if in_place and len(readers[top]) > 1:
                 _refuse_shared_rewrite(layer.name, top, readers[top], source)
             produced.add(top)
@@ -194,6 +196,7 @@ class CaffeModel:
                                                list(self.renamed_layers) if stored is not None else [])
         except CaffeFailure as exc:
             raise ModelError(f"{self.prototxt}: Caffe cannot set this net up: {exc}") from None
+        check_operand_shapes(self.net, self.info.blob_shapes, str(self.prototxt))
         self._weights: dict[str, list[np.ndarray]] | None = None
         if stored is not None:
             assert self.weights_path is not None

@@ -18,6 +18,7 @@ from ..graph.layer_graph import Layer, LayerGraph
 from ..lowering.conv_pool import check_convolution, check_pooling
 from ..lowering.registry import REGISTRY, LoweringTarget
 from ..lowering.tensor_ops import check_eltwise
+from ..model.caffe_limits import training_phase
 
 Check = Callable[[Layer, LayerGraph], Optional[str]]
 
@@ -138,6 +139,9 @@ class Capability:
             return Verdict(False, f"forced to Caffe by --fallback {layer.name}")
         if layer.type in self.fallback:
             return Verdict(False, f"forced to Caffe by --fallback {layer.type}")
+        trains = training_phase(layer.param)
+        if trains:
+            return Verdict(False, trains)
         registration = REGISTRY.find(layer)
         if registration is None:
             target = LoweringTarget.of(layer)
