@@ -20,7 +20,7 @@ from .lowering.plugins import LoweringModule, load_lowering_modules
 from .detections import detection_outputs
 from .metrics import OutputDifference, compare_outputs
 from .model.caffe_import import caffe
-from .model.caffe_limits import refuse_cpu_unsupported
+from .model.caffe_limits import aborts_on_values, refuse_cpu_unsupported
 from .model.caffe_model import CaffeModel
 from .memory_budget import check_fits
 from .model.isolated import Rehearsal, caffe_errors
@@ -131,7 +131,7 @@ class HybridNet:
                                               keep_outputs=self._kept)
         self._executor: Optional["HybridExecutor"] = None
         self._first_run_done = False
-        self._reference_rehearsal = Rehearsal()
+        self._reference_rehearsal = Rehearsal(every_run=aborts_on_values(self.model.layers))
 
     @staticmethod
     def _check_types(**given: object) -> None:
@@ -150,7 +150,7 @@ class HybridNet:
         return {self.graph.values[v].blob: self.graph.values[v].shape for v in self.graph.inputs}
 
     def index_readers(self, input_blob: str) -> list[Layer]:
-        """The Embed layers that read net input ``input_blob`` as row indices (empty if none)."""
+        """The layers that read net input ``input_blob`` as indices (Embed, BatchReindex; empty if none)."""
         return self._index_inputs.get(self.graph.input_value(input_blob), [])
 
     @property

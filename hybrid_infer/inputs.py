@@ -14,13 +14,16 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from numpy.lib import format as npy_format
 
 from .errors import InputError
 from .files import open_regular_file, read_regular_file
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 #: A labels file larger than this is not a list of class names.
 MAX_LABELS_BYTES = 64 * 2**20
@@ -79,7 +82,7 @@ def load_image(path: Path, shape: Sequence[int], prep: Preprocessing) -> np.ndar
     return np.ascontiguousarray(chw * prep.scale, dtype=np.float32)[None]
 
 
-def _eight_bit(img: "Image.Image", path: Path) -> "Image.Image":
+def _eight_bit(img: "PIL.Image.Image", path: Path) -> "PIL.Image.Image":
     """``img`` with 8-bit channels. 16-bit images keep their high byte (``v >> 8``): what
     Pillow itself does to 16-bit colour PNGs, and what OpenCV's ``imread`` (and so Caffe's
     ImageData layer) gives for 16-bit PNGs; Pillow's own ``convert`` would clip every value

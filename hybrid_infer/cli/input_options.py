@@ -96,7 +96,7 @@ def gather_inputs(net: HybridNet, specs: list[str], prep: Preprocessing,
             shape = (batch, *shape[1:]) if batch else shape
             readers = net.index_readers(name)
             if readers:
-                bound = index_bound(readers)
+                bound = index_bound(readers, net.graph, batch or next(iter(shapes.values()))[0])
                 inputs[name] = random_indices(shape, bound)
                 print(f"note: no --input for '{name}': using random whole numbers in [0, {bound}) of shape "
                       f"{shape} (indices for {', '.join(repr(layer.name) for layer in readers)})")

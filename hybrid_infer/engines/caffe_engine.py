@@ -23,7 +23,7 @@ import numpy as np
 
 from ..graph.layer_graph import LayerGraph
 from ..model.caffe_import import caffe, caffe_pb2
-from ..model.caffe_limits import refuse_cpu_unsupported
+from ..model.caffe_limits import aborts_on_values, refuse_cpu_unsupported
 from ..model.isolated import Rehearsal, caffe_errors, call_isolated
 from ..model.caffe_model import push_weights
 from ..model.protofile import write_prototxt
@@ -73,7 +73,7 @@ class CaffeEngine:
         shown = ", ".join(layer_names[:4]) + (f" and {len(layer_names) - 4} more" if len(layer_names) > 4 else "")
         #: How messages name this segment.
         self.label = f"Caffe {name} ({shown})"
-        self._rehearsal = Rehearsal()
+        self._rehearsal = Rehearsal(every_run=aborts_on_values([layer.param for layer in self._layers]))
         self._check_layers([layer.param for layer in self._layers])
         self._workdir = Path(tempfile.mkdtemp(prefix="hybrid_infer_caffe_"))
         prototxt = self._workdir / f"{name}.prototxt"

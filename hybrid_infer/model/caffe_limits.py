@@ -85,6 +85,19 @@ def _check_input_shapes(layer: LayerParameter, source: str) -> None:
                              "every dimension must be 1 or more (set it with --input-shape)")
 
 
+#: Layer types whose forward aborts (a fatal CHECK) on some input *values*, at a shape that
+#: ran before: BatchReindex on an index outside [0, N) (batch_reindex_layer.cpp), MaxUnPool
+#: on a mask position outside its top (maxunpool_layer.cpp), Filter selecting no item (an
+#: empty top, which the layers after it may refuse).
+VALUE_CHECKED_TYPES = frozenset({"BatchReindex", "MaxUnPool", "Filter"})
+
+
+def aborts_on_values(layers: Iterable[LayerParameter]) -> bool:
+    """Whether a Caffe net of ``layers`` must be rehearsed at every run, not only at each new
+    input shape (``isolated.Rehearsal``): one of them can abort on the values it is fed."""
+    return any(layer.type in VALUE_CHECKED_TYPES for layer in layers)
+
+
 def refuse_cpu_unsupported(layers: Iterable[LayerParameter], where: str) -> None:
     """Raise ``ModelError`` if Caffe's CPU code would abort at forward on one of ``layers``."""
     for layer in layers:

@@ -254,17 +254,19 @@ class Rehearsal:
     data, ...). Rehearsed first, such a step raises ``CaffeFailure`` with Caffe's message
     instead of killing the user's process. Cost: one ``fork`` plus the step done twice, on
     the first run at each input shape only (scripts/bench_rehearsal.py measures it).
-    Steps that fail only on some input values at an already rehearsed shape are not
-    covered (Caffe layers rarely do; a Python layer's exceptions are not aborts).
+    A net holding a layer that aborts on some input *values* (BatchReindex's index CHECK,
+    ``caffe_limits.VALUE_CHECKED_TYPES``) is made with ``every_run=True`` and rehearsed at
+    every run instead (a Python layer's exceptions are not aborts: they need no rehearsal).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, every_run: bool = False) -> None:
         self._seen: set[Hashable] = set()
+        self._every_run = every_run
 
     def check(self, shapes: Hashable, step: Callable[[], None]) -> None:
-        """Run ``step()`` in a child if ``shapes`` is new (raising ``CaffeFailure`` if it dies
-        there); the caller then does the work in this process."""
-        if shapes not in self._seen:
+        """Run ``step()`` in a child if ``shapes`` is new, or at every call with ``every_run``
+        (raising ``CaffeFailure`` if it dies there); the caller then does the work here."""
+        if self._every_run or shapes not in self._seen:
             call_isolated(step)
             self._seen.add(shapes)
 
