@@ -249,9 +249,8 @@ class HybridNet:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the hybrid; returns the output blobs (or those named in ``outputs=``)."""
         checked = self.check_inputs(inputs)
-        executor = self._ensure_executor()
         feeds = {self.graph.input_value(name): array for name, array in checked.items()}
-        values = executor.run(feeds, self._output_values)
+        values = self._execute(feeds, self._output_values)
         if not self._first_run_done:
             self._first_run_done = True
             _return_freed_memory()
@@ -350,7 +349,20 @@ class HybridNet:
             self.partition = partition(self.graph, self._capability, self._min_segment_size,
                                        keep_outputs=self._kept)
         feeds = {self.graph.input_value(name): a for name, a in self.check_inputs(inputs).items()}
-        return self._ensure_executor().run(feeds, list(values))
+        return self._execute(feeds, list(values))
+
+    def _execute(self, feeds: Mapping[str, np.ndarray], values: Sequence[str]) -> dict[str, np.ndarray]:
+        """The executor's run of ``feeds`` (value id -> array). An engine failing on a layer
+        whose arithmetic spans the set-up batch (InnerProduct on axis 0, a Reshape writing
+        the batch, ``caffe_batch``) at another batch is reported as that, with the way out,
+        not with advice to run the layer in Caffe, which could not run it either."""
+        from .errors import EngineRejected
+        try:
+            return self._ensure_executor().run(feeds, list(values))
+        except EngineRejected as exc:
+            failed = [self.graph.layers[name] for name in exc.caffe_layers if name in self.graph.layers]
+            check_feed_batch(self.graph, failed, {value: array.shape for value, array in feeds.items()})
+            raise
 
     def reference_values(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Pure Caffe's values of ``checked_values`` on ``inputs`` (value id -> array)."""
