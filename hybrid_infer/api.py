@@ -209,6 +209,7 @@ class HybridNet:
         if missing:
             raise InputError(f"missing input(s) {', '.join(missing)} for {self.model.prototxt} "
                              f"(shapes {', '.join(f'{n}={expected[n]}' for n in missing)})")
+        self._check_batch_axes(expected)
         checked = {}
         batch = None
         for name, array in inputs.items():
@@ -235,6 +236,20 @@ class HybridNet:
         check_index_inputs(self.graph, self._index_inputs,
                            {self.graph.input_value(name): array for name, array in checked.items()})
         return checked
+
+    def _check_batch_axes(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Refuse a model whose inputs differ on their first axis at set-up. hybrid_infer takes
+        axis 0 of every net input as the batch axis, one batch shared by all (the segments'
+        engines are built with it as their one dynamic dimension); Caffe itself just takes
+        whatever shapes it is given, so such a model (a second input of a few parameters
+        without a batch axis, say) runs in Caffe but not here as written."""
+        firsts = {name: shape[0] for name, shape in shapes.items() if shape}
+        if len(set(firsts.values())) > 1:
+            listing = ", ".join(f"'{name}' {shapes[name]}" for name in firsts)
+            raise InputError(f"{self.model.prototxt}: its inputs differ on their first axis ({listing}); hybrid_infer "
+                             "takes axis 0 of every input as the batch axis, which all inputs share: give each "
+                             "input a leading batch axis in the prototxt (e.g. shape { dim: 1 dim: 3 } for 3 "
+                             "values), or make the first axes agree with --input-shape")
 
     def activation_bytes(self, batch: int) -> int:
         """FP32 bytes of every value of the net at ``batch``: about what one run holds in its

@@ -47,7 +47,11 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write(to_text(diff))
     report = to_json(diff)
     status = 0 if diff.first_above is None else 1
-    if args.bisect and diff.first_above is not None:
+    if args.bisect and diff.first_above is not None and diff.caffe_unstable:
+        print("\nbisect: not run: Caffe, the reference, is not deterministic at the first mismatch (see the warning "
+              "above), so no set of lowered layers can be blamed for it")
+        report["bisect"] = {"culprits": [], "runs": 0, "explanation": "not run: " + diff.caffe_unstable}
+    elif args.bisect and diff.first_above is not None:
         print("\nbisecting over the layers on TensorRT (each step is one hybrid run) ...", file=sys.stderr)
         found = bisect(net, settings, inputs, caffe_values(net, inputs), args.tolerance)
         print(f"\nbisect: {found.explanation}")
