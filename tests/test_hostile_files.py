@@ -277,7 +277,7 @@ def test_bad_labels_files_are_refused_before_the_model_loads(tmp_path, capsys, d
 def test_labels_with_a_byte_order_mark_are_read(tmp_path):
     path = tmp_path / "labels.txt"
     path.write_text("\ufeffzero\n one \n")
-    assert read_labels(path) == ["zero", "one", ""]
+    assert read_labels(path) == ["zero", "one"]  # the final newline ends a line; it starts no class
 
 
 def test_files_of_one_input_must_agree(tmp_path, capsys):

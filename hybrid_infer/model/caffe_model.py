@@ -94,10 +94,10 @@ def _check_layers(net: NetParameter, source: str, dropped: Sequence[DroppedLayer
                 raise ModelError(f"{source}: blob '{top}' is produced twice (by '{layer.name}' and an "
                                  "earlier layer); only in-place layers (top i the same as bottom i) may "
                                  "reuse a blob name")
-            if in_place:
-                check_in_place(layer, top, source)
             if in_place and len(readers[top]) > 1:
                 _refuse_shared_rewrite(layer.name, top, readers[top], source)
+            if in_place:
+                check_in_place(layer, top, source)
             produced.add(top)
             readers[top] = []
         if layer.type == "Python":
