@@ -232,6 +232,20 @@ INJECTED = {
     "python wrong top shape": _python("WrongShape"),
     "python raises sometimes": _python("RaiseOnSecondCall"),
     "python missing module": _python("X", module="no_such_module"),
+    "python multi-line error": _python("MultiLineError"),
+    "python unprintable error": _python("UnprintableError"),
+    "python exits in setup": _python("ExitInSetup"),
+    "python starts a helper": _python("StartsAHelper"),
+    "python grows its top": _python("GrowsInForward"),
+    "in-place convolution": 'layer { name: "inj" type: "Convolution" bottom: "BOTTOM" top: "BOTTOM" '
+                            'convolution_param { num_output: 2 kernel_size: 1 } }',
+    "in-place pooling": 'layer { name: "inj" type: "Pooling" bottom: "BOTTOM" top: "BOTTOM" '
+                        'pooling_param { kernel_size: 2 stride: 1 } }',
+    "dropout train phase": _after("Dropout", "phase: TRAIN"),
+    "batchnorm train phase": _after("BatchNorm", "phase: TRAIN"),
+    "eltwise of two shapes": 'layer { name: "injp" type: "Pooling" bottom: "BOTTOM" top: "injp" '
+                             'pooling_param { kernel_size: 2 stride: 2 } }\n'
+                             'layer { name: "inj" type: "Eltwise" bottom: "BOTTOM" bottom: "injp" top: "inj" }',
     "memory data": 'layer { name: "inj" type: "MemoryData" top: "inj" top: "inj_label" '
                    'memory_data_param { batch_size: 1 channels: 1 height: 4 width: 4 } }',
     "input without shape": 'layer { name: "inj" type: "Input" top: "inj" }',
@@ -273,6 +287,54 @@ class RaiseOnSecondCall(caffe.Layer):
         if type(self).calls > 1:
             raise ArithmeticError("hostile layer: second call refused")
         top[0].data[...] = bottom[0].data
+
+
+class Copy(caffe.Layer):
+    def setup(self, bottom, top): pass
+    def reshape(self, bottom, top): top[0].reshape(*bottom[0].data.shape)
+    def forward(self, bottom, top): top[0].data[...] = bottom[0].data
+
+
+class MultiLineError(Copy):
+    def forward(self, bottom, top): raise ValueError("first line\\nsecond line\\n\\tthird")
+
+
+class UnprintableError(Copy):
+    def forward(self, bottom, top):
+        class Unprintable(Exception):
+            def __str__(self): raise RuntimeError("no message")
+        raise Unprintable()
+
+
+class ExitInSetup(Copy):
+    def setup(self, bottom, top): raise SystemExit(3)
+
+
+class StartsAHelper(Copy):
+    """Starts a long-lived helper process at set-up (its id appended to the file named by
+    param_str, when there is one), holding the standard error it inherited."""
+    def setup(self, bottom, top):
+        import subprocess
+        helper = subprocess.Popen(["sleep", "600"])
+        if self.param_str:
+            with open(self.param_str, "a") as f:
+                f.write(f"{helper.pid}\\n")
+
+
+class GrowsInForward(Copy):
+    """Its top gets two more rows in forward than reshape said."""
+    def forward(self, bottom, top):
+        shape = list(bottom[0].data.shape)
+        shape[-2] += 2
+        top[0].reshape(*shape)
+        top[0].data[...] = 1
+
+
+class RandomOutput(Copy):
+    """Other numbers at every forward, in Caffe as in the hybrid."""
+    def forward(self, bottom, top):
+        import numpy as np
+        top[0].data[...] = np.random.rand(*top[0].data.shape)
 '''
 
 

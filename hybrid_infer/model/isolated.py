@@ -133,6 +133,9 @@ def _child(fn: Callable[..., Any], args: tuple, parent: int, result_w: int, err_
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
+        # What Python prints (Boost.Python's report of a layer module's SyntaxError) must reach
+        # the pipe too, also where sys.stderr was something else (a test runner's capture).
+        sys.stderr = open(2, "w", buffering=1, errors="replace", closefd=False)
         _limit_memory()
         faulthandler.disable()  # Caffe's abort is expected here; its message is in stderr
         try:
