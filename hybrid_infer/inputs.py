@@ -154,11 +154,11 @@ def check_float32_range(array: np.ndarray, what: str) -> None:
     array in the message (a file, an input)."""
     if array.dtype.itemsize <= 4 or not array.size:
         return
-    with np.errstate(invalid="ignore"):
-        finite = np.abs(array[np.isfinite(array)])
-    if finite.size and finite.max() > FLOAT32_MAX:
-        raise InputError(f"{what}: holds {finite.max():g}, beyond the float32 range (±{FLOAT32_MAX:.4g}) Caffe "
-                         "computes in; scale the values first")
+    finite = array[np.isfinite(array)]
+    if finite.size and np.abs(finite).max() > FLOAT32_MAX:
+        value = finite[np.argmax(np.abs(finite))]
+        raise InputError(f"{what}: holds {value:g}, beyond the float32 range (±{FLOAT32_MAX:.4g}) Caffe computes "
+                         "in; scale the values first")
 
 
 def load_input(path: Path, shape: Sequence[int], prep: Preprocessing) -> np.ndarray:

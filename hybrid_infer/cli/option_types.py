@@ -116,6 +116,8 @@ def output_folder(text: str) -> Path:
 
 def cache_folder(text: str) -> Path:
     """``--engine-cache DIR``: ``~`` and ``~user`` expanded, made absolute."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a folder name, not an empty string")
     try:
         return _absolute(str(expand_folder(text, "")), "a folder name")
     except OptionError as exc:
