@@ -90,7 +90,7 @@ def _eight_bit(img: "PIL.Image.Image", path: Path) -> "PIL.Image.Image":
     to 0..255 and are refused."""
     from PIL import Image
     if img.mode.startswith("I;16"):
-        return Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8), "L")
+        return Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
     if img.mode in ("I", "F"):
         kind = "32-bit integer" if img.mode == "I" else "floating-point"
         raise InputError(f"{path}: is a {kind} image (Pillow mode {img.mode}); images are read as 8-bit pixels "
