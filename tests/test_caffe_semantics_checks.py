@@ -30,7 +30,8 @@ def _x(shape, seed: int) -> dict[str, np.ndarray]:
     return {"data": np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
 
 
-CONV = 'layer { name: "c" type: "Convolution" bottom: "data" top: "c" convolution_param { num_output: 4 kernel_size: 1 } }\n'
+CONV = ('layer { name: "c" type: "Convolution" bottom: "data" top: "c" '
+        'convolution_param { num_output: 4 kernel_size: 1 } }\n')
 
 
 # --- a layer's own phase: TRAIN (layer.hpp: phase_ = param.phase(); net.cpp sets only unset ones) ----
@@ -152,10 +153,11 @@ def test_scale_with_a_fitting_second_bottom_matches_caffe(make_prototxt):
 
 # --- BatchReindex: Caffe CHECKs its indices at every forward ---------------------------------------
 
+INDEX_LAYER = 'layer { name: "INDEX" type: "Power" bottom: "idx" top: "pidx" power_param { scale: 1 } }'
 REINDEX = '''layer { name: "data" type: "Input" top: "data" top: "idx"
                 input_param { shape { dim: 3 dim: 2 dim: 4 dim: 4 } shape { dim: 3 } } }
 layer { name: "c" type: "Convolution" bottom: "data" top: "c" convolution_param { num_output: 2 kernel_size: 1 } }
-layer { name: "INDEX" type: "Power" bottom: "idx" top: "pidx" power_param { scale: 1 } }
+INDEX_LAYER
 layer { name: "br" type: "BatchReindex" bottom: "c" bottom: "IDXBLOB" top: "b" }
 layer { name: "t" type: "TanH" bottom: "b" top: "t" }
 '''
@@ -164,9 +166,7 @@ layer { name: "t" type: "TanH" bottom: "b" top: "t" }
 @pytest.mark.parametrize("through_a_layer", [False, True], ids=["input", "computed"])
 def test_batch_reindex_out_of_range_never_aborts_and_valid_indices_match_caffe(make_prototxt, through_a_layer):
     text = REINDEX.replace("IDXBLOB", "pidx" if through_a_layer else "idx")
-    if not through_a_layer:
-        text = text.replace('layer { name: "INDEX" type: "Power" bottom: "idx" top: "pidx" power_param { scale: 1 } }\n',
-                            "")
+    text = text.replace("INDEX_LAYER", INDEX_LAYER if through_a_layer else "")
     path = make_prototxt(text)
     seed = _seed()
     data = np.random.default_rng(seed).standard_normal((3, 2, 4, 4)).astype(np.float32)
@@ -186,7 +186,7 @@ def test_batch_reindex_out_of_range_never_aborts_and_valid_indices_match_caffe(m
 
 
 def test_batch_reindex_indices_without_an_input_file_are_valid(make_prototxt, capsys):
-    path = make_prototxt(REINDEX.replace("IDXBLOB", "idx"))
+    path = make_prototxt(REINDEX.replace("IDXBLOB", "idx").replace("INDEX_LAYER", ""))
     assert main(["run", str(path), "--random-weights", "1", "--batch", "2", "--check"]) == 0
     out = capsys.readouterr().out
     assert "random whole numbers in [0, 2)" in out and "'br'" in out

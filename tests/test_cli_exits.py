@@ -86,3 +86,19 @@ def test_sigterm_during_a_run_removes_the_temporary_files(tmp_path):
     assert proc.wait(timeout=60) == 143
     assert proc.stderr.read() == b"hybrid-infer: terminated\n"
     assert list(temp.iterdir()) == []
+
+
+def test_a_chart_with_an_unusable_home_folder_warns_nothing(tmp_path):
+    """matplotlib falls back to a temporary cache folder when HOME cannot hold one, and says
+    so in two log lines; the chart is drawn all the same, so hybrid-infer stays quiet."""
+    pytest.importorskip("matplotlib")
+    env = {key: value for key, value in os.environ.items() if key not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME",
+                                                                          "XDG_CACHE_HOME")}
+    env.update(HOME="/dev/null", TMPDIR=str(tmp_path))
+    proc = subprocess.run([*COMMAND, "compare", *LENET, "--partition", "caffe", "--runs", "1", "--warmup", "0",
+                           "--plot", str(tmp_path / "chart.png")], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == ["measuring 1 partition(s), 0 warm-up + 1 timed run(s) each",
+                                        f"wrote {tmp_path / 'chart.png'}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chart.png"]  # matplotlib's folder is gone too

@@ -15,7 +15,7 @@ import pytest
 
 import hybrid_infer
 from hybrid_infer.cli.main import main
-from hybrid_infer.errors import HybridInferError, InputError, ModelError
+from hybrid_infer.errors import InputError, ModelError
 from hybrid_infer.metrics import relative_l2
 
 from conftest import GRAPHS
