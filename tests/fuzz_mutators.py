@@ -482,7 +482,8 @@ def _hostile_input(ctx: Ctx, seed: Seed, shape: tuple[int, ...]) -> tuple[str, s
                        "int npy", "object npy", "wrong shape", "fortran npy", "nan npy", "bad magic",
                        "png bomb", "png bomb 2", "pgm maxval 0", "truncated png", "random bytes png", "zero png",
                        "fifo", "folder", "symlink loop", "long name", "missing", "sample", "text as npy",
-                       "npy v2 header", "unknown suffix"])
+                       "npy v2 header", "unknown suffix", "negative dims npy", "beyond float32 npy", "16-bit png",
+                       "float tiff"])
     f = ctx.folder
     if kind == "good npy":
         np.save(f / "in.npy", np.random.default_rng(rng.randrange(99)).standard_normal(shape).astype(np.float32))
@@ -546,6 +547,17 @@ def _hostile_input(ctx: Ctx, seed: Seed, shape: tuple[int, ...]) -> tuple[str, s
     elif kind == "unknown suffix":
         ctx.write("in.txt", "1 2 3")
         return kind, "in.txt"
+    elif kind == "negative dims npy":
+        ctx.write("in.npy", _npy_header((-2, *shape[1:]), body=bytes(64)))
+    elif kind == "beyond float32 npy":
+        np.save(f / "in.npy", np.full(shape, rng.choice([1e39, -1e300, 3.5e38])))
+    elif kind in ("16-bit png", "float tiff"):
+        from PIL import Image
+        height, width = (shape[2], shape[3]) if len(shape) == 4 else (8, 8)
+        values = np.random.default_rng(rng.randrange(99)).integers(0, 65536, (height, width), dtype=np.uint16)
+        suffix = ".png" if kind == "16-bit png" else ".tiff"
+        Image.fromarray(values if kind == "16-bit png" else values.astype(np.float32)).save(f / f"in{suffix}")
+        return kind, f"in{suffix}"
     else:
         np.save(f / "in.npy", np.ones(shape, np.float32))
     name = next((n for n in ("in.npy", "in.png", "in.pgm") if os.path.lexists(f / n)), "in.npy")
@@ -658,6 +670,11 @@ def command_line(ctx: Ctx) -> Case:
         ["partition", m, "--fallback", "Convolution", "--require-full"], ["export", m, "--random-weights", "1"],
         ["run", m, "--random-weights", "1", "--channel-order", "grb"], ["build", m, "--tensorrt-module", "tensorrt9"],
         ["run", m, "--weights", w, "--device", "0"], ["run", m, "--weights", w, "--engine", "tensorrt"],
+        ["run", m, "--weights", w, "--input-shape", "data=1x1x16x16", "--input-shape", "data=2x1x16x16"],
+        ["build", m, "--weights", w, "--engine-cache", ""], ["build", m, "--weights", w, "--engine-cache", "~nouser_x/c"],
+        ["compare", m, "--weights", w, "--partition", "fallback=+"], ["run", m, "--weights", w, "--mean", "1", "2"],
+        ["run", m, "--weights", w, "--input", ""], ["run", m, "--weights", w, "-o", "new.npz/"],
+        ["run", m, "--weights", w, "-o", w], ["partition", m, "-o", m], ["run", m, "--weights", w, "--input", "a\nb"],
     ])
     return Case("command_line", " ".join(argv) or "(no arguments)", list(argv))
 
@@ -770,7 +787,8 @@ def engine_cache(ctx: Ctx) -> Case:
     kind = rng.choice(["json list", "json string", "wrong types", "engine not object", "not json", "plan truncated",
                        "plan flipped", "plan fifo", "plan device", "plan symlink", "sidecar fifo", "sidecar folder",
                        "plan folder", "sidecar huge size", "cache is a file", "cache is a fifo", "cache path too long",
-                       "cache in /proc", "intact"])
+                       "cache in /proc", "intact", "sparse plan of 12 GiB", "stale staged file", "cache under ~nouser",
+                       "bad TensorRT variable"])
     specials: list[str] = []
     cache_arg = "cache"
     if ctx.golden_cache is not None and kind not in ("cache is a file", "cache is a fifo", "cache path too long",
@@ -794,6 +812,12 @@ def engine_cache(ctx: Ctx) -> Case:
         elif kind == "sidecar huge size":
             m["plan_size"] = 10**15
             meta.write_text(json.dumps(m))
+        elif kind == "sparse plan of 12 GiB":
+            m["plan_size"] = 12 * 2**30
+            meta.write_text(json.dumps(m))
+            os.truncate(plan, m["plan_size"])
+        elif kind == "stale staged file":
+            (cache / f".{plan.name}.999999999.abcdefgh.tmp").write_bytes(b"half a plan")
         elif kind == "plan truncated":
             plan.write_bytes(plan.read_bytes()[:100])
         elif kind == "plan flipped":
@@ -827,6 +851,12 @@ def engine_cache(ctx: Ctx) -> Case:
         cache_arg = "/proc/self/engine-cache"
     argv = ["build", str(seed.prototxt), "--weights", str(seed.weights), "--engine-cache", cache_arg,
             "--tensorrt-module", "tensorrt_rtx"]
+    if kind == "cache under ~nouser":
+        argv = argv[:4] + ["--tensorrt-module", "tensorrt_rtx"]
+        ctx.env["HYBRID_INFER_ENGINE_CACHE"] = "~nouser_x/cache"
+    elif kind == "bad TensorRT variable":
+        argv = argv[:-2]
+        ctx.env["HYBRID_INFER_TENSORRT"] = "tensorrt9"
     # A replaced folder entry is junk to the cache: it may be rebuilt over, so only devices
     # and FIFOs outside the cache's own entries must keep their identity.
     keep = [s for s in specials if not s.startswith("cache/")]
