@@ -584,12 +584,14 @@ def input_file(ctx: Ctx) -> Case:
 
 
 def labels_file(ctx: Ctx) -> Case:
-    """--labels that is missing, a folder, a FIFO, not UTF-8, empty, or fine."""
+    """--labels that is missing, a folder, a FIFO, not UTF-8, empty, of the wrong length, or fine."""
     seed = next(s for s in SEEDS if s.name == "lenet_digits")
-    kind = ctx.rng.choice(["fine", "missing", "folder", "fifo", "latin-1", "empty", "binary", "bom", "long lines"])
+    kind = ctx.rng.choice(["fine", "fine, final newline", "missing", "folder", "fifo", "latin-1", "empty", "binary",
+                           "bom", "long lines", "one class short"])
     name = "labels.txt"
-    if kind == "fine":
-        ctx.write(name, "\n".join(f"digit {i}" for i in range(10)))
+    if kind.startswith("fine") or kind == "one class short":
+        count = 9 if kind == "one class short" else 10
+        ctx.write(name, "\n".join(f"digit {i}" for i in range(count)) + ("\n" if kind.endswith("newline") else ""))
     elif kind == "folder":
         (ctx.folder / name).mkdir()
     elif kind == "fifo":
