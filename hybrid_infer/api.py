@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # the engines pull in ONNX and ONNX Runtime: loaded when a ru
     from .engines.tensorrt_build import BuildSettings
     from .executor.engine_factory import SegmentEngine
     from .executor.hybrid_executor import Handoff, HybridExecutor
+    from .precision.calibration_file import Calibration
+    from .precision.plan import PrecisionPlan
 
 PathLike = str | os.PathLike[str]
 log = logging.getLogger("hybrid_infer")
@@ -92,7 +94,8 @@ class HybridNet:
                  min_segment_size: int = 3, fallback: Iterable[str] = (),
                  outputs: Sequence[str] = (), build_settings: Optional["BuildSettings"] = None,
                  engine_cache: Optional["EngineCache"] = None, tensorrt_module: Optional[str] = None,
-                 device: Optional[int] = None, zero_copy: bool = True, keep_logits: bool = False):
+                 device: Optional[int] = None, zero_copy: bool = True, keep_logits: bool = False,
+                 calibration: "PathLike | Calibration | PrecisionPlan | None" = None, keep_fp32: Iterable[str] = ()):
         from .executor.engine_factory import ENGINES
         if not isinstance(model, CaffeModel):
             raise OptionError(f"model must be a CaffeModel (hybrid_infer.load reads one from files), "
@@ -131,6 +134,9 @@ class HybridNet:
                                               keep_outputs=self._kept)
         self._executor: Optional["HybridExecutor"] = None
         self._first_run_done = False
+        from .precision.plan import plan_for
+        #: Reduced precision for the TensorRT segments (None: FP32), from ``calibration``.
+        self.precision: Optional["PrecisionPlan"] = plan_for(calibration, model, self.graph, keep_fp32)
         self._reference_rehearsal = Rehearsal(every_run=aborts_on_values(self.model.layers))
 
     @staticmethod
@@ -169,7 +175,8 @@ class HybridNet:
             rejected: dict[str, str] = {}
             while True:
                 built = build_engines(self.graph, self.model, self.partition.segments, engine, factory,
-                                      caffe_device=self.gpu)
+                                      caffe_device=self.gpu,
+                                      transform=self.precision.segment_model if self.precision else None)
                 named = {layer: f"{se.refused_by} refused it: {se.fallback_note}" for se in built
                          for layer in se.rejected_layers if layer not in rejected}
                 if not named:
@@ -270,6 +277,13 @@ class HybridNet:
             self._first_run_done = True
             _return_freed_memory()
         return {blob: values[v] for blob, v in zip(self.output_blobs, self._output_values)}
+
+    def run_values(self, inputs: Mapping[str, np.ndarray], values: Sequence[str]) -> dict[str, np.ndarray]:
+        """Run the hybrid and return ``values`` (value ids: net inputs or segment outputs,
+        e.g. every segment's inputs, as calibration collects them)."""
+        checked = self.check_inputs(inputs)
+        feeds = {self.graph.value_of_blob(name): array for name, array in checked.items()}
+        return self._ensure_executor().run(feeds, list(values))
 
     def run_caffe(self, inputs: Mapping[str, np.ndarray], device: Optional[int] = None) -> dict[str, np.ndarray]:
         """The same model in pure Caffe (the reference hybrid_infer must reproduce), on the
@@ -439,7 +453,8 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
          build_settings: Optional["BuildSettings"] = None, engine_cache: Optional["EngineCache"] = None,
          tensorrt_module: Optional[str] = None, device: Optional[int] = None,
          zero_copy: bool = True, lowerings: Sequence["LoweringModule"] = (),
-         keep_logits: bool = False) -> HybridNet:
+         keep_logits: bool = False, calibration: "PathLike | Calibration | PrecisionPlan | None" = None,
+         keep_fp32: Iterable[str] = ()) -> HybridNet:
     """Load a Caffe model and partition it.
 
     ``lowerings`` names modules (importable names, ``.py`` paths, or modules) whose
@@ -455,6 +470,9 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
     ``device=N`` runs Caffe segments on GPU N and ``keep_logits=True`` prepares ``check``
     (see ``HybridNet``). Arguments of the wrong type or range raise ``OptionError`` naming
     the argument.
+    ``calibration`` (a file from ``hybrid-infer calibrate``, or a loaded ``Calibration``)
+    runs the TensorRT segments in its precision (INT8 Q/DQ or FP16), with ``keep_fp32``
+    (layer names or types) left in FP32; a stale file raises ``CalibrationError``.
     """
     prototxt = arguments.path(prototxt, "prototxt")
     weights = arguments.optional(arguments.path, weights, "weights")
@@ -467,4 +485,5 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
     return HybridNet(model, engine=engine, profile=profile, min_segment_size=min_segment_size,
                      fallback=fallback, outputs=outputs, build_settings=build_settings,
                      engine_cache=engine_cache, tensorrt_module=tensorrt_module, device=device,
-                     zero_copy=zero_copy, keep_logits=keep_logits)
+                     zero_copy=zero_copy, keep_logits=keep_logits, calibration=calibration,
+                     keep_fp32=keep_fp32)

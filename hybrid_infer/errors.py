@@ -73,3 +73,8 @@ class LoweringError(HybridInferError):
 class EngineBuildError(EngineRejected):
     """TensorRT could not build a segment's engine (``caffe_layers``: the layers its ONNX
     parser rejected, when it named any)."""
+
+
+class CalibrationError(HybridInferError):
+    """A calibration file cannot be used: unreadable, or stale (made for another model,
+    weights or partition); the message says to run ``hybrid-infer calibrate`` again."""

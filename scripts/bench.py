@@ -556,6 +556,8 @@ def main() -> int:
     parser.add_argument("--tolerance", type=float, default=1e-4, help="relative L2 against Caffe (1e-4)")
     parser.add_argument("--soak-calls", type=int, default=10_000)
     parser.add_argument("--skip-extras", action="store_true", help="only the latency table")
+    parser.add_argument("--precision-models", nargs="*", default=["resnet50", "googlenet"], choices=list(MODELS),
+                        help="models for the FP16/INT8 rows (none: skip them)")
     parser.add_argument("--wait-quiet", type=float, default=900,
                         help="seconds to wait for running builds to finish before timing (900)")
     parser.add_argument("--out", type=Path, default=REPO / "results")
@@ -592,6 +594,15 @@ def main() -> int:
                     break
                 tqdm.write(f"{case.model} {case.variant} b{case.batch}: other processes used "
                            f"{case.others_cpu:.2f} cores meanwhile; measuring again")
+        if args.precision_models:
+            import bench_precision
+            extras["cpu_features"] = bench_precision.cpu_features()
+            extras["precision"] = {}
+            for name in tqdm(args.precision_models, desc="precision", unit="model"):
+                for batch in args.batches:
+                    prototxt = SHARED / MODELS[name]
+                    extras["precision"][f"{name} b{batch}"] = bench_precision.measure(
+                        prototxt, batch, _input_shape(prototxt, batch), args.seed, workdir, args.runs, args.warmup)
         if not args.skip_extras:
             with tqdm(total=3, desc="extras") as bar:
                 extras["load"] = load_time(workdir, runs=5)
@@ -613,6 +624,9 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(cases, meta, extras, goals)
+    if extras.get("precision"):
+        import bench_precision
+        text += "\n".join(bench_precision.markdown(extras["precision"], extras["cpu_features"])) + "\n"
     (args.out / "bench.md").write_text(text)
     chart(cases, args.out / "bench.png", meta)
     print(text)

@@ -39,6 +39,19 @@ class PartitionResult:
     tolerance: float
     timing: Optional[Timing] = None  # None: refused, outputs beyond the tolerance
     notes: list[str] = field(default_factory=list)
+    #: A reduced-precision variant of the partition ("INT8 entropy", "FP16"); "" for FP32.
+    variant: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.spec.label + (f" [{self.variant}]" if self.variant else "")
+
+    @property
+    def detections_differ(self) -> Optional[int]:
+        """SSD detections found on one side only (Caffe's or the hybrid's), or None."""
+        counts = [sum(d.kind in ("missing", "extra") for d in a.detections.diffs)
+                  for a in self.accuracy if a.detections is not None]
+        return sum(counts) if counts else None
 
     @property
     def within(self) -> bool:
@@ -141,7 +154,7 @@ def to_json(results: Sequence[PartitionResult], meta: Mapping[str, Any]) -> dict
     for r in results:
         t = r.timing
         rows.append({
-            "spec": r.spec.label, "batch": r.batch, "segments": r.segments,
+            "spec": r.label, "batch": r.batch, "segments": r.segments,
             "tensorrt_segments": r.tensorrt_segments, "caffe_segments": r.segments - r.tensorrt_segments,
             "boundaries": r.boundaries, "boundary_bytes_per_image": r.boundary_bytes_per_image,
             "layer_share_tensorrt": round(r.layer_share, 4), "flop_share_tensorrt": round(r.flop_share, 4),
@@ -166,23 +179,28 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def to_text(results: Sequence[PartitionResult]) -> str:
     caffe = _caffe_median(results)
+    detector = any(r.detections_differ is not None for r in results)
     rows = []
     for r in results:
         t = r.timing
         speed = ([f"{t.median * 1e3:.2f}", f"{t.p90 * 1e3:.2f}", f"{t.throughput(r.batch):.1f}",
                   f"{caffe / t.median:.2f}x" if caffe else "-"] if t else ["refused", "-", "-", "-"])
-        rows.append([r.spec.label, f"{r.segments} ({r.tensorrt_segments} trt)", str(r.boundaries),
+        rows.append([r.label, f"{r.segments} ({r.tensorrt_segments} trt)", str(r.boundaries),
                      f"{r.boundary_bytes_per_image / 1024:.1f}", f"{r.layer_share:.0%}", f"{r.flop_share:.1%}",
-                     *speed, f"{r.max_abs:.2g}", f"{r.rel_l2:.2g}", "-" if r.top1 is None else f"{r.top1:.0%}"])
+                     *speed, f"{r.max_abs:.2g}", f"{r.rel_l2:.2g}", "-" if r.top1 is None else f"{r.top1:.0%}"]
+                    + ([str(r.detections_differ if r.detections_differ is not None else "-")] if detector else []))
     lines = _table(["partition", "segments", "bounds", "KiB/img", "layers", "FLOPs", "median ms", "p90 ms",
-                    "items/s", "vs Caffe", "max abs", "rel L2", "top-1"], rows)
-    notes = [f"  {r.spec.label}: {n}" for r in results for n in r.notes if not r.spec.pure_caffe]
+                    "items/s", "vs Caffe", "max abs", "rel L2", "top-1"] + (["det. differ"] if detector else []), rows)
+    notes = [f"  {r.label}: {n}" for r in results for n in r.notes if not r.spec.pure_caffe]
     batch = results[0].batch if results else 0
     tolerance = results[0].tolerance if results else 0
     lines += ["", f"batch {batch}; layers/FLOPs: share on TensorRT; bounds: tensors handed between segments; "
                   f"error against pure Caffe on the same inputs (worst of the outputs and every Softmax input); "
                   f"partitions beyond relative L2 "
                   f"{tolerance:g} are refused, not timed"]
+    if any(r.variant for r in results):
+        lines.append("[...]: the partition with its TensorRT segments in that calibrated precision (on this "
+                     "machine ONNX Runtime runs the same Q/DQ or FP16 ONNX), timed whatever its error")
     if notes:
         lines += ["notes:", *notes]
     return "\n".join(lines) + "\n"
@@ -191,7 +209,7 @@ def to_text(results: Sequence[PartitionResult]) -> str:
 def plot(results: Sequence[PartitionResult], path: Any, title: str) -> None:
     """Median latency per partition with a whisker up to p90; refused partitions are drawn n/a."""
     from ..report.bar_chart import grouped_bar_chart
-    labels = [r.spec.label.replace(",", "\n") for r in results]
+    labels = [r.label.replace(",", "\n") for r in results]
     name = "median latency (ms)"
     grouped_bar_chart(path, labels, {name: [r.timing.median * 1e3 if r.timing else None for r in results]},
                       errors={name: [(r.timing.p90 - r.timing.median) * 1e3 if r.timing else None

@@ -9,6 +9,7 @@ from ..engines.engine_cache import EngineCache
 from ..executor.engine_factory import segment_onnx
 from ..partition.partitioner import TENSORRT
 from .common import add_build_options, add_model_options, build_settings, engine_cache, open_net, require_weights
+from .precision_options import add_precision_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "engine cache; a second run finds them there.")
     add_model_options(p)
     add_build_options(p)
+    add_precision_options(p)
     p.add_argument("--show-layers", action="store_true", help="list the layers TensorRT made of each segment")
     p.set_defaults(func=run)
 
@@ -28,13 +30,16 @@ def run(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     cache: EngineCache = engine_cache(args)
     segments = [s for s in net.partition.segments if s.backend == TENSORRT]
-    print(f"{api.describe()}; {len(segments)} TensorRT segment(s); engine cache {cache.directory}")
+    precision = f"; {net.precision.label} from {net.precision.calibration.path}" if net.precision else ""
+    print(f"{api.describe()}; {len(segments)} TensorRT segment(s); engine cache {cache.directory}{precision}")
     total = time.perf_counter()
     for i, segment in enumerate(segments, 1):
         label = f"segment{segment.id}"
         print(f"[{i}/{len(segments)}] {label}: {len(segment.layers)} layers ...", flush=True)
-        built, lookup = cache.get_or_build(segment_onnx(net.graph, net.model, segment), settings,
-                                           api=api, label=label)
+        onnx_model = segment_onnx(net.graph, net.model, segment)
+        if net.precision is not None:
+            onnx_model = net.precision.segment_model(onnx_model, segment, "tensorrt")
+        built, lookup = cache.get_or_build(onnx_model, settings, api=api, label=label)
         how = "cache hit" if lookup.hit else f"built in {built.build_seconds:.2f} s"
         print(f"      {how}; plan {built.plan_size / 2**20:.2f} MiB; {len(built.network_layers)} network "
               f"layers{'' if built.engine_layers is None else f', {len(built.engine_layers)} engine layers'}"

@@ -85,6 +85,8 @@ def _net_options(args: argparse.Namespace, engine: str, batch: int, min_segment_
         options["device"] = args.device
     if getattr(args, "check", False):
         options["keep_logits"] = True  # run --check compares them: keep them from the start
+    if getattr(args, "calibration", None) is not None or getattr(args, "keep_fp32", None):
+        options.update(calibration=args.calibration, keep_fp32=args.keep_fp32)
     return options
 
 

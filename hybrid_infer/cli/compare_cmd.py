@@ -21,6 +21,7 @@ from .common import (AUTO, SEED, add_lowerings_option, load_lowerings, parse_inp
                      require_weights)
 from .input_options import add_input_options, files_read, gather_inputs, preprocessing
 from .option_types import float_type, input_shape, int_type, output_file
+from .precision_options import add_precision_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="relative L2 error against Caffe above which a partition is flagged (1e-4)")
     p.add_argument("--json", type=output_file, metavar="FILE", help="write the results as JSON")
     p.add_argument("--plot", type=output_file, metavar="FILE.png", help="draw median latencies as a bar chart")
+    add_precision_options(p, several=True)
     p.set_defaults(func=run)
 
 
@@ -103,11 +105,16 @@ def run(args: argparse.Namespace) -> int:
         specs = unique_with_caffe_first([*specs, _auto_spec(probe, args, inputs)])
     print(f"measuring {len(specs)} partition(s), {args.warmup} warm-up + {args.runs} timed run(s) each",
           file=sys.stderr)
-    progress = Progress(len(specs) * (args.runs + args.warmup), "compare")
+    progress = Progress((len(specs) + len(args.calibration)) * (args.runs + args.warmup), "compare")
     try:
         results = compare_partitions(model, specs, inputs, engine=args.engine, outputs=args.output_blob,
                                      tolerance=args.tolerance, runs=args.runs, warmup=args.warmup,
                                      tick=progress.tick)
+        if args.calibration:
+            from ..precision.variants import measure_precisions
+            results += measure_precisions(model, args.calibration, inputs, probe.run_caffe(inputs),
+                                          engine=args.engine, outputs=args.output_blob, keep_fp32=args.keep_fp32,
+                                          runs=args.runs, warmup=args.warmup, tick=progress.tick)
     finally:
         progress.close()
     sys.stdout.write(to_text(results))

@@ -20,7 +20,7 @@ import threading
 from typing import Any, NoReturn, Optional, Sequence
 
 from ..errors import HybridInferError
-from . import build_cmd, compare_cmd, diff_cmd, export_cmd, partition_cmd, run_cmd
+from . import build_cmd, calibrate_cmd, compare_cmd, diff_cmd, export_cmd, partition_cmd, run_cmd
 
 #: Exit statuses of a command stopped by a signal, as a shell reports them (128 + signal).
 EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_BROKEN_PIPE = 130, 143, 141
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run Caffe models with TensorRT where it can and Caffe where it cannot.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and Caffe's log")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (partition_cmd, run_cmd, build_cmd, export_cmd, compare_cmd, diff_cmd):
+    for module in (partition_cmd, run_cmd, build_cmd, export_cmd, compare_cmd, diff_cmd, calibrate_cmd):
         module.register(sub)
     return parser
 

@@ -20,6 +20,7 @@ from ..report.partition_report import user_lowerings
 from .common import add_build_options, add_model_options, auto_min_segment_size, open_net, require_weights
 from .input_options import add_input_options, files_read, gather_inputs, preprocessing
 from .option_types import float_type, int_type, output_file
+from .precision_options import add_precision_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", type=Path, help="class names, one per line, for classifier outputs")
     p.add_argument("--top", type=int_type(1), default=5, help="classes to show per image (5)")
     add_build_options(p)
+    add_precision_options(p)
     p.set_defaults(func=run)
 
 
@@ -125,6 +127,10 @@ def run(args: argparse.Namespace) -> int:
     trt_kinds = sorted({se.engine.kind for se in net.segment_engines if se.segment.backend == TENSORRT})
     if trt_kinds:
         print(f"  TensorRT segments ran with {', '.join(trt_kinds)} ({net.engine_reason})")
+    if net.precision is not None:
+        kept = sorted(net.precision.keep_fp32)
+        print(f"  precision {net.precision.label} from {net.precision.calibration.path}"
+              + (f"; kept in FP32: {', '.join(kept)}" if kept else ""))
     times = net.segment_times()
     for se in net.segment_engines:
         note = f"  (fell back: {se.fallback_note})" if se.fallback_note else ""

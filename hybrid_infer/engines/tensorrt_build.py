@@ -201,6 +201,14 @@ def _graphs(graph: onnx.GraphProto):
                     yield from _graphs(sub)
 
 
+def _reduced_precision(model: onnx.ModelProto) -> bool:
+    """Q/DQ nodes (explicit quantization) or 16-bit float weights: the precision is in the
+    tensors' types, which only a strongly typed network obeys (and TensorRT's explicit
+    quantization requires one: no precision flags)."""
+    return (any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node)
+            or any(init.data_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16) for init in model.graph.initializer))
+
+
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -362,12 +370,13 @@ def _add_profile(builder: Any, network: Any, config: Any, settings: BuildSetting
         config.add_optimization_profile(profile)
 
 
-def _configure(api: TrtApi, builder: Any, network: Any, settings: BuildSettings, label: str) -> Any:
+def _configure(api: TrtApi, builder: Any, network: Any, settings: BuildSettings, label: str,
+               strongly_typed: bool = False) -> Any:
     trt = api.module
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    if settings.fp16 and api.has_fp16_flag:
+    if settings.fp16 and api.has_fp16_flag and not strongly_typed:  # types decide in a typed network
         config.set_flag(trt.BuilderFlag.FP16)
     if api.has_tf32_flag:
         (config.set_flag if settings.tf32 else config.clear_flag)(trt.BuilderFlag.TF32)
@@ -447,11 +456,12 @@ def build_engine(onnx_model: Union[onnx.ModelProto, bytes], settings: BuildSetti
 
     started = time.perf_counter()
     builder = api.module.Builder(api.logger)
-    network = builder.create_network(api.network_flags(fp16_onnx or api.always_strongly_typed))
+    strongly_typed = fp16_onnx or api.always_strongly_typed or _reduced_precision(model)
+    network = builder.create_network(api.network_flags(strongly_typed))
     parser = _parse(api, network, model, label)
     if settings.mark_all_outputs:
         _mark_all_outputs(network, value_names)
-    config = _configure(api, builder, network, settings, label)
+    config = _configure(api, builder, network, settings, label, strongly_typed)
     layers = _network_layers(api, network, docs)
     input_names = [network.get_input(i).name for i in range(network.num_inputs)]
     output_names = [network.get_output(i).name for i in range(network.num_outputs)]

@@ -26,6 +26,8 @@ from ..partition.partitioner import CAFFE, Segment
 ENGINES = ("auto", "onnxruntime", "tensorrt", "caffe")
 
 TensorRTFactory = Callable[["onnx.ModelProto", Segment], Engine]
+#: (FP32 ONNX, segment, resolved engine) -> the ONNX that engine builds instead (reduced precision).
+SegmentTransform = Callable[["onnx.ModelProto", Segment, str], "onnx.ModelProto"]
 
 
 @dataclass
@@ -66,9 +68,11 @@ def resolve_engine(engine: str, tensorrt_module: Optional[str] = None) -> tuple[
 
 def build_engines(graph: LayerGraph, model: CaffeModel, segments: list[Segment], engine: str,
                   tensorrt_factory: Optional[TensorRTFactory] = None,
-                  caffe_device: Optional[GpuDevice] = None) -> list[SegmentEngine]:
+                  caffe_device: Optional[GpuDevice] = None,
+                  transform: Optional[SegmentTransform] = None) -> list[SegmentEngine]:
     """One engine per segment; ``engine`` is "onnxruntime", "tensorrt" or "caffe" (already
-    resolved). Caffe segments run on ``caffe_device`` when given, else on the CPU."""
+    resolved). Caffe segments run on ``caffe_device`` when given, else on the CPU.
+    ``transform`` replaces each TensorRT segment's FP32 ONNX before its engine is built."""
     built: list[SegmentEngine] = []
     for segment in segments:
         def caffe_engine(segment: Segment = segment) -> Engine:
@@ -81,6 +85,8 @@ def build_engines(graph: LayerGraph, model: CaffeModel, segments: list[Segment],
             continue
         try:
             onnx_model = segment_onnx(graph, model, segment)
+            if transform is not None:
+                onnx_model = transform(onnx_model, segment, engine)
             if engine == "tensorrt":
                 assert tensorrt_factory is not None
                 runner: Engine = tensorrt_factory(onnx_model, segment)
