@@ -278,13 +278,6 @@ class HybridNet:
             _return_freed_memory()
         return {blob: values[v] for blob, v in zip(self.output_blobs, self._output_values)}
 
-    def run_values(self, inputs: Mapping[str, np.ndarray], values: Sequence[str]) -> dict[str, np.ndarray]:
-        """Run the hybrid and return ``values`` (value ids: net inputs or segment outputs,
-        e.g. every segment's inputs, as calibration collects them)."""
-        checked = self.check_inputs(inputs)
-        feeds = {self.graph.value_of_blob(name): array for name, array in checked.items()}
-        return self._ensure_executor().run(feeds, list(values))
-
     def run_caffe(self, inputs: Mapping[str, np.ndarray], device: Optional[int] = None) -> dict[str, np.ndarray]:
         """The same model in pure Caffe (the reference hybrid_infer must reproduce), on the
         CPU or on GPU ``device``; outputs are copied to the host either way."""
