@@ -16,11 +16,12 @@ from .errors import InputError, ModelError, OptionError
 from .graph.layer_graph import Layer, LayerGraph
 from .index_inputs import check_index_inputs, index_inputs
 from .lowering.detection import caffe_abort
+from .inputs import check_float32_range
 from .lowering.plugins import LoweringModule, load_lowering_modules
 from .detections import detection_outputs
 from .metrics import OutputDifference, compare_outputs
 from .model.caffe_import import caffe
-from .model.caffe_limits import refuse_cpu_unsupported
+from .model.caffe_limits import aborts_on_values, refuse_cpu_unsupported
 from .model.caffe_model import CaffeModel
 from .memory_budget import check_fits
 from .model.isolated import Rehearsal, caffe_errors
@@ -146,7 +147,7 @@ class HybridNet:
         if self.precision is not None and build_settings is not None and build_settings.fp16:
             raise OptionError("fp16 build settings with a calibration: the calibration sets the precision "
                               "(calibrate with --precision fp16 for FP16 engines)")
-        self._reference_rehearsal = Rehearsal()
+        self._reference_rehearsal = Rehearsal(every_run=aborts_on_values(self.model.layers))
 
     @staticmethod
     def _check_types(**given: object) -> None:
@@ -172,7 +173,7 @@ class HybridNet:
         return {self.graph.values[v].blob: self.graph.values[v].shape for v in self.graph.inputs}
 
     def index_readers(self, input_blob: str) -> list[Layer]:
-        """The Embed layers that read net input ``input_blob`` as row indices (empty if none)."""
+        """The layers that read net input ``input_blob`` as indices (Embed, BatchReindex; empty if none)."""
         return self._index_inputs.get(self.graph.input_value(input_blob), [])
 
     @property
@@ -233,6 +234,7 @@ class HybridNet:
         if missing:
             raise InputError(f"missing input(s) {', '.join(missing)} for {self.model.prototxt} "
                              f"(shapes {', '.join(f'{n}={expected[n]}' for n in missing)})")
+        self._check_batch_axes(expected)
         checked = {}
         batch = None
         for name, array in inputs.items():
@@ -250,6 +252,7 @@ class HybridNet:
             if batch is not None and array.shape[0] != batch:
                 raise InputError(f"inputs have different batch sizes ({batch} and {array.shape[0]} for '{name}')")
             batch = array.shape[0]
+            check_float32_range(array, f"input '{name}'")
             checked[name] = np.ascontiguousarray(array, dtype=np.float32)
         if batch is not None:
             if batch < 1:
@@ -258,6 +261,20 @@ class HybridNet:
         check_index_inputs(self.graph, self._index_inputs,
                            {self.graph.input_value(name): array for name, array in checked.items()})
         return checked
+
+    def _check_batch_axes(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Refuse a model whose inputs differ on their first axis at set-up. hybrid_infer takes
+        axis 0 of every net input as the batch axis, one batch shared by all (the segments'
+        engines are built with it as their one dynamic dimension); Caffe itself just takes
+        whatever shapes it is given, so such a model (a second input of a few parameters
+        without a batch axis, say) runs in Caffe but not here as written."""
+        firsts = {name: shape[0] for name, shape in shapes.items() if shape}
+        if len(set(firsts.values())) > 1:
+            listing = ", ".join(f"'{name}' {shapes[name]}" for name in firsts)
+            raise InputError(f"{self.model.prototxt}: its inputs differ on their first axis ({listing}); hybrid_infer "
+                             "takes axis 0 of every input as the batch axis, which all inputs share: give each "
+                             "input a leading batch axis in the prototxt (e.g. shape { dim: 1 dim: 3 } for 3 "
+                             "values), or make the first axes agree with --input-shape")
 
     def activation_bytes(self, batch: int) -> int:
         """FP32 bytes of every value of the net at ``batch``: about what one run holds in its
@@ -272,20 +289,12 @@ class HybridNet:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the hybrid; returns the output blobs (or those named in ``outputs=``)."""
         checked = self.check_inputs(inputs)
-        executor = self._ensure_executor()
         feeds = {self.graph.input_value(name): array for name, array in checked.items()}
-        values = executor.run(feeds, self._output_values)
+        values = self._execute(feeds, self._output_values)
         if not self._first_run_done:
             self._first_run_done = True
             _return_freed_memory()
         return {blob: values[v] for blob, v in zip(self.output_blobs, self._output_values)}
-
-    def run_values(self, inputs: Mapping[str, np.ndarray], values: Sequence[str]) -> dict[str, np.ndarray]:
-        """Run the hybrid and return ``values`` (value ids: net inputs or segment outputs,
-        e.g. every segment's inputs, as calibration collects them)."""
-        checked = self.check_inputs(inputs)
-        feeds = {self.graph.value_of_blob(name): array for name, array in checked.items()}
-        return self._ensure_executor().run(feeds, list(values))
 
     def run_caffe(self, inputs: Mapping[str, np.ndarray], device: Optional[int] = None) -> dict[str, np.ndarray]:
         """The same model in pure Caffe (the reference hybrid_infer must reproduce), on the
@@ -385,7 +394,20 @@ class HybridNet:
             self.partition = partition(self.graph, self._capability, self._min_segment_size,
                                        keep_outputs=self._kept)
         feeds = {self.graph.input_value(name): a for name, a in self.check_inputs(inputs).items()}
-        return self._ensure_executor().run(feeds, list(values))
+        return self._execute(feeds, list(values))
+
+    def _execute(self, feeds: Mapping[str, np.ndarray], values: Sequence[str]) -> dict[str, np.ndarray]:
+        """The executor's run of ``feeds`` (value id -> array). An engine failing on a layer
+        whose arithmetic spans the set-up batch (InnerProduct on axis 0, a Reshape writing
+        the batch, ``caffe_batch``) at another batch is reported as that, with the way out,
+        not with advice to run the layer in Caffe, which could not run it either."""
+        from .errors import EngineRejected
+        try:
+            return self._ensure_executor().run(feeds, list(values))
+        except EngineRejected as exc:
+            failed = [self.graph.layers[name] for name in exc.caffe_layers if name in self.graph.layers]
+            check_feed_batch(self.graph, failed, {value: array.shape for value, array in feeds.items()})
+            raise
 
     def reference_values(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Pure Caffe's values of ``checked_values`` on ``inputs`` (value id -> array)."""

@@ -15,8 +15,13 @@ folder) and every engine cache entry goes through here:
   link, as ``cp`` and shell redirection do. The same rules then apply to the target.
 - Data goes to a temporary file in the destination folder, which is then renamed over the
   destination (``os.replace``), so readers see the old file or the whole new one. A
-  replaced file keeps its permission bits; a new one gets ``0o666`` less the umask, like
-  any file the user's shell would create (``mkstemp`` alone would make it ``0o600``).
+  replaced file keeps its permission bits, and its owner and group where the process may
+  set them (as root, say); a new one gets ``0o666`` less the umask, like any file the
+  user's shell would create (``mkstemp`` alone would make it ``0o600``). A replaced file
+  with other hard links is a new file under this name afterwards (the other names keep
+  the old contents, as after ``sed -i`` or an editor's save); a warning says so.
+- A path the command also reads (the prototxt, the weights, an input) is refused
+  (``check_not_read``): nothing is written over the command's own input.
 - Folders are not created (a typo in a folder name is reported, not made real), except
   the one folder ``export`` is asked to fill.
 - Any ``OSError`` (a read-only or missing folder, a file where a folder should be,
@@ -26,13 +31,18 @@ folder) and every engine cache entry goes through here:
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import re
 import stat
 import tempfile
+import time
 from pathlib import Path
-from typing import BinaryIO, Mapping, Optional, Type
+from typing import BinaryIO, Mapping, Optional, Type, Union
 
 from .errors import HybridInferError, OptionError
+
+log = logging.getLogger("hybrid_infer")
 
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
@@ -91,6 +101,18 @@ def read_regular_file(path: Path, what: str, error: Type[HybridInferError], *,
             raise error(f"{what} '{path}': cannot read it ({_reason(exc)})") from None
 
 
+def expand_folder(value: Union[str, "os.PathLike[str]"], name: str) -> Path:
+    """``value`` with a leading ``~`` or ``~user`` expanded; ``OptionError`` naming ``name``
+    (the option or variable it came from) when it cannot be (no such user, no home)."""
+    text = os.fspath(value)
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        user = text[1:].split(os.sep, 1)[0]
+        raise OptionError(f"{name + ' ' if name else ''}{text}: '~{user}' cannot be expanded (no such user, or no "
+                          "home folder); give the folder's full path") from None
+
+
 def output_target(path: Path, option: str) -> Path:
     """The file that writing to ``path`` replaces: ``path`` itself, or a symlink's final target.
 
@@ -142,16 +164,36 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def _keep_owner(fd: int, old: os.stat_result) -> None:
+    """Give the staged file the owner and group of the file it replaces, where this process
+    may (root may; others may keep the group if they belong to it). Otherwise it stays the
+    writer's, as with any editor that saves by renaming."""
+    for uid, gid in ((old.st_uid, old.st_gid), (-1, old.st_gid)):
+        try:
+            os.fchown(fd, uid, gid)
+            return
+        except OSError:
+            continue
+
+
 def _stage(target: Path, data: bytes, fsync: bool) -> Path:
-    """Write ``data`` to a new temporary file next to ``target``; return its path."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    """Write ``data`` to a new temporary file next to ``target``, with the permission bits,
+    owner and group of the file it will replace; return its path. The name carries this
+    process's id, so that ``sweep_stale_temporaries`` can tell a live writer's from junk."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp")
     try:
         try:
-            st = os.lstat(target)
-            mode = stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else _new_file_mode()
+            st: Optional[os.stat_result] = os.lstat(target)
         except OSError:
-            mode = _new_file_mode()
-        os.fchmod(fd, mode)
+            st = None
+        if st is not None and stat.S_ISREG(st.st_mode):
+            os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            _keep_owner(fd, st)
+            if st.st_nlink > 1:
+                log.warning("%s has %d hard links; it is replaced by a new file, and its other names keep "
+                            "the old contents", target, st.st_nlink)
+        else:
+            os.fchmod(fd, _new_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if fsync:
@@ -161,6 +203,58 @@ def _stage(target: Path, data: bytes, fsync: bool) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return Path(tmp)
+
+
+#: A temporary file of ``_stage``: ``.NAME.PID.XXXXXXXX.tmp``.
+_STAGED = re.compile(r"^\..+\.(\d+)\.[^.]{8}\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def sweep_stale_temporaries(folder: Path, max_age_s: float) -> None:
+    """Remove what writers killed mid-write (SIGKILL, a power cut) left in ``folder``, a
+    folder hybrid_infer owns (the engine cache): staged files whose process is gone, or
+    older than ``max_age_s`` seconds (a process id may be reused, or belong to another
+    machine sharing the folder). Failures are ignored: this is tidying, not a promise."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        found = _STAGED.match(name)
+        if not found:
+            continue
+        path = folder / name
+        try:
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and (not _alive(int(found.group(1))) or now - st.st_mtime > max_age_s):
+                path.unlink()
+        except OSError:
+            continue
+
+
+def check_not_read(path: Path, option: str, read: Mapping[Path, str]) -> None:
+    """Refuse to write ``path`` (given as ``option``) over a file the command reads
+    (``read``: path -> what it is, e.g. "the prototxt"): the command would destroy its own
+    input, and only after reading it. Links to the same file count as the same file."""
+    target = output_target(path, option)
+    for source, what in read.items():
+        try:
+            same = os.path.samefile(target, source)
+        except (OSError, ValueError):  # one of them does not exist (yet), or a NUL in a name
+            same = False
+        if same:
+            raise OptionError(f"{option} {path}: is {what} this command reads ({source}); writing there would "
+                              "destroy it: give another path")
 
 
 def write_atomically(path: Path, data: bytes, *, option: str = "output") -> None:

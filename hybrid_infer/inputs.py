@@ -14,13 +14,16 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from numpy.lib import format as npy_format
 
 from .errors import InputError
 from .files import open_regular_file, read_regular_file
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 #: A labels file larger than this is not a list of class names.
 MAX_LABELS_BYTES = 64 * 2**20
@@ -57,12 +60,14 @@ def load_image(path: Path, shape: Sequence[int], prep: Preprocessing) -> np.ndar
                 # Pillow only warns between its limit and twice it; here that is an error too.
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(f) as img:
-                    img = img.convert("L" if shape[1] == 1 else "RGB")
+                    img = _eight_bit(img, path).convert("L" if shape[1] == 1 else "RGB")
                     if img.size != (width, height):
                         img = img.resize((width, height), Image.BILINEAR)
                     pixels = np.asarray(img, dtype=np.float64)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise InputError(f"{path}: refused as a possible decompression bomb ({exc})") from None
+        except InputError:
+            raise
         except Exception as exc:  # Pillow reports damaged files with many exception types
             raise InputError(f"{path}: cannot read this image ({type(exc).__name__}: {exc})") from None
     chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
@@ -75,6 +80,23 @@ def load_image(path: Path, shape: Sequence[int], prep: Preprocessing) -> np.ndar
         chw = chw - mean.reshape(-1, 1, 1)
     # In float64 so that e.g. --scale 0.00392156862745098 gives exactly uint8 / 255.
     return np.ascontiguousarray(chw * prep.scale, dtype=np.float32)[None]
+
+
+def _eight_bit(img: "PIL.Image.Image", path: Path) -> "PIL.Image.Image":
+    """``img`` with 8-bit channels. 16-bit images keep their high byte (``v >> 8``): what
+    Pillow itself does to 16-bit colour PNGs, and what OpenCV's ``imread`` (and so Caffe's
+    ImageData layer) gives for 16-bit PNGs; Pillow's own ``convert`` would clip every value
+    above 255 to 255 instead. 32-bit integer and floating-point images have no one mapping
+    to 0..255 and are refused."""
+    from PIL import Image
+    if img.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
+    if img.mode in ("I", "F"):
+        kind = "32-bit integer" if img.mode == "I" else "floating-point"
+        raise InputError(f"{path}: is a {kind} image (Pillow mode {img.mode}); images are read as 8-bit pixels "
+                         "(0..255), and its values have no one mapping to those: pass them as a .npy array, "
+                         "scaled as the model expects")
+    return img
 
 
 def load_npy(path: Path) -> np.ndarray:
@@ -105,6 +127,9 @@ def load_npy(path: Path) -> np.ndarray:
         if not shape:
             raise InputError(f"{path}: holds a single number (a 0-d array); inputs are arrays shaped like the "
                              "model's input, with or without the batch axis")
+        if any(d < 0 for d in shape):
+            raise InputError(f"{path}: its header gives the shape {shape}, with a negative dimension: the file is "
+                             "damaged")
         count = math.prod(shape)
         if count == 0:
             raise InputError(f"{path}: holds no values (shape {shape}); an empty batch cannot be run")
@@ -116,7 +141,24 @@ def load_npy(path: Path) -> np.ndarray:
             flat = np.fromfile(f, dtype=dtype, count=count)
         except (OSError, ValueError) as exc:
             raise InputError(f"{path}: cannot read its data ({exc})") from None
+    check_float32_range(flat, str(path))
     return flat.reshape(shape, order="F" if fortran_order else "C")
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_float32_range(array: np.ndarray, what: str) -> None:
+    """Raise InputError if ``array`` holds finite values beyond float32's range (about
+    3.4e38): Caffe computes in float32, where they would become Inf. ``what`` names the
+    array in the message (a file, an input)."""
+    if array.dtype.itemsize <= 4 or not array.size:
+        return
+    finite = array[np.isfinite(array)]
+    if finite.size and np.abs(finite).max() > FLOAT32_MAX:
+        value = finite[np.argmax(np.abs(finite))]
+        raise InputError(f"{what}: holds {value:g}, beyond the float32 range (±{FLOAT32_MAX:.4g}) Caffe computes "
+                         "in; scale the values first")
 
 
 def load_input(path: Path, shape: Sequence[int], prep: Preprocessing) -> np.ndarray:
@@ -138,7 +180,10 @@ def read_labels(path: Path) -> list[str]:
     except UnicodeDecodeError as exc:
         raise InputError(f"--labels {path}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); "
                          "save it as UTF-8") from None
-    return [line.strip() for line in text.split("\n")]
+    lines = text.split("\n")
+    if lines[-1].strip() == "":  # the newline that ends the last line
+        lines.pop()
+    return [line.strip() for line in lines]
 
 
 def random_input(shape: Sequence[int], seed: int = 0) -> np.ndarray:

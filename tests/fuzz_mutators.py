@@ -232,6 +232,20 @@ INJECTED = {
     "python wrong top shape": _python("WrongShape"),
     "python raises sometimes": _python("RaiseOnSecondCall"),
     "python missing module": _python("X", module="no_such_module"),
+    "python multi-line error": _python("MultiLineError"),
+    "python unprintable error": _python("UnprintableError"),
+    "python exits in setup": _python("ExitInSetup"),
+    "python starts a helper": _python("StartsAHelper"),
+    "python grows its top": _python("GrowsInForward"),
+    "in-place convolution": 'layer { name: "inj" type: "Convolution" bottom: "BOTTOM" top: "BOTTOM" '
+                            'convolution_param { num_output: 2 kernel_size: 1 } }',
+    "in-place pooling": 'layer { name: "inj" type: "Pooling" bottom: "BOTTOM" top: "BOTTOM" '
+                        'pooling_param { kernel_size: 2 stride: 1 } }',
+    "dropout train phase": _after("Dropout", "phase: TRAIN"),
+    "batchnorm train phase": _after("BatchNorm", "phase: TRAIN"),
+    "eltwise of two shapes": 'layer { name: "injp" type: "Pooling" bottom: "BOTTOM" top: "injp" '
+                             'pooling_param { kernel_size: 2 stride: 2 } }\n'
+                             'layer { name: "inj" type: "Eltwise" bottom: "BOTTOM" bottom: "injp" top: "inj" }',
     "memory data": 'layer { name: "inj" type: "MemoryData" top: "inj" top: "inj_label" '
                    'memory_data_param { batch_size: 1 channels: 1 height: 4 width: 4 } }',
     "input without shape": 'layer { name: "inj" type: "Input" top: "inj" }',
@@ -273,6 +287,54 @@ class RaiseOnSecondCall(caffe.Layer):
         if type(self).calls > 1:
             raise ArithmeticError("hostile layer: second call refused")
         top[0].data[...] = bottom[0].data
+
+
+class Copy(caffe.Layer):
+    def setup(self, bottom, top): pass
+    def reshape(self, bottom, top): top[0].reshape(*bottom[0].data.shape)
+    def forward(self, bottom, top): top[0].data[...] = bottom[0].data
+
+
+class MultiLineError(Copy):
+    def forward(self, bottom, top): raise ValueError("first line\\nsecond line\\n\\tthird")
+
+
+class UnprintableError(Copy):
+    def forward(self, bottom, top):
+        class Unprintable(Exception):
+            def __str__(self): raise RuntimeError("no message")
+        raise Unprintable()
+
+
+class ExitInSetup(Copy):
+    def setup(self, bottom, top): raise SystemExit(3)
+
+
+class StartsAHelper(Copy):
+    """Starts a long-lived helper process at set-up (its id appended to the file named by
+    param_str, when there is one), holding the standard error it inherited."""
+    def setup(self, bottom, top):
+        import subprocess
+        helper = subprocess.Popen(["sleep", "600"])
+        if self.param_str:
+            with open(self.param_str, "a") as f:
+                f.write(f"{helper.pid}\\n")
+
+
+class GrowsInForward(Copy):
+    """Its top gets two more rows in forward than reshape said."""
+    def forward(self, bottom, top):
+        shape = list(bottom[0].data.shape)
+        shape[-2] += 2
+        top[0].reshape(*shape)
+        top[0].data[...] = 1
+
+
+class RandomOutput(Copy):
+    """Other numbers at every forward, in Caffe as in the hybrid."""
+    def forward(self, bottom, top):
+        import numpy as np
+        top[0].data[...] = np.random.rand(*top[0].data.shape)
 '''
 
 
@@ -420,7 +482,8 @@ def _hostile_input(ctx: Ctx, seed: Seed, shape: tuple[int, ...]) -> tuple[str, s
                        "int npy", "object npy", "wrong shape", "fortran npy", "nan npy", "bad magic",
                        "png bomb", "png bomb 2", "pgm maxval 0", "truncated png", "random bytes png", "zero png",
                        "fifo", "folder", "symlink loop", "long name", "missing", "sample", "text as npy",
-                       "npy v2 header", "unknown suffix"])
+                       "npy v2 header", "unknown suffix", "negative dims npy", "beyond float32 npy", "16-bit png",
+                       "float tiff"])
     f = ctx.folder
     if kind == "good npy":
         np.save(f / "in.npy", np.random.default_rng(rng.randrange(99)).standard_normal(shape).astype(np.float32))
@@ -484,6 +547,17 @@ def _hostile_input(ctx: Ctx, seed: Seed, shape: tuple[int, ...]) -> tuple[str, s
     elif kind == "unknown suffix":
         ctx.write("in.txt", "1 2 3")
         return kind, "in.txt"
+    elif kind == "negative dims npy":
+        ctx.write("in.npy", _npy_header((-2, *shape[1:]), body=bytes(64)))
+    elif kind == "beyond float32 npy":
+        np.save(f / "in.npy", np.full(shape, rng.choice([1e39, -1e300, 3.5e38])))
+    elif kind in ("16-bit png", "float tiff"):
+        from PIL import Image
+        height, width = (shape[2], shape[3]) if len(shape) == 4 else (8, 8)
+        values = np.random.default_rng(rng.randrange(99)).integers(0, 65536, (height, width), dtype=np.uint16)
+        suffix = ".png" if kind == "16-bit png" else ".tiff"
+        Image.fromarray(values if kind == "16-bit png" else values.astype(np.float32)).save(f / f"in{suffix}")
+        return kind, f"in{suffix}"
     else:
         np.save(f / "in.npy", np.ones(shape, np.float32))
     name = next((n for n in ("in.npy", "in.png", "in.pgm") if os.path.lexists(f / n)), "in.npy")
@@ -510,12 +584,14 @@ def input_file(ctx: Ctx) -> Case:
 
 
 def labels_file(ctx: Ctx) -> Case:
-    """--labels that is missing, a folder, a FIFO, not UTF-8, empty, or fine."""
+    """--labels that is missing, a folder, a FIFO, not UTF-8, empty, of the wrong length, or fine."""
     seed = next(s for s in SEEDS if s.name == "lenet_digits")
-    kind = ctx.rng.choice(["fine", "missing", "folder", "fifo", "latin-1", "empty", "binary", "bom", "long lines"])
+    kind = ctx.rng.choice(["fine", "fine, final newline", "missing", "folder", "fifo", "latin-1", "empty", "binary",
+                           "bom", "long lines", "one class short"])
     name = "labels.txt"
-    if kind == "fine":
-        ctx.write(name, "\n".join(f"digit {i}" for i in range(10)))
+    if kind.startswith("fine") or kind == "one class short":
+        count = 9 if kind == "one class short" else 10
+        ctx.write(name, "\n".join(f"digit {i}" for i in range(count)) + ("\n" if kind.endswith("newline") else ""))
     elif kind == "folder":
         (ctx.folder / name).mkdir()
     elif kind == "fifo":
@@ -596,6 +672,11 @@ def command_line(ctx: Ctx) -> Case:
         ["partition", m, "--fallback", "Convolution", "--require-full"], ["export", m, "--random-weights", "1"],
         ["run", m, "--random-weights", "1", "--channel-order", "grb"], ["build", m, "--tensorrt-module", "tensorrt9"],
         ["run", m, "--weights", w, "--device", "0"], ["run", m, "--weights", w, "--engine", "tensorrt"],
+        ["run", m, "--weights", w, "--input-shape", "data=1x1x16x16", "--input-shape", "data=2x1x16x16"],
+        ["build", m, "--weights", w, "--engine-cache", ""], ["build", m, "--weights", w, "--engine-cache", "~nouser_x/c"],
+        ["compare", m, "--weights", w, "--partition", "fallback=+"], ["run", m, "--weights", w, "--mean", "1", "2"],
+        ["run", m, "--weights", w, "--input", ""], ["run", m, "--weights", w, "-o", "new.npz/"],
+        ["run", m, "--weights", w, "-o", w], ["partition", m, "-o", m], ["run", m, "--weights", w, "--input", "a\nb"],
     ])
     return Case("command_line", " ".join(argv) or "(no arguments)", list(argv))
 
@@ -708,7 +789,8 @@ def engine_cache(ctx: Ctx) -> Case:
     kind = rng.choice(["json list", "json string", "wrong types", "engine not object", "not json", "plan truncated",
                        "plan flipped", "plan fifo", "plan device", "plan symlink", "sidecar fifo", "sidecar folder",
                        "plan folder", "sidecar huge size", "cache is a file", "cache is a fifo", "cache path too long",
-                       "cache in /proc", "intact"])
+                       "cache in /proc", "intact", "sparse plan of 12 GiB", "stale staged file", "cache under ~nouser",
+                       "bad TensorRT variable"])
     specials: list[str] = []
     cache_arg = "cache"
     if ctx.golden_cache is not None and kind not in ("cache is a file", "cache is a fifo", "cache path too long",
@@ -732,6 +814,12 @@ def engine_cache(ctx: Ctx) -> Case:
         elif kind == "sidecar huge size":
             m["plan_size"] = 10**15
             meta.write_text(json.dumps(m))
+        elif kind == "sparse plan of 12 GiB":
+            m["plan_size"] = 12 * 2**30
+            meta.write_text(json.dumps(m))
+            os.truncate(plan, m["plan_size"])
+        elif kind == "stale staged file":
+            (cache / f".{plan.name}.999999999.abcdefgh.tmp").write_bytes(b"half a plan")
         elif kind == "plan truncated":
             plan.write_bytes(plan.read_bytes()[:100])
         elif kind == "plan flipped":
@@ -765,6 +853,12 @@ def engine_cache(ctx: Ctx) -> Case:
         cache_arg = "/proc/self/engine-cache"
     argv = ["build", str(seed.prototxt), "--weights", str(seed.weights), "--engine-cache", cache_arg,
             "--tensorrt-module", "tensorrt_rtx"]
+    if kind == "cache under ~nouser":
+        argv = argv[:4] + ["--tensorrt-module", "tensorrt_rtx"]
+        ctx.env["HYBRID_INFER_ENGINE_CACHE"] = "~nouser_x/cache"
+    elif kind == "bad TensorRT variable":
+        argv = argv[:-2]
+        ctx.env["HYBRID_INFER_TENSORRT"] = "tensorrt9"
     # A replaced folder entry is junk to the cache: it may be rebuilt over, so only devices
     # and FIFOs outside the cache's own entries must keep their identity.
     keep = [s for s in specials if not s.startswith("cache/")]

@@ -41,3 +41,34 @@ def test_refusal_below_minimum_size_sends_the_segment_to_caffe(make_prototxt):
     got, want = net.run({"data": x}), net.run_caffe({"data": x})
     assert [s.backend for s in net.partition.segments] == [CAFFE]
     np.testing.assert_array_equal(got["out"], want["out"])
+
+
+def test_onnx_runtime_out_of_memory_gives_no_fallback_advice():
+    """An allocation ONNX Runtime cannot make (here: a 4 GiB Expand under a 1 GiB address-space
+    limit) is an out-of-memory error: running the layer in Caffe would need the memory too."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from hybrid_infer.engines.onnxruntime_engine import OnnxRuntimeEngine
+    from hybrid_infer.errors import InputError
+
+    from child_process import run_in_child
+    shape = numpy_helper.from_array(np.array([1024, 1024, 1024], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Expand", ["x", "shape"], ["big"], doc_string="huge"),
+         helper.make_node("ReduceSum", ["big"], ["y"], keepdims=0, doc_string="sum")],
+        "segment", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])], [shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+
+    def run() -> None:
+        engine = OnnxRuntimeEngine(model, threads=1)
+        try:
+            engine.run({"x": np.ones(1, np.float32)})
+        except InputError as exc:
+            assert "--fallback" not in str(exc)
+            raise
+    said = run_in_child(run, extra_address_space=2**30)
+    assert said.startswith("InputError: ONNX Runtime ran out of memory") and "smaller batch" in said, said

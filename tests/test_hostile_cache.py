@@ -171,3 +171,53 @@ def test_build_command_rebuilds_over_a_damaged_entry(tmp_path, capsys):
 def test_engine_cache_directory_of_the_wrong_type_is_an_option_error():
     with pytest.raises(OptionError, match="engine cache directory must be a file path"):
         EngineCache(5)  # type: ignore[arg-type]
+
+
+def test_a_sidecar_claiming_a_plan_too_large_for_memory_is_a_miss_every_time(rtx, entry):
+    """The review's poisoned entry: a sidecar claiming 12 GiB and a (sparse) plan of that size.
+    Read whole it meant out of memory on every run; it is a miss, and rebuilt over."""
+    cache, plan, meta, good = entry
+    size = 12 * 2**30
+    meta.write_text(json.dumps({**good, "plan_size": size}))
+    os.truncate(plan, size)
+
+    def look() -> None:
+        lookup, built = cache.lookup(good["key"])
+        raise RuntimeError(f"hit={lookup.hit} built={built is not None} reason={lookup.reason}")
+    said = run_in_child(look, extra_address_space=2 * 2**30)
+    assert f"hit=False built=False reason=plan of {size} bytes does not fit in memory" in said, said
+    cache.get_or_build(MODEL, SETTINGS, api=rtx)
+    assert cache.lookup(good["key"])[0].hit and plan.stat().st_size < 2**20
+
+
+def test_a_corrupt_plan_is_checked_in_chunks_and_missed(rtx, entry):
+    cache, plan, meta, good = entry
+    data = bytearray(plan.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    plan.write_bytes(bytes(data))
+    lookup, built = cache.lookup(good["key"])
+    assert built is None and lookup.reason == "plan checksum mismatch (corrupt file)"
+
+
+def test_writes_killed_midway_are_swept_from_the_cache(tmp_path):
+    """Staged files carry their writer's process id: those of dead writers, and any older than
+    an hour, are removed when the cache is next used; a live writer's are left alone."""
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    dead = _dead_pid()
+    names = {"dead": f".k.plan.{dead}.abcdefgh.tmp", "live": f".k.plan.{os.getpid()}.abcdefgh.tmp",
+             "old": f".k.json.{os.getpid()}.ijklmnop.tmp", "other": "k.plan"}
+    for name in names.values():
+        (folder / name).write_bytes(b"x")
+    old = folder / names["old"]
+    os.utime(old, (old.stat().st_atime - 2 * 3600, old.stat().st_mtime - 2 * 3600))
+    EngineCache(folder).check_directory()
+    assert sorted(os.listdir(folder)) == sorted([names["live"], names["other"]])
+
+
+def _dead_pid() -> int:
+    """The id of a process that has ended."""
+    import subprocess
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid

@@ -277,7 +277,7 @@ def test_bad_labels_files_are_refused_before_the_model_loads(tmp_path, capsys, d
 def test_labels_with_a_byte_order_mark_are_read(tmp_path):
     path = tmp_path / "labels.txt"
     path.write_text("\ufeffzero\n one \n")
-    assert read_labels(path) == ["zero", "one", ""]
+    assert read_labels(path) == ["zero", "one"]  # the final newline ends a line; it starts no class
 
 
 def test_files_of_one_input_must_agree(tmp_path, capsys):
@@ -285,3 +285,127 @@ def test_files_of_one_input_must_agree(tmp_path, capsys):
     np.save(tmp_path / "b.npy", np.ones((1, 1, 8, 8), np.float32))
     assert main(["run", *LENET, "--input", str(tmp_path / "a.npy"), str(tmp_path / "b.npy")]) == 2
     assert "the files of one input must agree" in _one_error_line(capsys)
+
+
+# --- the review's follow-ups (issue 13b) ------------------------------------------------------------
+
+def test_outputs_never_overwrite_what_the_command_reads(tmp_path, capsys):
+    """-o naming the prototxt, the weights (through a link), an input, or the labels is refused
+    before anything is written, and every one of those files is left as it was."""
+    np.save(tmp_path / "in.npy", np.random.default_rng().standard_normal((1, 1, 16, 16)).astype(np.float32))
+    (tmp_path / "labels.txt").write_text("\n".join(str(d) for d in range(10)) + "\n")
+    os.symlink(LENET[2], tmp_path / "weights.link")
+    before = {p: p.read_bytes() for p in (tmp_path / "in.npy", tmp_path / "labels.txt", Path(LENET[0]))}
+    for target, what in ((tmp_path / "in.npy", "an input file"), (Path(LENET[0]), "the prototxt"),
+                         (tmp_path / "weights.link", "the weights file"), (tmp_path / "labels.txt", "the labels")):
+        assert main(["run", *LENET, "--input", f"data={tmp_path / 'in.npy'}", "--labels", str(tmp_path / "labels.txt"),
+                     "-o", str(target)]) == 2
+        assert f"is {what}" in _one_error_line(capsys)
+    assert main(["partition", LENET[0], "-o", LENET[0]]) == 2
+    assert "is the prototxt this command reads" in _one_error_line(capsys)
+    assert all(p.read_bytes() == data for p, data in before.items())
+    assert (tmp_path / "weights.link").is_symlink()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="giving files to another owner needs root")
+def test_a_replaced_output_keeps_its_owner_group_and_mode(tmp_path, caplog):
+    path = tmp_path / "out.npz"
+    path.write_bytes(b"old")
+    os.chown(path, 65534, 65534)
+    path.chmod(0o640)
+    other = tmp_path / "other_name.npz"
+    os.link(path, other)
+    write_atomically(path, b"new", option="-o")
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o640)
+    assert path.read_bytes() == b"new" and other.read_bytes() == b"old"  # a new file under this name
+    assert "has 2 hard links" in caplog.text
+
+
+def test_relative_outputs_are_fixed_when_parsed(tmp_path, monkeypatch, make_prototxt):
+    """A Python layer that changes the current folder cannot move where -o writes."""
+    (tmp_path / "layers").mkdir()
+    (tmp_path / "layers" / "chdir_layer.py").write_text(
+        "import os, caffe\n"
+        "class Chdir(caffe.Layer):\n"
+        "    def setup(self, bottom, top): pass\n"
+        "    def reshape(self, bottom, top): top[0].reshape(*bottom[0].data.shape)\n"
+        "    def forward(self, bottom, top):\n"
+        f"        os.chdir({str(tmp_path / 'elsewhere')!r})\n"
+        "        top[0].data[...] = bottom[0].data\n")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "here").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path / "layers"))
+    path = make_prototxt('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 } } }\n'
+                         'layer { name: "py" type: "Python" bottom: "data" top: "py" '
+                         'python_param { module: "chdir_layer" layer: "Chdir" } }\n')
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(["run", str(path), "--random-weights", "0", "-o", "out.npz"]) == 0
+    assert (tmp_path / "here" / "out.npz").is_file() and not (tmp_path / "elsewhere" / "out.npz").exists()
+
+
+def test_output_paths_in_a_removed_folder_are_refused_early(tmp_path, monkeypatch, capsys):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(SystemExit):
+        main(["run", *LENET, "-o", "out.npz"])
+    assert "the current folder, which no longer exists" in _one_error_line(capsys)
+
+
+def test_export_creates_only_its_own_folder(tmp_path, capsys):
+    assert main(["export", *LENET, "-o", str(tmp_path / "a" / "b")]) == 2
+    assert f"folder {tmp_path / 'a'} does not exist" in _one_error_line(capsys)
+    assert not (tmp_path / "a").exists()
+    assert main(["export", *LENET, "-o", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "manifest.json").is_file()
+
+
+def test_labels_must_name_every_class(tmp_path, capsys):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("zero\none\n")
+    assert main(["run", *LENET, "--labels", str(labels)]) == 2
+    assert "holds 2 class names, but 'prob' has 10 classes" in _one_error_line(capsys)
+    labels.write_text("".join(f"digit {d}\n" for d in range(10)))  # a final newline is no eleventh class
+    assert main(["run", *LENET, "--labels", str(labels), "--top", "1"]) == 0
+    assert "digit " in capsys.readouterr().out
+
+
+def test_sixteen_bit_images_keep_their_high_byte_as_opencv_reads_them(tmp_path):
+    """Pillow's own convert() clips 16-bit grey to 255; hybrid_infer takes the high byte, as
+    Pillow does for 16-bit colour PNGs and OpenCV's imread for 16-bit files."""
+    values = np.random.default_rng().integers(0, 65536, size=(16, 16), dtype=np.uint16)
+    from PIL import Image
+    image = Image.fromarray(values)
+    assert image.mode == "I;16"
+    image.save(tmp_path / "g16.png")
+    got = load_input(tmp_path / "g16.png", (1, 1, 16, 16), Preprocessing())
+    np.testing.assert_array_equal(got[0, 0], (values >> 8).astype(np.float32))
+    rgb16 = tmp_path / "rgb16.png"  # a 16-bit colour PNG, written by hand: Pillow reads its high bytes
+    rgb = np.random.default_rng().integers(0, 65536, size=(16, 16, 3), dtype=np.uint16)
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rgb)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rgb16.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 16, 16, 16, 2, 0, 0, 0))
+                      + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    colour = load_input(rgb16, (1, 3, 16, 16), Preprocessing(channel_order="rgb"))
+    np.testing.assert_array_equal(colour[0], (rgb >> 8).transpose(2, 0, 1).astype(np.float32))
+
+
+def test_floating_point_images_are_refused_naming_the_mode(tmp_path):
+    from PIL import Image
+    Image.fromarray(np.full((16, 16), 1000.0, np.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(InputError, match=r"float\.tiff: is a floating-point image \(Pillow mode F\)"):
+        load_input(tmp_path / "float.tiff", (1, 1, 16, 16), Preprocessing())
+
+
+def test_npy_header_with_negative_dimensions_is_refused(tmp_path):
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (-2, 128), }"
+    header += " " * (63 - len(header)) + "\n"
+    (tmp_path / "neg.npy").write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode()
+                                       + np.zeros(256, np.float32).tobytes())
+    with pytest.raises(InputError, match=r"neg\.npy: its header gives the shape \(-2, 128\), with a negative "
+                                         r"dimension"):
+        load_input(tmp_path / "neg.npy", (1, 128), Preprocessing())

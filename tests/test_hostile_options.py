@@ -161,3 +161,63 @@ def test_all_nan_outputs_do_not_pass_check(make_prototxt, capsys):
     assert "root: max abs error 0, relative L2 inf ABOVE" in out and "no finite value" in out
     assert main(["diff", path, "--random-weights", "1", "--min-segment-size", "1"]) == 1
     assert "first value above relative L2 0.0001: root" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--engine-cache", "~nosuchuser_hybrid/c"], "engine-cache: ~nosuchuser_hybrid/c: '~nosuchuser_hybrid' cannot be "
+                                                  "expanded (no such user, or no home folder)"),
+    (["--engine-cache", ""], "argument --engine-cache: expected a folder name, not an empty string"),
+    (["--input-shape", "data=1x1x16x16", "--input-shape", "data=2x1x16x16"],
+     "--input-shape gives 'data' twice (1x1x16x16 and 2x1x16x16); give each input one shape"),
+    (["--mean", "1", "2"], "--mean has 2 values; input 'data' has 1 channels"),
+    (["--input", ""], "--input : no file name given"),
+    (["--input", "a\nb.npy"], "input file 'a\\nb.npy' does not exist"),
+    (["--input", "dta=x.npy"], "--input dta=x.npy: 'dta' is not an input of"),
+    (["-o", "new.npz/"], "'new.npz/' ends in '/', so it names a folder; give a file name"),
+])
+def test_more_options_are_refused_on_one_line(capsys, args, says):
+    try:
+        status = main(["run", *LENET, *args])
+    except SystemExit as exit_:  # argparse's own refusals
+        status = exit_.code
+    assert status == 2
+    assert says in _error_line(capsys)
+
+
+@pytest.mark.parametrize("variable, value, says", [
+    ("HYBRID_INFER_ENGINE_CACHE", "~nosuchuser_hybrid/c", "HYBRID_INFER_ENGINE_CACHE ~nosuchuser_hybrid/c: "
+                                                          "'~nosuchuser_hybrid' cannot be expanded"),
+    ("HYBRID_INFER_TENSORRT", "bogus", "HYBRID_INFER_TENSORRT=bogus: unknown TensorRT module"),
+])
+def test_bad_environment_variables_are_named(capsys, monkeypatch, variable, value, says):
+    monkeypatch.setenv(variable, value)
+    assert main(["build", PROTOTXT, "--random-weights", "1"]) == 2
+    assert says in _error_line(capsys)
+
+
+def test_partition_spec_fallback_without_names_is_refused(capsys):
+    assert main(["compare", *LENET, "--partition", "fallback=+", "--runs", "1", "--warmup", "0"]) == 2
+    assert "fallback needs layer names or types joined by '+', with no empty name" in _error_line(capsys)
+
+
+def test_blob_names_holding_equals_signs(make_prototxt, tmp_path, capsys):
+    """--input and --input-shape split NAME=... where the name is an input of the model (a
+    blob may be called "a=b"), and a file name may hold '=' too."""
+    path = make_prototxt('layer { name: "in" type: "Input" top: "a=b" input_param { shape { dim: 1 dim: 3 } } }\n'
+                         'layer { name: "t" type: "TanH" bottom: "a=b" top: "t" }\n')
+    x = np.random.default_rng().standard_normal((2, 3)).astype(np.float32)
+    np.save(tmp_path / "x=1.npy", x)
+    for spec in (f"a=b={tmp_path / 'x=1.npy'}", str(tmp_path / "x=1.npy")):
+        out = tmp_path / "out.npz"
+        assert main(["run", str(path), "--random-weights", "0", "--input-shape", "a=b=2x3", "--input", spec,
+                     "-o", str(out)]) == 0
+        np.testing.assert_allclose(np.load(out)["t"], np.tanh(x), rtol=1e-6, atol=1e-7)
+
+
+def test_values_beyond_float32_are_refused_not_turned_into_inf(capsys, tmp_path):
+    np.save(tmp_path / "big.npy", np.full((1, 1, 16, 16), 1e300))
+    assert main(["run", *LENET, "--input", str(tmp_path / "big.npy")]) == 2
+    assert "holds 1e+300, beyond the float32 range" in _error_line(capsys)
+    with hybrid_infer.load(PROTOTXT, WEIGHTS) as net:
+        with pytest.raises(InputError, match=r"input 'data': holds -1e\+200, beyond the float32 range"):
+            net.run({"data": np.full((1, 1, 16, 16), -1e200)})

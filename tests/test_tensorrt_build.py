@@ -322,3 +322,34 @@ def test_device_buffers_round_trip():
     finally:
         backend.free(ptr)
         backend.destroy_stream(stream)
+
+
+def test_ctrl_c_during_a_build_cancels_it_and_is_raised(rtx, caplog):
+    """TensorRT's Python bindings swallow a KeyboardInterrupt raised inside their callbacks,
+    so Ctrl-C during a build used to be lost and the build went on. A real SIGINT, sent
+    from inside the build (when the progress monitor reports its first phase), now
+    cancels the build and reaches the caller as KeyboardInterrupt."""
+    import logging
+    import os
+    import signal
+
+    class InterruptOnFirstPhase(logging.Handler):
+        sent = False
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if not self.sent and "steps)" in record.getMessage():
+                type(self).sent = True
+                os.kill(os.getpid(), signal.SIGINT)
+
+    handler = InterruptOnFirstPhase()
+    logger = logging.getLogger("hybrid_infer.tensorrt")
+    logger.addHandler(handler)
+    caplog.set_level(logging.DEBUG, logger="hybrid_infer.tensorrt")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build_engine(conv_relu_pool(), SETTINGS, api=rtx, label="interrupted")
+    finally:
+        logger.removeHandler(handler)
+    assert handler.sent
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert "BuildCanceled" in caplog.text or "cancel" in caplog.text.lower()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Optional, Sequence
 
+import networkx as nx
 import numpy as np
 
 from ..api import HybridNet
@@ -57,27 +58,45 @@ def bisect(net: HybridNet, settings: Settings, inputs: Mapping[str, np.ndarray],
     """Search the layers ``settings`` puts on TensorRT for a 1-minimal failing set.
 
     Runs use minimum segment size 0, so a single kept layer really is lowered on its own.
+    Only layers at or before the first mismatching value (its producer and the layers it
+    depends on) are suspects, and a run fails only if it has a mismatch at or before that
+    value: an error cannot flow backwards, so nothing after the first mismatch is blamed.
     """
     graph = net.graph
     values = computed_values(graph)
     base = replace(settings, min_segment_size=0)
-    suspects = [name for s in partition_of(net, settings).segments if s.backend == TENSORRT for name in s.layers]
+    lowered = [name for s in partition_of(net, settings).segments if s.backend == TENSORRT for name in s.layers]
     cache: dict[frozenset[str], LayerDiff] = {}
 
     def run_with(kept: frozenset[str]) -> LayerDiff:
         if kept not in cache:
-            forced = tuple(name for name in suspects if name not in kept)
+            forced = tuple(name for name in lowered if name not in kept)
             got, cut, kinds, _ = hybrid_values(net, replace(base, fallback=base.fallback + forced), inputs, values)
             cache[kept] = diff_values(graph, got, reference, cut, kinds, tolerance)
         return cache[kept]
 
-    def fails(kept: frozenset[str]) -> bool:
-        return run_with(kept).first_above is not None
-
-    if not suspects or not fails(frozenset(suspects)):
+    first = run_with(frozenset(lowered)).first_above if lowered else None
+    if first is None:
         return BisectResult([], len(cache), None,
                             "the mismatch does not reproduce when the same layers are lowered at minimum "
                             "segment size 0 (a different cut): nothing to bisect")
+    upstream = nx.ancestors(graph.graph, first.layer) | {first.layer}
+    suspects = [name for name in lowered if name in upstream]
+    if not suspects:
+        return BisectResult([], len(cache), None,
+                            f"the first mismatch, {first.value} (layer {first.layer}, {first.layer_type}, run by "
+                            f"{first.backend}), has no TensorRT layer at or before it: every value it depends on "
+                            "matches Caffe, so no lowering is to blame")
+    limit = run_with(frozenset(lowered)).index(first.value)
+
+    def fails(kept: frozenset[str]) -> bool:
+        found = run_with(kept).first_above
+        return found is not None and run_with(kept).index(found.value) <= limit
+
+    if not fails(frozenset(suspects)):
+        return BisectResult([], len(cache), None,
+                            f"the mismatch at {first.value} does not reproduce with only the TensorRT layers before "
+                            "it lowered: it needs layers after it too, which cannot cause it; nothing to bisect")
     culprits = ddmin(suspects, fails)
     found = run_with(frozenset(culprits))
     first = found.first_above

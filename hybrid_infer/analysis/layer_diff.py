@@ -64,10 +64,17 @@ class LayerDiff:
     rows: list[ValueDiff]
     tolerance: float
     notes: list[str] = field(default_factory=list)
+    #: Set when pure Caffe, run twice on the same inputs, disagrees with itself on the first
+    #: value above tolerance (a layer drawing random numbers): what it says.
+    caffe_unstable: str = ""
 
     @property
     def first_above(self) -> Optional[ValueDiff]:
         return next((r for r in self.rows if r.above(self.tolerance)), None)
+
+    def index(self, value: str) -> int:
+        """The position of ``value`` among the rows (execution order)."""
+        return next(i for i, r in enumerate(self.rows) if r.value == value)
 
 
 def computed_values(graph: LayerGraph) -> list[str]:
@@ -122,13 +129,31 @@ def diff_values(graph: LayerGraph, got: Mapping[str, np.ndarray], want: Mapping[
     return LayerDiff(rows, tolerance)
 
 
+def caffe_stability(net: HybridNet, inputs: Mapping[str, np.ndarray], first: ValueDiff,
+                    reference: Mapping[str, np.ndarray], tolerance: float) -> str:
+    """Run pure Caffe again as far as ``first`` (the first value above tolerance) and say
+    so if it does not give ``reference``'s value again (within ``tolerance``): a layer
+    that draws random numbers (a Python layer, say) makes Caffe disagree with itself, and
+    then no comparison at or after that value says anything about the hybrid. "" if stable."""
+    again = net.run_caffe_values(inputs, [first.value])[first.value]
+    drift = relative_l2(again, reference[first.value])
+    if drift <= tolerance:
+        return ""
+    return (f"pure Caffe is not deterministic here: run twice on the same inputs, it gives values of {first.value} "
+            f"(layer {first.layer}, {first.layer_type}) that differ by relative L2 {drift:.3g}, so no comparison at "
+            "or after it can be trusted; make that layer deterministic (seed its random numbers) to compare")
+
+
 def layer_diff(net: HybridNet, settings: Settings, inputs: Mapping[str, np.ndarray],
                tolerance: float) -> LayerDiff:
-    """Hybrid against Caffe for every value; ``first_above`` is the first over ``tolerance``."""
+    """Hybrid against Caffe for every value; ``first_above`` is the first over ``tolerance``,
+    and ``caffe_unstable`` says whether Caffe itself gives that value again (``caffe_stability``)."""
     want = caffe_values(net, inputs)
     got, cut, kinds, notes = hybrid_values(net, settings, inputs, computed_values(net.graph))
     result = diff_values(net.graph, got, want, cut, kinds, tolerance)
     result.notes = notes
+    if result.first_above is not None:
+        result.caffe_unstable = caffe_stability(net, inputs, result.first_above, want, tolerance)
     return result
 
 
@@ -150,6 +175,8 @@ def to_text(diff: LayerDiff) -> str:
                    f"{first.layer_type}, {first.backend}, segment {first.segment}): rel L2 {first.rel_l2:.3g}, "
                    f"max abs {first.max_abs:.3g}{f' ({first.note})' if first.note else ''}; {above} of "
                    f"{len(diff.rows)} values above")
+    if diff.caffe_unstable:
+        out.append(f"warning: {diff.caffe_unstable}")
     for r in diff.rows:
         if r.detections is not None:
             out.append(f"{r.value} as detections: {r.detections.summary()}")
@@ -167,4 +194,4 @@ def to_json(diff: LayerDiff) -> dict[str, Any]:
                         "segment": r.segment, "shape": list(r.shape), "max_abs": r.max_abs, "rel_l2": r.rel_l2,
                         "above": r.above(diff.tolerance),
                         **({"detections": r.detections.to_json()} if r.detections else {})} for r in diff.rows],
-            "notes": diff.notes}
+            "notes": diff.notes, "caffe_unstable": diff.caffe_unstable or None}

@@ -72,7 +72,10 @@ def parse_spec(text: str) -> PartitionSpec:
                           f"not {fields['min']!r}") from None
     if min_size < 0:
         raise OptionError(f"--partition {text!r}: min must be 0 or more")
-    fallback = tuple(name for name in fields.get("fallback", "").split("+") if name)
+    fallback = tuple(name.strip() for name in fields["fallback"].split("+")) if "fallback" in fields else ()
+    if not all(fallback):
+        raise OptionError(f"--partition {text!r}: fallback needs layer names or types joined by '+', with no "
+                          "empty name, e.g. fallback=LRN+Concat")
     return PartitionSpec(False, profile, min_size, fallback)
 
 

@@ -12,7 +12,7 @@ from typing import Callable, Iterator, Optional
 
 from ..api import HybridNet
 from ..errors import OptionError
-from ..files import check_output_path
+from ..files import check_not_read, check_output_path
 from ..partition.partitioner import TENSORRT
 from ..precision.calibrate import batches_of, calibrate, check_finite, fp16_overflow, tensorrt_segments
 from ..precision.calibration_file import METHODS, PRECISIONS, Calibration
@@ -22,7 +22,8 @@ from ..precision.report import applied_lines
 from ..precision.sensitivity import check_target, error_of, measuring_points, parse_target, search
 from ..report.progress import Progress
 from .common import add_model_options, open_net
-from .input_options import add_input_options, gather_inputs, preprocessing
+from .input_options import add_input_options, files_read, gather_inputs, preprocessing
+from .option_types import int_type, output_file
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="int8 (Q/DQ, calibrated) or fp16 (default int8)")
     p.add_argument("--method", choices=METHODS, default="entropy",
                    help="INT8 range estimation (ONNX Runtime's calibrators; default entropy)")
-    p.add_argument("--calibration-batch", type=int, default=8, metavar="N",
+    p.add_argument("--calibration-batch", type=int_type(1), default=8, metavar="N",
                    help="inputs per hybrid run while calibrating (default 8)")
     p.add_argument("--keep-fp32", nargs="+", default=[], metavar="NAME_OR_TYPE",
                    help="layers (names or types) that stay FP32; stored in the file")
@@ -48,8 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "detections=N (SSD detections differing from Caffe's) is met on the evaluation inputs")
     p.add_argument("--eval-input", action="extend", nargs="+", default=[], metavar="[NAME=]FILE",
                    help="inputs for the accuracy check and --accuracy-target (default: the calibration inputs)")
-    p.add_argument("--runs", type=int, default=5, help="timed runs per configuration in the search (5)")
-    p.add_argument("-o", "--output", type=Path, help="calibration file to write (default MODEL.PRECISION.calib.json)")
+    p.add_argument("--runs", type=int_type(1), default=5, help="timed runs per configuration in the search (5)")
+    p.add_argument("-o", "--output", type=output_file, help="calibration file to write (default MODEL.PRECISION.calib.json)")
     p.set_defaults(func=run)
 
 
@@ -58,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError("calibrate needs --input: the images or .npy arrays to calibrate on "
                           "(a few hundred representative inputs; preprocessing as for run)")
     target = parse_target(args.accuracy_target) if args.accuracy_target else None
-    output = args.output or Path(f"{args.model.stem}.{args.precision}.calib.json")
+    output = args.output or Path(f"{args.model.stem}.{args.precision}.calib.json").absolute()
     check_output_path(output, "-o")
+    check_not_read(output, "-o", files_read(args))
     net = open_net(args, engine="auto", batch=args.calibration_batch)
     resolve_layers(net.graph, args.keep_fp32)
     if target is not None:

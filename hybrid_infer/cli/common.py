@@ -11,7 +11,7 @@ from ..api import HybridNet, load
 from ..errors import ModelError, OptionError
 from ..partition.capability import PROFILES
 from ..partition.partitioner import CAFFE
-from .option_types import MAX_WORKSPACE_MIB, float_type, input_shape, int_type
+from .option_types import MAX_WORKSPACE_MIB, cache_folder, float_type, input_shape, int_type
 
 if TYPE_CHECKING:
     from ..engines.engine_cache import EngineCache
@@ -144,7 +144,7 @@ def add_build_options(parser: argparse.ArgumentParser) -> None:
                    help="TensorRT-RTX target GPUs, e.g. 8.6 12.0 (default: RTX's own set)")
     g.add_argument("--mark-all-outputs", action="store_true",
                    help="make every intermediate tensor an engine output (debugging; blocks fusions)")
-    g.add_argument("--engine-cache", type=Path, metavar="DIR", help="engine cache folder")
+    g.add_argument("--engine-cache", type=cache_folder, metavar="DIR", help="engine cache folder")
     g.add_argument("--tensorrt-module", choices=("tensorrt", "tensorrt_rtx"),
                    help="TensorRT Python module to use (default: whichever imports)")
 
@@ -169,5 +169,13 @@ def engine_cache(args: argparse.Namespace) -> "EngineCache":
 
 
 def parse_input_shapes(specs: list[tuple[str, tuple[int, ...]]]) -> dict[str, tuple[int, ...]]:
-    """``--input-shape`` values (already checked by ``option_types.input_shape``) by input name."""
-    return dict(specs)
+    """``--input-shape`` values (already checked by ``option_types.input_shape``) by input name;
+    an input given twice is an error (which of the two was meant?)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, dims in specs:
+        if name in shapes and shapes[name] != dims:
+            raise OptionError(f"--input-shape gives '{name}' twice ({'x'.join(map(str, shapes[name]))} and "
+                              f"{'x'.join(map(str, dims))}); give each input one shape")
+        shapes[name] = dims
+    return shapes
+

@@ -16,10 +16,10 @@ from ..model.caffe_model import CaffeModel
 from ..partition.capability import PROFILES
 from ..report.bar_chart import CHART_SUFFIXES, check_writable
 from ..report.progress import Progress
-from ..files import write_atomically
-from .common import AUTO, SEED, add_lowerings_option, load_lowerings, parse_input_shapes, parse_min_segment_size
-from .input_options import add_input_options, gather_inputs, preprocessing
-from .option_types import float_type, input_shape, int_type
+from ..files import check_not_read, write_atomically
+from .common import (AUTO, SEED, add_lowerings_option, load_lowerings, parse_input_shapes, parse_min_segment_size)
+from .input_options import add_input_options, files_read, gather_inputs, preprocessing
+from .option_types import float_type, input_shape, int_type, output_file
 from .precision_options import add_precision_options
 
 
@@ -60,8 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int_type(0), default=3, help="untimed runs first (3)")
     p.add_argument("--tolerance", type=float_type(0), default=1e-4,
                    help="relative L2 error against Caffe above which a partition is flagged (1e-4)")
-    p.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
-    p.add_argument("--plot", type=Path, metavar="FILE.png", help="draw median latencies as a bar chart")
+    p.add_argument("--json", type=output_file, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--plot", type=output_file, metavar="FILE.png", help="draw median latencies as a bar chart")
     add_precision_options(p, several=True)
     p.set_defaults(func=run)
 
@@ -88,8 +88,10 @@ def _auto_spec(probe: HybridNet, args: argparse.Namespace, inputs: dict) -> Part
 def run(args: argparse.Namespace) -> int:
     if args.plot:
         check_writable(args.plot, "--plot", CHART_SUFFIXES)
+        check_not_read(args.plot, "--plot", files_read(args))
     if args.json:
         check_writable(args.json, "--json")
+        check_not_read(args.json, "--json", files_read(args))
     specs = _specs(args)
     load_lowerings(args)
     model = CaffeModel(args.model, args.weights, parse_input_shapes(args.input_shape))

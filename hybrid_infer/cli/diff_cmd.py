@@ -4,17 +4,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from ..analysis.bisect import bisect
 from ..analysis.layer_diff import Settings, caffe_values, layer_diff, to_json, to_text
 from ..executor.engine_factory import ENGINES
 from ..report.bar_chart import check_writable
-from ..files import write_atomically
+from ..files import check_not_read, write_atomically
 from ..errors import OptionError
 from .common import add_model_options, open_net
-from .input_options import add_input_options, gather_inputs, preprocessing
-from .option_types import float_type
+from .input_options import add_input_options, files_read, gather_inputs, preprocessing
+from .option_types import float_type, output_file
 from .precision_options import add_precision_options
 
 
@@ -34,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bisect", action="store_true",
                    help="on a mismatch, find the smallest set of TensorRT layers that still causes one "
                         "(runs the hybrid repeatedly with layers forced to Caffe)")
-    p.add_argument("--json", type=Path, metavar="FILE", help="write the per-value errors as JSON")
+    p.add_argument("--json", type=output_file, metavar="FILE", help="write the per-value errors as JSON")
     add_precision_options(p)
     p.set_defaults(func=run)
 
@@ -45,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
                           "bisect without --calibration (or keep layers in FP32 with --keep-fp32 instead)")
     if args.json:
         check_writable(args.json, "--json")
+        check_not_read(args.json, "--json", files_read(args))
     net = open_net(args, engine=args.engine, batch=args.batch or 1)
     inputs, _ = gather_inputs(net, args.input, preprocessing(args), args.batch)
     settings = Settings(args.profile, args.min_segment_size, tuple(args.fallback), args.engine)
@@ -52,7 +52,11 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write(to_text(diff))
     report = to_json(diff)
     status = 0 if diff.first_above is None else 1
-    if args.bisect and diff.first_above is not None:
+    if args.bisect and diff.first_above is not None and diff.caffe_unstable:
+        print("\nbisect: not run: Caffe, the reference, is not deterministic at the first mismatch (see the warning "
+              "above), so no set of lowered layers can be blamed for it")
+        report["bisect"] = {"culprits": [], "runs": 0, "explanation": "not run: " + diff.caffe_unstable}
+    elif args.bisect and diff.first_above is not None:
         print("\nbisecting over the layers on TensorRT (each step is one hybrid run) ...", file=sys.stderr)
         found = bisect(net, settings, inputs, caffe_values(net, inputs), args.tolerance)
         print(f"\nbisect: {found.explanation}")

@@ -12,8 +12,10 @@ from ..executor.engine_factory import segment_onnx
 from ..partition.partitioner import TENSORRT
 from ..report.partition_report import to_json
 from ..errors import OptionError
-from ..files import check_output_folder, write_files_atomically
+from ..files import check_not_read, check_output_folder, write_files_atomically
 from .common import add_model_options, open_net
+from .input_options import files_read
+from .option_types import output_folder
 from .precision_options import add_precision_options
 
 
@@ -22,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Write each TensorRT segment's ONNX (with --calibration: the Q/DQ or FP16 ONNX "
                                    "TensorRT builds from it) and manifest.json, for trtexec, Polygraphy or Netron.")
     add_model_options(p)
-    p.add_argument("-o", "--output-dir", type=Path, required=True, help="folder for the .onnx files")
+    p.add_argument("-o", "--output-dir", type=output_folder, required=True, help="folder for the .onnx files")
     add_precision_options(p)
     p.set_defaults(func=run)
 
@@ -30,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     folder: Path = args.output_dir
     check_output_folder(folder, "-o", may_create=True)
+    if not folder.exists():  # only the export folder itself is created, never its parents
+        check_output_folder(folder.parent, "-o", folder)
     net = open_net(args)
     manifest = to_json(net.partition)
     files: dict[Path, bytes] = {}
@@ -51,8 +55,10 @@ def run(args: argparse.Namespace) -> int:
                      f"({len(data) / 2**20:.1f} MiB{', ' + net.precision.label + ' for TensorRT' if net.precision else ''})")
     # All segments and the manifest land together (manifest last), or none of them does.
     files[folder / "manifest.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
+    for path in files:
+        check_not_read(path, "-o", files_read(args))
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(exist_ok=True)
     except OSError as exc:
         raise OptionError(f"-o {folder}: cannot create this folder ({exc.strerror or exc})") from None
     write_files_atomically(files, option="-o")

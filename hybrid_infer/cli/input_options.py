@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -28,6 +30,33 @@ def add_input_options(p: argparse.ArgumentParser) -> None:
     prep.add_argument("--resize", metavar="HxW", type=resize, help="resize images to HxW (default: the input's size)")
 
 
+def files_read(args: argparse.Namespace) -> dict[Path, str]:
+    """Every file the command reads (path -> what it is), which no output may overwrite.
+    For ``--input`` each way of reading NAME=FILE counts (a file name may hold '=')."""
+    read = {args.model: "the prototxt"}
+    if getattr(args, "weights", None):
+        read[args.weights] = "the weights file"
+    for spec in getattr(args, "input", []):
+        for candidate in [spec, *(spec[i + 1:] for i, c in enumerate(spec) if c == "=")]:
+            read.setdefault(Path(candidate), "an input file")
+    if getattr(args, "labels", None):
+        read[args.labels] = "the labels file"
+    for module in getattr(args, "lowerings", []):
+        read.setdefault(Path(module), "a lowerings module")
+    return read
+
+
+def split_input_spec(spec: str, inputs: Sequence[str]) -> tuple[str | None, str]:
+    """``--input`` as (input name, file): ``NAME=FILE`` when the text before one of its '='
+    names an input of the model (the longest such, so a blob name may hold '=' too), else
+    ``(None, spec)``: the whole text is a file name, for a model's only input."""
+    names = [spec[:i] for i, c in enumerate(spec) if c == "=" and spec[:i] in inputs]
+    if names:
+        name = max(names, key=len)
+        return name, spec[len(name) + 1:]
+    return None, spec
+
+
 def preprocessing(args: argparse.Namespace) -> Preprocessing:
     return Preprocessing(args.scale, tuple(args.mean), args.channel_order, args.resize)
 
@@ -36,16 +65,24 @@ def gather_inputs(net: HybridNet, specs: list[str], prep: Preprocessing,
                   batch: int | None) -> tuple[dict[str, np.ndarray], list[str]]:
     """Inputs by blob name, plus the file names per batch item (for printing)."""
     shapes = net.input_shapes()
+    if prep.mean:
+        for name, shape in shapes.items():
+            if len(shape) == 4 and len(prep.mean) not in (1, shape[1]):
+                raise OptionError(f"--mean has {len(prep.mean)} values; input '{name}' has {shape[1]} channels: give "
+                                  "one value, or one per channel")
     files: dict[str, list[Path]] = {}
     for spec in specs:
-        name, sep, file = spec.partition("=")
-        if not sep:
+        name, file = split_input_spec(spec, list(shapes))
+        if name is None:
+            given = spec.partition("=")[0]
+            if "=" in spec and not os.path.lexists(spec):
+                raise InputError(f"--input {spec}: '{given}' is not an input of {net.model.prototxt} (its inputs "
+                                 f"are {', '.join(shapes)}), and no file of that name exists")
             if len(shapes) != 1:
                 raise OptionError(f"--input {spec}: this model has inputs {', '.join(shapes)}; write NAME=FILE")
-            name, file = next(iter(shapes)), spec
-        if name not in shapes:
-            raise InputError(f"--input {spec}: '{name}' is not an input of {net.model.prototxt}; "
-                             f"its inputs are {', '.join(shapes)}")
+            name = next(iter(shapes))
+        if not file:
+            raise OptionError(f"--input {spec}: no file name given")
         files.setdefault(name, []).append(Path(file))
     # Nothing is allocated for inputs or activations that cannot fit (memory_budget.py).
     net.check_memory(batch or 1, sum(4 * (batch or shape[0]) * math.prod(shape[1:]) for shape in shapes.values()))
@@ -59,7 +96,7 @@ def gather_inputs(net: HybridNet, specs: list[str], prep: Preprocessing,
             shape = (batch, *shape[1:]) if batch else shape
             readers = net.index_readers(name)
             if readers:
-                bound = index_bound(readers)
+                bound = index_bound(readers, net.graph, batch or next(iter(shapes.values()))[0])
                 inputs[name] = random_indices(shape, bound)
                 print(f"note: no --input for '{name}': using random whole numbers in [0, {bound}) of shape "
                       f"{shape} (indices for {', '.join(repr(layer.name) for layer in readers)})")

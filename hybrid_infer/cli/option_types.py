@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+from pathlib import Path
 from typing import Callable
 
 from .. import arguments
 from ..arguments import INT32_MAX
 from ..errors import OptionError
+from ..files import expand_folder
 
 #: Largest image ``--resize`` accepts, in pixels: Pillow's own decompression-bomb limit
 #: (``PIL.Image.MAX_IMAGE_PIXELS``), which the image reader applies to the files too.
@@ -75,9 +78,47 @@ def resize(text: str) -> tuple[int, int]:
 
 
 def input_shape(text: str) -> tuple[str, tuple[int, ...]]:
-    """``NAME=DxDx...`` for ``--input-shape``."""
-    name, sep, dims = text.partition("=")
+    """``NAME=DxDx...`` for ``--input-shape``, split at the last '=' (a blob name may hold one)."""
+    name, sep, dims = text.rpartition("=")
     example = "NAME=DxDx..., e.g. data=1x3x720x1280"
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected {example}, not {text!r}")
     return name, _dims(dims, None, example)
+
+
+def _absolute(text: str, what: str) -> Path:
+    """``text`` made absolute against the current folder now, at parse time: a Python layer
+    that changes the current folder later cannot move where the command writes."""
+    if not text:
+        raise argparse.ArgumentTypeError(f"expected {what}, not an empty string")
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:
+        if os.path.isabs(text):
+            return Path(text)
+        raise argparse.ArgumentTypeError(f"{text!r} is relative to the current folder, which no longer exists; "
+                                         "cd to an existing folder or give an absolute path") from None
+    return Path(cwd, text)
+
+
+def output_file(text: str) -> Path:
+    """A file to write (``-o``, ``--json``, ``--plot``), as an absolute path; a name ending
+    in ``/`` names a folder and is refused."""
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text!r} ends in '/', so it names a folder; give a file name")
+    return _absolute(text, "a file name")
+
+
+def output_folder(text: str) -> Path:
+    """A folder to write into (``export -o``), as an absolute path."""
+    return _absolute(text, "a folder name")
+
+
+def cache_folder(text: str) -> Path:
+    """``--engine-cache DIR``: ``~`` and ``~user`` expanded, made absolute."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a folder name, not an empty string")
+    try:
+        return _absolute(str(expand_folder(text, "")), "a folder name")
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -9,16 +9,18 @@ from pathlib import Path
 
 import numpy as np
 
+from ..api import HybridNet
+from ..errors import InputError
 from ..executor.engine_factory import ENGINES
 from ..detections import DetectionComparison, detection_outputs, parse
 from ..partition.partitioner import TENSORRT
 from ..report import handoff_report
-from ..files import check_output_path, write_atomically
+from ..files import check_not_read, check_output_path, write_atomically
 from ..inputs import read_labels
 from ..report.partition_report import user_lowerings
 from .common import add_build_options, add_model_options, auto_min_segment_size, open_net
-from .input_options import add_input_options, gather_inputs, preprocessing
-from .option_types import float_type, int_type
+from .input_options import add_input_options, files_read, gather_inputs, preprocessing
+from .option_types import float_type, int_type, output_file
 from .precision_options import (add_precision_options, check_tolerance, input_range_warnings, precision_input_checks,
                                 precision_lines)
 
@@ -34,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", type=int_type(0), metavar="N",
                    help="run the Caffe segments on GPU N (needs the CUDA Caffe: scripts/setup.sh --cuda); "
                         "tensors then stay on the GPU between GPU engines")
-    p.add_argument("-o", "--output", type=Path, help="save outputs to FILE.npz")
+    p.add_argument("-o", "--output", type=output_file, help="save outputs to FILE.npz")
     p.add_argument("--check", action="store_true", help="also run pure Caffe and report the difference")
     p.add_argument("--tolerance", type=float_type(0), default=None,
                    help="relative L2 limit for --check (1e-4; with --calibration twice the error calibrate measured, "
@@ -47,12 +49,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _classes(shape: tuple[int, ...]) -> int:
+    """The number of classes of an output of ``shape`` that looks like per-item class scores
+    (N x C, or N x C x 1 x 1), else 0."""
+    classes = int(np.prod(shape[1:])) if len(shape) >= 2 else 0
+    return classes if all(d == 1 for d in shape[2:]) and 1 < classes <= 100000 else 0
+
+
+def _check_labels(names: list[str], path: Path, net: HybridNet) -> None:
+    """Refuse a --labels file whose number of names fits none of the classifier outputs."""
+    classes = {blob: _classes(net.graph.values[net.graph.value_of_blob(blob)].shape) for blob in net.output_blobs}
+    counts = {blob: n for blob, n in classes.items() if n}
+    if counts and len(names) not in counts.values():
+        listing = ", ".join(f"'{blob}' has {n}" for blob, n in counts.items())
+        raise InputError(f"--labels {path}: holds {len(names)} class names, but {listing} classes; give one name per "
+                         "line, one line per class")
+
+
 def _describe_output(name: str, array: np.ndarray, labels: list[str], names: list[str], top: int) -> str:
     out = io.StringIO()
     if array.size == 0:
         return f"{name}: shape {tuple(array.shape)}, empty"
     flat = array.reshape(array.shape[0], -1) if array.ndim >= 2 else array.reshape(1, -1)
-    looks_like_scores = array.ndim >= 2 and all(d == 1 for d in array.shape[2:]) and 1 < flat.shape[1] <= 100000
+    looks_like_scores = bool(_classes(array.shape))
     print(f"{name}: shape {tuple(array.shape)}, min {array.min():.4g}, max {array.max():.4g}", file=out)
     if looks_like_scores:
         for i, row in enumerate(flat):
@@ -86,6 +105,7 @@ def _print_detection_check(name: str, found: DetectionComparison, ok: bool, limi
 def run(args: argparse.Namespace) -> int:
     if args.output:
         check_output_path(args.output, "-o")
+        check_not_read(args.output, "-o", files_read(args))
     if args.labels:
         read_labels(args.labels)  # a bad file is reported before the model is loaded
     net = open_net(args, engine=args.engine, batch=args.batch or 1)
@@ -98,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     tolerance = args.tolerance
     net = auto_min_segment_size(net, args, inputs, engine=args.engine, batch=args.batch or 1)
     class_names = read_labels(args.labels) if args.labels else []
+    if args.labels:
+        _check_labels(class_names, args.labels, net)
     start = time.perf_counter()
     outputs = net.run(inputs)
     first = time.perf_counter() - start

@@ -21,9 +21,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..errors import ModelError
 from ..graph.layer_graph import LayerGraph
 from ..model.caffe_import import caffe, caffe_pb2
-from ..model.caffe_limits import refuse_cpu_unsupported
+from ..model.caffe_limits import aborts_on_values, refuse_cpu_unsupported
 from ..model.isolated import Rehearsal, caffe_errors, call_isolated
 from ..model.caffe_model import push_weights
 from ..model.protofile import write_prototxt
@@ -73,7 +74,11 @@ class CaffeEngine:
         shown = ", ".join(layer_names[:4]) + (f" and {len(layer_names) - 4} more" if len(layer_names) > 4 else "")
         #: How messages name this segment.
         self.label = f"Caffe {name} ({shown})"
-        self._rehearsal = Rehearsal()
+        self._rehearsal = Rehearsal(every_run=aborts_on_values([layer.param for layer in self._layers]))
+        #: Outputs that layers of other segments read (the rest only go back to the caller).
+        read_elsewhere = {v for layer in graph.layers.values() if layer.name not in set(layer_names)
+                          for v in layer.bottoms}
+        self._handed_over = set(outputs) & read_elsewhere
         self._check_layers([layer.param for layer in self._layers])
         self._workdir = Path(tempfile.mkdtemp(prefix="hybrid_infer_caffe_"))
         prototxt = self._workdir / f"{name}.prototxt"
@@ -122,13 +127,42 @@ class CaffeEngine:
         shapes = {name: tuple(feeds[name].shape) for name in self.input_names}
         check_feed_batch(self._graph, self._layers, shapes)  # here, not as a failure in the rehearsal
 
+        reshaped: dict[str, tuple[int, ...]] = {}
+
         def step() -> None:
             self._reshape(shapes)
+            reshaped.update((name, tuple(self._blobs[name].shape)) for name in self.output_names)
             for name in self.input_names:
                 self._blobs[name].data[...] = feeds[name]
             self._forward()
         caffe_errors(self.label, self._rehearsal.run, tuple(shapes.items()), step)
-        return {name: self._blobs[name].data for name in self.output_names}
+        outputs = {name: self._blobs[name].data for name in self.output_names}
+        self._check_output_shapes(outputs, reshaped)
+        return outputs
+
+    def _check_output_shapes(self, outputs: Mapping[str, np.ndarray],
+                             reshaped: Mapping[str, tuple[int, ...]]) -> None:
+        """Raise ModelError naming the layer if an output that other segments read does not
+        have the shape they were planned for (the set-up shape, batch aside): a layer (a Python one)
+        that reshapes its top in forward, unlike its reshape said; or a batch that is not
+        on axis 0 any more (a Permute moving it), at a batch other than the set-up one."""
+        for value, array in outputs.items():
+            planned = self._graph.values[value].shape
+            if value not in self._handed_over or (array.ndim == len(planned)
+                                                  and tuple(array.shape[1:]) == tuple(planned[1:])):
+                continue
+            layer = self._graph.layers[self._graph.values[value].producer]
+            blob = self._graph.values[value].blob
+            if tuple(array.shape) != reshaped.get(value, tuple(array.shape)):
+                raise ModelError(f"{self.label}: layer '{layer.name}' ({layer.type}) wrote its top '{blob}' with "
+                                 f"shape {tuple(array.shape)} at forward, but its reshape gave {reshaped[value]}; "
+                                 "every segment is planned from the shapes Caffe computes at reshape: make the "
+                                 "layer's reshape give its top the shape its forward writes")
+            raise ModelError(f"{self.label}: '{blob}', the top of layer '{layer.name}' ({layer.type}), has shape "
+                             f"{tuple(array.shape)} at this batch but {tuple(planned)} at the set-up batch: beyond "
+                             "axis 0 it changes with the batch, and tensors handed between segments must keep the "
+                             "batch on axis 0; run at the set-up batch, set the batch at load (--input-shape), or "
+                             f"run the layers after '{layer.name}' in Caffe too")
 
     def close(self) -> None:
         self._net = None

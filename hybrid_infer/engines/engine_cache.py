@@ -12,8 +12,11 @@ appears only once its plan is complete. Everything found in the cache folder is
 untrusted (another process, a crash or a person may have left anything there): a plan is
 checked against its sidecar before it is returned, since deserializing a corrupt plan
 can crash TensorRT, and an entry that is not two regular files of sane sizes is a miss;
-the engine is then rebuilt over it. A folder that cannot be written is reported before
-any build.
+the engine is then rebuilt over it, as is one whose plan could not fit in this process's
+memory (a damaged sidecar claiming gigabytes; the plan is hashed in chunks, never held
+whole before it is known good). A folder that cannot be written is reported before any
+build; half-written entries that killed builds left behind are removed then
+(``files.sweep_stale_temporaries``).
 """
 from __future__ import annotations
 
@@ -24,13 +27,15 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import BinaryIO, Optional, Union
 
 import onnx
 
 from .. import arguments
 from ..errors import EnvironmentProblem, HybridInferError
-from ..files import open_regular_file, read_regular_file, write_files_atomically
+from ..memory_budget import available_bytes
+from ..files import (expand_folder, open_regular_file, read_regular_file, sweep_stale_temporaries,
+                     write_files_atomically)
 from . import trt_api
 from .tensorrt_build import BuildSettings, BuiltEngine, build_engine
 from .trt_api import TrtApi
@@ -43,13 +48,16 @@ ENV_DIR = "HYBRID_INFER_ENGINE_CACHE"
 #: hundred MiB (AlexNet's 234 MiB); anything beyond is not an entry of this cache.
 MAX_SIDECAR_BYTES = 64 * 2**20
 MAX_PLAN_BYTES = 16 * 2**30
+#: A half-written entry (``.KEY.plan.PID.XXXXXXXX.tmp``) older than this is a killed writer's:
+#: writing an entry takes seconds.
+STALE_TEMPORARY_S = 3600
 
 
 def default_directory() -> Path:
     """``$HYBRID_INFER_ENGINE_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/hybrid_infer/engines``."""
     if os.environ.get(ENV_DIR):
-        return Path(os.environ[ENV_DIR]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return expand_folder(os.environ[ENV_DIR], ENV_DIR)
+    base = os.environ.get("XDG_CACHE_HOME") or expand_folder("~/.cache", "the home folder (HOME)")
     return Path(base) / "hybrid_infer" / "engines"
 
 
@@ -79,8 +87,8 @@ class EngineCache:
     """A directory of plans keyed by content; safe to share between processes."""
 
     def __init__(self, directory: Union[str, os.PathLike[str], None] = None) -> None:
-        self.directory = (arguments.path(directory, "engine cache directory").expanduser() if directory
-                          else default_directory())
+        self.directory = (expand_folder(arguments.path(directory, "engine cache directory"),
+                                        "engine cache directory") if directory is not None else default_directory())
 
     def key(self, onnx_bytes: bytes, settings: BuildSettings, api: TrtApi, target: str) -> str:
         material = {
@@ -123,6 +131,11 @@ class EngineCache:
                 return miss("unreadable sidecar (plan size or checksum missing or of the wrong type)")
         except (_Unusable, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
             return miss(f"unreadable sidecar ({exc})")
+        available = available_bytes()
+        if available is not None and 2 * expected_size > available:  # the plan, then TensorRT's copy
+            log.warning("engine cache: %s claims a plan of %d bytes, more than this process can hold; "
+                        "rebuilding", meta_path, expected_size)
+            return miss(f"plan of {expected_size} bytes does not fit in memory")
         try:
             with open_regular_file(plan_path, "plan", _Unusable, follow_symlinks=False) as f:
                 size = os.fstat(f.fileno()).st_size
@@ -130,14 +143,18 @@ class EngineCache:
                     log.warning("engine cache: %s is %d bytes, its sidecar says %d; rebuilding",
                                 plan_path, size, expected_size)
                     return miss(f"plan truncated or replaced ({size} of {expected_size} bytes)")
+                # Checked in chunks first, so that a damaged plan never has to fit in memory.
+                if _sha256_of(f, expected_size + 1) != expected_sha:
+                    log.warning("engine cache: %s does not match its checksum; rebuilding", plan_path)
+                    return miss("plan checksum mismatch (corrupt file)")
+                f.seek(0)
                 plan = f.read(expected_size + 1)
         except (_Unusable, OSError) as exc:
             return miss(f"plan unusable ({exc})")
-        if len(plan) != expected_size:
-            return miss(f"plan changed while read ({len(plan)} of {expected_size} bytes)")
-        if hashlib.sha256(plan).hexdigest() != expected_sha:
-            log.warning("engine cache: %s does not match its checksum; rebuilding", plan_path)
-            return miss("plan checksum mismatch (corrupt file)")
+        except MemoryError:
+            return miss(f"plan of {expected_size} bytes does not fit in memory")
+        if len(plan) != expected_size or hashlib.sha256(plan).hexdigest() != expected_sha:
+            return miss("plan changed while read")
         try:
             built = BuiltEngine.from_metadata(plan, meta.get("engine"))
         except ValueError as exc:
@@ -156,6 +173,7 @@ class EngineCache:
         if problem:
             raise EnvironmentProblem(f"engine cache {self.directory}: {problem}; pass --engine-cache DIR or "
                                      f"set {ENV_DIR} to a writable folder")
+        sweep_stale_temporaries(self.directory, STALE_TEMPORARY_S)
 
     def store(self, key: str, built: BuiltEngine) -> Path:
         """Write the entry atomically (plan, then sidecar); return the plan's path."""
@@ -190,6 +208,18 @@ class EngineCache:
         built = build_engine(onnx_bytes, settings, api=api, label=label)
         self.store(key, built)
         return built, lookup
+
+
+def _sha256_of(f: BinaryIO, limit: int) -> str:
+    """SHA-256 of at most ``limit`` bytes of ``f``, read in 1 MiB chunks."""
+    digest, left = hashlib.sha256(), limit
+    while left > 0:
+        chunk = f.read(min(left, 2**20))
+        if not chunk:
+            break
+        digest.update(chunk)
+        left -= len(chunk)
+    return digest.hexdigest()
 
 
 class _Unusable(HybridInferError):

@@ -17,6 +17,8 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 #: Where ORT's run-time errors name the failing node.
 _FAILED_NODE = re.compile(r"Name:'([^']*)'")
+#: How ORT's run-time errors say an allocation failed.
+_OUT_OF_MEMORY = re.compile(r"Failed to allocate memory|bad_alloc|bad allocation|out of memory", re.IGNORECASE)
 
 
 def _providers(device: str) -> list[str]:
@@ -71,8 +73,9 @@ class OnnxRuntimeEngine:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the session. A failure at run time (ONNX Runtime checks some shapes only then)
-        is an ``InputError`` for value-checked layers, else an ``EngineRejected`` naming the
-        Caffe layer whose node failed and the --fallback that runs it in Caffe."""
+        is an ``InputError`` for value-checked layers and for a failed allocation (Caffe would
+        need the memory too), else an ``EngineRejected`` naming the Caffe layer whose node
+        failed and the --fallback that runs it in Caffe."""
         try:
             results = self._session.run(self.output_names, {name: feeds[name] for name in self.input_names})
         except Exception as exc:  # ORT raises its own InvalidArgument/Fail/RuntimeException types
@@ -80,6 +83,10 @@ class OnnxRuntimeEngine:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             node = _FAILED_NODE.search(message)
             layer = self._layer_of(node.group(1)) if node else None
+            if _OUT_OF_MEMORY.search(str(exc)):  # running it in Caffe would not help
+                raise InputError(f"ONNX Runtime ran out of memory{f' in layer {layer!r}' if layer else ''} "
+                                 f"({message}); use a smaller batch or input size, or a machine with more "
+                                 "memory") from None
             advice = (f"; run that layer in Caffe instead with --fallback {layer}" if layer
                       else "; run the segment's layers in Caffe with --fallback")
             raise EngineRejected(f"ONNX Runtime failed running{f' layer {layer!r}' if layer else ''}: "

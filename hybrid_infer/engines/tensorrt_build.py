@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -243,8 +244,46 @@ def _caffe_layers(text: str, docs: dict[str, str]) -> list[str]:
     return layers
 
 
-def _progress_monitor(api: TrtApi, label: str) -> Any:
-    """An IProgressMonitor that logs build phases: two levels at INFO, deeper at DEBUG."""
+class _Interrupts:
+    """Ctrl-C (and SIGTERM) during a TensorRT build, held until the build has returned.
+
+    TensorRT calls back into Python (its logger, the progress monitor) during a build, and
+    its Python bindings swallow exceptions raised there: the KeyboardInterrupt that Python's
+    own handler raises inside such a callback is lost and the build runs on. Here a signal
+    only sets ``requested``; the progress monitor then cancels the build (its
+    ``step_complete`` returns False), and on leaving the block the signal's own handler is
+    run, so that the KeyboardInterrupt (or the CLI's SIGTERM exception) is raised there.
+    Outside the main thread (where Python cannot handle signals) nothing is changed.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        self.requested = signum
+
+    def __enter__(self) -> "_Interrupts":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._hold)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        if self.requested is not None:
+            handler = self._previous.get(self.requested)
+            if callable(handler):
+                handler(self.requested, None)
+            raise KeyboardInterrupt
+
+
+def _progress_monitor(api: TrtApi, label: str, interrupts: _Interrupts) -> Any:
+    """An IProgressMonitor that logs build phases (two levels at INFO, deeper at DEBUG) and
+    cancels the build once ``interrupts`` holds a Ctrl-C."""
     base = api.module.IProgressMonitor
 
     class Monitor(base):  # type: ignore[misc, valid-type]
@@ -261,7 +300,7 @@ def _progress_monitor(api: TrtApi, label: str) -> Any:
                     label, "  " * depth, phase_name, num_steps)
 
         def step_complete(self, phase_name: str, step: int) -> bool:
-            return True  # never cancel
+            return interrupts.requested is None  # False cancels the build
 
         def phase_finish(self, phase_name: str) -> None:
             with self._lock:
@@ -427,10 +466,11 @@ def build_engine(onnx_model: Union[onnx.ModelProto, bytes], settings: BuildSetti
     input_names = [network.get_input(i).name for i in range(network.num_inputs)]
     output_names = [network.get_output(i).name for i in range(network.num_outputs)]
     monitor = None
+    interrupts = _Interrupts()
     if api.has_progress_monitor:
-        monitor = _progress_monitor(api, label)
+        monitor = _progress_monitor(api, label, interrupts)
         config.progress_monitor = monitor
-    with api.logger.capture() as said:
+    with interrupts, api.logger.capture() as said:
         serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - started
     # Only now may these go: the network uses weights the parser owns, and TensorRT holds a

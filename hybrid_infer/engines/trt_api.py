@@ -187,7 +187,11 @@ def _load(name: str) -> TrtApi:
 def load(name: str | None = None) -> TrtApi:
     """The TensorRT module ``name`` ("tensorrt", "tensorrt_rtx", or "auto" for whichever
     imports); ``None`` reads ``$HYBRID_INFER_TENSORRT`` and defaults to auto."""
+    from_environment = not name and bool(os.environ.get(ENV_MODULE))
     name = name or os.environ.get(ENV_MODULE) or AUTO
+    if from_environment and name != AUTO and name not in MODULES:
+        raise OptionError(f"{ENV_MODULE}={name}: unknown TensorRT module; set it to {AUTO}, "
+                          f"{' or '.join(MODULES)}, or unset it")
     if name != AUTO:
         return _load(name)
     problems = []

@@ -36,7 +36,8 @@ def emit_power(ctx: LoweringContext, layer: str, x: str, out: str,
     """Caffe's PowerLayer: (shift + scale * x) ^ power, constant when scale or power is 0."""
     power, scale, shift = np.float32(power), np.float32(scale), np.float32(shift)
     if scale == 0 or power == 0:
-        value = np.float32(1) if power == 0 else np.float32(shift ** power)
+        with np.errstate(all="ignore"):  # NaN or Inf, as Caffe's powx gives, is the value, not a warning
+            value = np.float32(1) if power == 0 else np.float32(shift ** power)
         shape = ctx.node("Shape", [x], layer=layer)[0]
         ctx.node("ConstantOfShape", [shape], [out], layer=layer,
                  value=ctx.tensor_attribute(np.array([value], dtype=np.float32)))

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import EnvironmentProblem, ModelError
 from ..memory_budget import check_fits
 from .caffe_import import caffe, registered_layer_types
-from .caffe_limits import check_set_up_net
+from .caffe_limits import check_in_place, check_operand_shapes, check_set_up_net
 from .caffemodel import read_caffemodel
 from .isolated import CaffeFailure, call_isolated
 from .param_sharing import param_owners
@@ -96,6 +96,8 @@ def _check_layers(net: NetParameter, source: str, dropped: Sequence[DroppedLayer
                                  "reuse a blob name")
             if in_place and len(readers[top]) > 1:
                 _refuse_shared_rewrite(layer.name, top, readers[top], source)
+            if in_place:
+                check_in_place(layer, top, source)
             produced.add(top)
             readers[top] = []
         if layer.type == "Python":
@@ -194,6 +196,7 @@ class CaffeModel:
                                                list(self.renamed_layers) if stored is not None else [])
         except CaffeFailure as exc:
             raise ModelError(f"{self.prototxt}: Caffe cannot set this net up: {exc}") from None
+        check_operand_shapes(self.net, self.info.blob_shapes, str(self.prototxt))
         # A net without learned parameters (e.g. only PriorBox and DetectionOutput) needs no weights.
         self._weights: dict[str, list[np.ndarray]] | None = None if self.info.param_shapes else {}
         if stored is not None:

@@ -58,20 +58,64 @@ def _upgrade_v1(path: Path) -> NetParameter:
     return net
 
 
+def _split_comment(line: bytes) -> tuple[bytes, bytes]:
+    """``line`` as (text, comment): the comment starts at the first '#' outside a quoted
+    string (protobuf's text format quotes with ' or " and escapes with a backslash)."""
+    quote = None
+    escaped = False
+    for i, byte in enumerate(line):
+        char = chr(byte)
+        if quote:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == quote:
+                quote = None
+        elif char in "'\"":
+            quote = char
+        elif char == "#":
+            return line[:i], line[i:]
+    return line, b""
+
+
+def _decode(data: bytes, path: Path) -> str:
+    """The prototxt as text. Caffe's parser (protobuf's C++ text format) reads bytes, so a
+    comment may hold anything (a Latin-1 accent, say) and is kept with such bytes replaced;
+    elsewhere (names, strings) protobuf's Python parser needs UTF-8, and other bytes are an
+    error naming the line."""
+    if b"\0" in data:
+        line = data[:data.index(b"\0")].count(b"\n") + 1
+        raise ModelError(f"{path}: holds binary data (a NUL byte on line {line}), not prototxt text; is it a "
+                         ".caffemodel?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    lines = []
+    for number, line in enumerate(data.split(b"\n"), 1):
+        text, comment = _split_comment(line)
+        try:
+            decoded = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ModelError(f"{path}:{number}: byte {text[exc.start]:#04x} (outside a # comment) is not UTF-8; "
+                             "names and strings must be UTF-8 text here: save the file as UTF-8") from None
+        lines.append(decoded + comment.decode("utf-8", errors="replace"))
+    return "\n".join(lines)
+
+
 def read_prototxt(path: str | os.PathLike[str]) -> NetParameter:
     """Parse a network definition; syntax errors name the file and line."""
     p = Path(path)
     data = read_regular_file(p, "prototxt", ModelError)
     net = caffe_pb2().NetParameter()
     try:
-        text_format.Merge(data.decode(), net)
+        text_format.Merge(_decode(data, p), net)
     except text_format.ParseError as exc:
         line = exc.GetLine() if hasattr(exc, "GetLine") else None
         where = f"{p}:{line}" if line else str(p)
         message = str(exc).split(" : ", 1)[-1]
         raise ModelError(f"{where}: not a valid Caffe prototxt for this Caffe: {message}") from None
-    except UnicodeDecodeError:
-        raise ModelError(f"{p}: not a text prototxt (is it a .caffemodel?)") from None
     if len(net.layers) and len(net.layer):
         raise ModelError(f"{p}: uses both 'layer {{}}' and the old 'layers {{}}' entries, which Caffe refuses "
                          "(\"Refusing to upgrade inconsistent NetParameter input\"); write every layer as 'layer {}'")

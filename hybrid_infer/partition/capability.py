@@ -19,6 +19,7 @@ from ..graph.layer_graph import Layer, LayerGraph
 from ..lowering.conv_pool import check_convolution, check_pooling
 from ..lowering.registry import REGISTRY, LoweringTarget
 from ..lowering.tensor_ops import check_eltwise
+from ..model.caffe_limits import training_phase
 
 Check = Callable[[Layer, LayerGraph], Optional[str]]
 
@@ -166,6 +167,9 @@ class Capability:
             return Verdict(False, f"reads '{graph.values[dynamic].blob}', whose size {source.type} '{source.name}' "
                                   "decides at run time (one row per detection); TensorRT segments are built for "
                                   "fixed shapes, Caffe reshapes each forward pass")
+        trains = training_phase(layer.param)
+        if trains:
+            return Verdict(False, trains)
         registration = REGISTRY.find(layer)
         if registration is None:
             target = LoweringTarget.of(layer)

@@ -6,6 +6,7 @@ chart is asked for, and its absence is reported as something the user can instal
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -31,6 +32,9 @@ def grouped_bar_chart(path: Path, groups: Sequence[str], series: Mapping[str, Se
     ``errors`` gives an upper whisker per bar (e.g. p90 minus median); ``note`` is printed
     under the axes (the machine, what n/a means).
     """
+    # matplotlib warns through logging when the home folder cannot hold its cache (it then
+    # uses a temporary folder, removed at exit): a chart is still drawn, so no warning.
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
     try:
         import matplotlib
         matplotlib.use("Agg")
