@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # the engines pull in ONNX and ONNX Runtime: loaded when a ru
     from .engines.caffe_gpu_engine import GpuDevice
     from .engines.engine_cache import EngineCache
     from .engines.tensorrt_build import BuildSettings
+    from .executor.engine_choice import CpuSettings
     from .executor.engine_factory import SegmentEngine
     from .executor.hybrid_executor import Handoff, HybridExecutor
 
@@ -44,9 +45,11 @@ def _return_freed_memory() -> None:
 
 
 class HybridNet:
-    """A Caffe model partitioned between TensorRT (or ONNX Runtime) and Caffe.
+    """A Caffe model partitioned between TensorRT (or a CPU engine: ONNX Runtime, OpenVINO) and Caffe.
 
     Engines are built on the first ``run`` and reused; ``partition`` needs no weights.
+    ``engine="auto"`` without a TensorRT runtime measures the installed CPU engines on each
+    segment at the first run's batch and keeps the fastest (``cpu_settings``: threads, BF16).
     ``device=N`` runs the Caffe segments on GPU N (checked here, so a wrong id fails
     before any work); tensors then pass between GPU engines as device pointers, or
     through the host with ``zero_copy=False`` (to measure the difference).
@@ -56,8 +59,10 @@ class HybridNet:
                  min_segment_size: int = 3, fallback: Iterable[str] = (),
                  outputs: Sequence[str] = (), build_settings: Optional["BuildSettings"] = None,
                  engine_cache: Optional["EngineCache"] = None, tensorrt_module: Optional[str] = None,
-                 device: Optional[int] = None, zero_copy: bool = True):
+                 device: Optional[int] = None, zero_copy: bool = True,
+                 cpu_settings: Optional["CpuSettings"] = None):
         self.model = model
+        self.cpu_settings = cpu_settings
         self.zero_copy = zero_copy
         #: The GPU Caffe segments run on, or None for the CPU.
         self.gpu: Optional["GpuDevice"] = None
@@ -91,11 +96,16 @@ class HybridNet:
     def segment_engines(self) -> list["SegmentEngine"]:
         return self._ensure_executor().segment_engines
 
-    def _ensure_executor(self) -> "HybridExecutor":
+    def _ensure_executor(self, batch: Optional[int] = None) -> "HybridExecutor":
+        """Build the engines (``batch``: the batch ``auto`` measures CPU engines at)."""
         if self._executor is None:
+            from .engines.choice_cache import ChoiceCache
+            from .executor.engine_choice import CpuEngines, CpuSettings
             from .executor.engine_factory import build_engines, resolve_engine
             from .executor.hybrid_executor import HybridExecutor
             engine, self.engine_reason = resolve_engine(self.requested_engine, self.tensorrt_module)
+            cpu_engines = CpuEngines(self.cpu_settings or CpuSettings(),
+                                     ChoiceCache(self.engine_cache.directory if self.engine_cache else None))
             factory = None
             if engine == "tensorrt":
                 from .engines.tensorrt_segment import tensorrt_factory
@@ -103,7 +113,7 @@ class HybridNet:
             rejected: dict[str, str] = {}
             while True:
                 built = build_engines(self.graph, self.model, self.partition.segments, engine, factory,
-                                      caffe_device=self.gpu)
+                                      caffe_device=self.gpu, cpu_engines=cpu_engines, batch=batch)
                 named = {layer: f"{engine} refused it: {se.fallback_note}" for se in built
                          for layer in se.rejected_layers if layer not in rejected}
                 if not named:
@@ -154,7 +164,7 @@ class HybridNet:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the hybrid; returns the output blobs (or those named in ``outputs=``)."""
         checked = self.check_inputs(inputs)
-        executor = self._ensure_executor()
+        executor = self._ensure_executor(next(iter(checked.values())).shape[0] if checked else None)
         feeds = {self.graph.value_of_blob(name): array for name, array in checked.items()}
         values = executor.run(feeds, self._output_values)
         if not self._first_run_done:
@@ -230,7 +240,7 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
          input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
          build_settings: Optional["BuildSettings"] = None, engine_cache: Optional["EngineCache"] = None,
          tensorrt_module: Optional[str] = None, device: Optional[int] = None,
-         zero_copy: bool = True) -> HybridNet:
+         zero_copy: bool = True, cpu_settings: Optional["CpuSettings"] = None) -> HybridNet:
     """Load a Caffe model and partition it.
 
     ``random_weights=SEED`` fills every parameter with random values instead of reading a
@@ -238,7 +248,8 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
     ``input_shapes={"data": (1, 3, 720, 1280)}`` replaces the prototxt's input sizes; the
     batch axis stays free either way. ``build_settings``, ``engine_cache`` and
     ``tensorrt_module`` ("tensorrt" or "tensorrt_rtx") steer TensorRT engine builds.
-    ``device=N`` runs Caffe segments on GPU N (see ``HybridNet``).
+    ``device=N`` runs Caffe segments on GPU N (see ``HybridNet``). ``cpu_settings``
+    (``executor.engine_choice.CpuSettings``) sets CPU engines' threads and OpenVINO's BF16.
     """
     model = CaffeModel(prototxt, weights, input_shapes)
     if random_weights is not None:
@@ -246,4 +257,4 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
     return HybridNet(model, engine=engine, profile=profile, min_segment_size=min_segment_size,
                      fallback=fallback, outputs=outputs, build_settings=build_settings,
                      engine_cache=engine_cache, tensorrt_module=tensorrt_module, device=device,
-                     zero_copy=zero_copy)
+                     zero_copy=zero_copy, cpu_settings=cpu_settings)

@@ -47,9 +47,9 @@ class LoweringError(HybridInferError):
 
 
 class EngineBuildError(EngineRejected):
-    """TensorRT could not build a segment's engine.
+    """TensorRT (or OpenVINO) could not build a segment's engine.
 
-    ``caffe_layers`` names the Caffe layers TensorRT's ONNX parser rejected (taken from the
+    ``caffe_layers`` names the Caffe layers the engine's ONNX reader rejected (taken from the
     failing ONNX nodes' doc_string), so the partitioner can move exactly those to Caffe;
     it is empty when the failure is not tied to layers (workspace, builder errors).
     """

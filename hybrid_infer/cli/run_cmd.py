@@ -12,8 +12,8 @@ from ..executor.engine_factory import ENGINES
 from ..metrics import compare_outputs
 from ..partition.partitioner import TENSORRT
 from ..report import handoff_report
-from .common import (add_build_options, add_model_options, auto_min_segment_size, open_net, require_weights,
-                     write_atomically)
+from .common import (add_build_options, add_cpu_options, add_model_options, auto_min_segment_size, open_net,
+                     require_weights, write_atomically)
 from .input_options import add_input_options, gather_inputs, preprocessing
 
 
@@ -23,8 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_options(p, auto_min=True)
     add_input_options(p)
     p.add_argument("--engine", choices=ENGINES, default="auto",
-                   help="engine for supported segments (auto: TensorRT if it can run here, else ONNX Runtime; "
-                        "caffe: Caffe too, on the same cut)")
+                   help="engine for supported segments (auto: TensorRT if it can run here, else the faster of "
+                        "ONNX Runtime and OpenVINO per segment, measured once and cached; caffe: Caffe too, "
+                        "on the same cut)")
     p.add_argument("--device", type=int, metavar="N",
                    help="run the Caffe segments on GPU N (needs the CUDA Caffe: scripts/setup.sh --cuda); "
                         "tensors then stay on the GPU between GPU engines")
@@ -33,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance", type=float, default=1e-4, help="relative L2 limit for --check (1e-4)")
     p.add_argument("--labels", type=Path, help="class names, one per line, for classifier outputs")
     p.add_argument("--top", type=int, default=5, help="classes to show per image (5)")
+    add_cpu_options(p)
     add_build_options(p)
     p.set_defaults(func=run)
 
@@ -72,15 +74,23 @@ def run(args: argparse.Namespace) -> int:
     times = net.segment_times()
     for se in net.segment_engines:
         note = f"  (fell back: {se.fallback_note})" if se.fallback_note else ""
+        note += f"  (chose {se.choice_note})" if se.choice_note else ""
         print(f"  segment {se.segment.id}: {se.engine.kind:<11} {len(se.segment.layers):4d} layers "
               f"{times.get(se.segment.id, 0) * 1e3:8.2f} ms{note}")
     if net.gpu is not None:
         print(f"  Caffe segments ran on GPU {net.gpu.index} ({net.gpu.name})")
     print("\nhand-offs of the second run:\n" + handoff_report.to_text(net.handoffs()), end="")
     status = 0
+    reduced = [f"segment {se.segment.id} ({se.engine.kind}, {se.engine.precision.upper()})"
+               for se in net.segment_engines if getattr(se.engine, "precision", "f32") != "f32"]
+    if reduced and not args.check:
+        print(f"\nreduced precision: {', '.join(reduced)}; error against pure Caffe on these inputs:")
+        for row in compare_outputs(outputs, net.run_caffe(inputs)):
+            print(f"  {row.name}: max abs error {row.max_abs:.3g}, relative L2 {row.rel_l2:.3g}"
+                  + (f", top-1 agreement {row.top1_agreement:.0%}" if row.top1_agreement is not None else ""))
     if args.check:
         reference = net.run_caffe(inputs)
-        print("\ncheck against pure Caffe:")
+        print("\ncheck against pure Caffe" + (f" (reduced precision: {', '.join(reduced)})" if reduced else "") + ":")
         for row in compare_outputs(outputs, reference):
             ok = row.rel_l2 <= args.tolerance
             status |= 0 if ok else 1

@@ -1,8 +1,8 @@
 """Build the engine for each segment, and fall back to Caffe when an engine refuses one.
 
-A segment that ONNX lowering, ONNX Runtime or TensorRT rejects runs in Caffe: the user
-gets Caffe's answer more slowly, never a wrong one. Where the refusal names Caffe layers,
-the caller can move just those to Caffe and partition again.
+A segment that ONNX lowering, ONNX Runtime, OpenVINO or TensorRT rejects runs in Caffe: the
+user gets Caffe's answer more slowly, never a wrong one. Where the refusal names Caffe
+layers, the caller can move just those to Caffe and partition again.
 """
 from __future__ import annotations
 
@@ -19,10 +19,13 @@ from ..errors import EngineRejected, LoweringError, OptionError
 from ..graph.layer_graph import LayerGraph
 from ..model.caffe_model import CaffeModel
 from ..partition.partitioner import CAFFE, Segment
+from .engine_choice import AUTO, CANDIDATES, CpuEngines, available_candidates
 
-#: "caffe" runs every segment in Caffe, on the same cut: it isolates what the engines
-#: contribute from what the cut and the hand-offs cost.
-ENGINES = ("auto", "onnxruntime", "tensorrt", "caffe")
+#: "auto": TensorRT where it can run, else the fastest CPU engine per segment (measured);
+#: then the CPU engines (``engine_choice.CANDIDATES``) by name, and TensorRT. "caffe" runs
+#: every segment in Caffe, on the same cut: it isolates what the engines contribute from
+#: what the cut and the hand-offs cost.
+ENGINES = (AUTO, *CANDIDATES, "tensorrt", "caffe")
 
 TensorRTFactory = Callable[["onnx.ModelProto", Segment], Engine]
 
@@ -35,6 +38,8 @@ class SegmentEngine:
     fallback_note: Optional[str] = None
     #: The Caffe layers the refusing engine named (empty when it named none).
     rejected_layers: tuple[str, ...] = ()
+    #: For ``--engine auto`` on a CPU: which engine was chosen and why (measured medians).
+    choice_note: Optional[str] = None
 
 
 def segment_onnx(graph: LayerGraph, model: CaffeModel, segment: Segment, *,
@@ -45,27 +50,41 @@ def segment_onnx(graph: LayerGraph, model: CaffeModel, segment: Segment, *,
 
 
 def resolve_engine(engine: str, tensorrt_module: Optional[str] = None) -> tuple[str, str]:
-    """Turn "auto" into the engine that can execute here (TensorRT if it can run, else ONNX
-    Runtime), and say why."""
+    """Turn "auto" into what runs supported segments here, and say why: TensorRT if it can
+    run, else the only CPU engine installed, else ``AUTO`` (the fastest CPU engine per
+    segment, measured by ``engine_choice.CpuEngines``). A named engine that cannot run here
+    is an ``OptionError``."""
     if engine not in ENGINES:
         raise OptionError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINES)}")
-    if engine in ("onnxruntime", "caffe"):
+    if engine == "caffe":
+        return engine, "asked for"
+    if engine in CANDIDATES:
+        ok, reason = CANDIDATES[engine].available()
+        if not ok:
+            raise OptionError(f"--engine {engine} cannot run here: {reason}")
         return engine, "asked for"
     from ..engines.tensorrt_engine import runtime_available
     ok, reason = runtime_available(tensorrt_module)
     if ok:
         return "tensorrt", reason
     if engine == "tensorrt":
-        raise OptionError(f"--engine tensorrt cannot run here: {reason}; use --engine onnxruntime "
-                          "(runs the same segments' ONNX on the CPU)")
-    return "onnxruntime", f"TensorRT cannot run here: {reason}"
+        raise OptionError(f"--engine tensorrt cannot run here: {reason}; use --engine "
+                          f"{' or '.join(available_candidates())} (runs the same segments' ONNX on the CPU)")
+    names = available_candidates()
+    if len(names) == 1:
+        return names[0], f"TensorRT cannot run here: {reason}"
+    return AUTO, (f"TensorRT cannot run here: {reason}; each segment runs in the fastest of "
+                  f"{', '.join(names)}, measured on its shapes")
 
 
 def build_engines(graph: LayerGraph, model: CaffeModel, segments: list[Segment], engine: str,
                   tensorrt_factory: Optional[TensorRTFactory] = None,
-                  caffe_device: Optional[GpuDevice] = None) -> list[SegmentEngine]:
-    """One engine per segment; ``engine`` is "onnxruntime", "tensorrt" or "caffe" (already
-    resolved). Caffe segments run on ``caffe_device`` when given, else on the CPU."""
+                  caffe_device: Optional[GpuDevice] = None, cpu_engines: Optional[CpuEngines] = None,
+                  batch: Optional[int] = None) -> list[SegmentEngine]:
+    """One engine per segment; ``engine`` is already resolved: a CPU engine's name, ``AUTO``
+    (the fastest CPU engine per segment, measured at ``batch``, else the prototxt's),
+    "tensorrt" or "caffe". Caffe segments run on ``caffe_device`` when given, else on the CPU."""
+    cpu_engines = cpu_engines or CpuEngines()
     built: list[SegmentEngine] = []
     for segment in segments:
         def caffe_engine(segment: Segment = segment) -> Engine:
@@ -78,14 +97,15 @@ def build_engines(graph: LayerGraph, model: CaffeModel, segments: list[Segment],
             continue
         try:
             onnx_model = segment_onnx(graph, model, segment)
+            choice_note = None
             if engine == "tensorrt":
                 assert tensorrt_factory is not None
                 runner: Engine = tensorrt_factory(onnx_model, segment)
             else:
-                from ..engines.onnxruntime_engine import OnnxRuntimeEngine
-                # Alone, its threads may spin between runs; beside other engines they must not.
-                runner = OnnxRuntimeEngine(onnx_model, idle_spin=len(segments) == 1)
-            built.append(SegmentEngine(segment, runner))
+                shapes = {v: (batch or graph.values[v].shape[0], *graph.values[v].shape[1:])
+                          for v in segment.inputs}
+                runner, choice_note = cpu_engines.build(engine, onnx_model, shapes, alone=len(segments) == 1)
+            built.append(SegmentEngine(segment, runner, choice_note=choice_note))
         except (EngineRejected, LoweringError) as exc:
             layers = ((exc.layer,) if isinstance(exc, LoweringError)
                       else tuple(getattr(exc, "caffe_layers", ())))
