@@ -1,4 +1,5 @@
-"""Compare a lowered ONNX segment (ONNX Runtime) with real pycaffe on a tiny net.
+"""Compare a lowered ONNX segment, run by a CPU engine (ONNX Runtime, OpenVINO), with real
+pycaffe on a tiny net.
 
 Each check draws a fresh seed for weights and inputs unless HYBRID_INFER_TEST_SEED is
 set, and names it in any failure so the exact case can be replayed.
@@ -13,8 +14,9 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
+from hybrid_infer.engines.base import Engine
+from hybrid_infer.executor.engine_choice import CANDIDATES, CpuSettings
 from hybrid_infer.graph.layer_graph import LayerGraph
 from hybrid_infer.lowering.segment_to_onnx import lower_segment
 from hybrid_infer.model.caffe_model import CaffeModel
@@ -60,11 +62,10 @@ def lower_all(model: CaffeModel, graph: LayerGraph, outputs: Sequence[str],
                          list(outputs), model.weights, opset=opset)
 
 
-def session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+def build_engine(engine: str, model: onnx.ModelProto) -> Engine:
+    """The CPU engine named ``engine`` ("onnxruntime", "openvino") for ``model``, on one thread
+    (tiny nets: more threads only add scheduling noise)."""
+    return CANDIDATES[engine].build(model, CpuSettings(threads=1), True)
 
 
 def _seed(seed: Optional[int]) -> int:
@@ -74,12 +75,13 @@ def _seed(seed: Optional[int]) -> int:
     return int(fixed) if fixed else random.SystemRandom().randrange(2**31)
 
 
-def check_lowering(prototxt: str, *, batches: Sequence[Optional[int]] = (None, 3),
+def check_lowering(prototxt: str, *, engine: str = "onnxruntime", batches: Sequence[Optional[int]] = (None, 3),
                    extra_outputs: Sequence[str] = (),
                    inputs: Callable[[np.ndarray], np.ndarray] = lambda a: a,
                    adjust_weights: Callable[[dict[str, list[np.ndarray]]], None] = lambda w: None,
                    seed: Optional[int] = None, opset: int = 17) -> None:
-    """Assert ONNX Runtime matches pycaffe on every graph output (and ``extra_outputs``).
+    """Assert ``engine`` (compiled once, run at every batch) matches pycaffe on every graph
+    output (and ``extra_outputs``).
 
     ``batches`` lists the batch sizes to run (None: the prototxt's); ``inputs`` maps the
     random normal draws to the inputs fed (e.g. to keep them positive); ``adjust_weights``
@@ -94,7 +96,7 @@ def check_lowering(prototxt: str, *, batches: Sequence[Optional[int]] = (None, 3
         assert graph.final_value[blob] == value, f"Caffe's blob '{blob}' no longer holds {value}"
     onnx_model = lower_all(model, graph, outputs, opset)
     check_node_names(onnx_model, graph)
-    runner = session(onnx_model)
+    runner = build_engine(engine, onnx_model)
     caffe_net = model.reference_net()
     rng = np.random.default_rng(seed)
     for batch in batches:
@@ -107,9 +109,9 @@ def check_lowering(prototxt: str, *, batches: Sequence[Optional[int]] = (None, 3
         caffe_net.reshape()
         caffe_net.forward(**{graph.values[v].blob: a for v, a in feeds.items()})
         expected = {v: np.array(caffe_net.blobs[graph.values[v].blob].data, copy=True) for v in outputs}
-        actual = dict(zip(outputs, runner.run(outputs, feeds)))
+        actual = runner.run(feeds)
         for value in outputs:
-            where = f"value '{value}' at batch {batch or 'of the prototxt'} (seed {seed})"
+            where = f"{engine}: value '{value}' at batch {batch or 'of the prototxt'} (seed {seed})"
             assert actual[value].shape == expected[value].shape, \
                 f"{where}: shape {actual[value].shape} != Caffe's {expected[value].shape}"
             error = rel_l2(actual[value], expected[value])

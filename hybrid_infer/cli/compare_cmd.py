@@ -9,15 +9,18 @@ import sys
 from pathlib import Path
 
 from ..analysis.compare import compare_partitions, plot, to_json, to_text
-from ..analysis.partition_spec import PartitionSpec, default_specs, parse_spec, unique_with_caffe_first
+from ..analysis.partition_spec import (PartitionSpec, default_specs, parse_spec, unique_with_caffe_first,
+                                      with_engines)
 from ..api import HybridNet
 from ..errors import OptionError
+from ..executor.engine_choice import available_candidates
 from ..executor.engine_factory import ENGINES
 from ..model.caffe_model import CaffeModel
 from ..partition.capability import PROFILES
 from ..report.bar_chart import CHART_SUFFIXES, check_writable
 from ..report.progress import Progress
-from .common import AUTO, parse_min_segment_size, parse_input_shapes, require_weights, write_atomically
+from .common import (AUTO, add_cpu_options, cpu_settings, parse_min_segment_size, parse_input_shapes,
+                     require_weights, write_atomically)
 from .input_options import add_input_options, gather_inputs, preprocessing
 
 
@@ -28,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "segments, boundary traffic, TensorRT coverage, latency, throughput and error "
                     "against Caffe. Default partitions: caffe; profile=tensorrt,min=3; "
                     "profile=tensorrt-2,min=3; profile=tensorrt,min=1; profile=tensorrt,min=10; "
-                    "plus one per --fallback list.")
+                    "plus one per --fallback list, and profile=tensorrt,min=3 with each installed CPU "
+                    "engine (ONNX Runtime, OpenVINO) side by side.")
     p.add_argument("model", type=Path, help="deploy.prototxt of the Caffe model")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--weights", type=Path, help="trained .caffemodel")
@@ -37,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--partition", action="append", default=[], metavar="SPEC",
                    help="a partition to measure instead of the default set: 'caffe' or key=value pairs "
                         "joined by commas, keys profile (tensorrt|tensorrt-2), min (N), fallback "
-                        "(NAME+TYPE+...), e.g. profile=tensorrt-2,min=1,fallback=LRN+Concat; repeatable")
+                        "(NAME+TYPE+...), engine (one of --engine's), e.g. "
+                        "profile=tensorrt-2,min=1,fallback=LRN+Concat,engine=openvino; repeatable")
     p.add_argument("--fallback", action="append", nargs="+", default=[], metavar="NAME_OR_TYPE",
                    help="also measure profile=tensorrt,min=3 with these layers (names or types) in Caffe; "
                         "repeat the option for several lists")
@@ -51,14 +56,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=DxDxDxD",
                    help="replace an input's size from the prototxt, e.g. data=1x3x720x1280")
     add_input_options(p)
-    p.add_argument("--engine", choices=ENGINES, default="auto",
-                   help="engine for supported segments (auto: TensorRT if it can run here, else ONNX Runtime)")
+    p.add_argument("--engine", choices=ENGINES, nargs="+", metavar="ENGINE",
+                   help=f"engine(s) for supported segments, one of {', '.join(ENGINES)} (default auto: TensorRT "
+                        "if it can run here, else the fastest CPU engine per segment); several: every partition "
+                        "with each, side by side")
     p.add_argument("--runs", type=int, default=20, help="timed runs per partition after warm-up (20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first (3)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="relative L2 error against Caffe above which a partition is flagged (1e-4)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="draw median latencies as a bar chart")
+    add_cpu_options(p)
     p.set_defaults(func=run)
 
 
@@ -67,14 +75,24 @@ def _specs(args: argparse.Namespace) -> list[PartitionSpec]:
     specs += [PartitionSpec(fallback=tuple(names)) for names in args.fallback]
     if isinstance(args.min_segment_size, int):
         specs.append(PartitionSpec(profile=args.profile, min_segment_size=args.min_segment_size))
+    if args.engine and len(args.engine) > 1:
+        specs = with_engines(specs, args.engine)
+    elif not args.engine and not args.partition and len(available_candidates()) > 1:
+        specs += [PartitionSpec(engine=name) for name in available_candidates()]
     return unique_with_caffe_first(specs)
+
+
+def _engine(args: argparse.Namespace) -> str:
+    """The engine of specs that name none (with several --engine values, every spec names one)."""
+    return args.engine[0] if args.engine and len(args.engine) == 1 else "auto"
 
 
 def _auto_spec(probe: HybridNet, args: argparse.Namespace, inputs: dict) -> PartitionSpec:
     from ..analysis.auto_min import choose_min_segment_size
     fallback = tuple(args.fallback[0]) if args.fallback else ()
-    make_net = lambda size: HybridNet(probe.model, engine=args.engine, profile=args.profile, min_segment_size=size,
-                                      fallback=fallback, outputs=args.output_blob)
+    make_net = lambda size: HybridNet(probe.model, engine=_engine(args), profile=args.profile,
+                                      min_segment_size=size, fallback=fallback, outputs=args.output_blob,
+                                      cpu_settings=cpu_settings(args))
     choice = choose_min_segment_size(make_net, inputs, probe.run_caffe(inputs), tolerance=args.tolerance)
     choice.net.close()
     print(choice.reason)
@@ -89,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.plot, "--plot", CHART_SUFFIXES)
     if args.json:
         check_writable(args.json, "--json")
+    settings = cpu_settings(args)
     specs = _specs(args)
     model = CaffeModel(args.model, args.weights, parse_input_shapes(args.input_shape))
     if args.random_weights is not None:
@@ -101,9 +120,9 @@ def run(args: argparse.Namespace) -> int:
           file=sys.stderr)
     progress = Progress(len(specs) * (args.runs + args.warmup), "compare")
     try:
-        results = compare_partitions(model, specs, inputs, engine=args.engine, outputs=args.output_blob,
+        results = compare_partitions(model, specs, inputs, engine=_engine(args), outputs=args.output_blob,
                                      tolerance=args.tolerance, runs=args.runs, warmup=args.warmup,
-                                     tick=progress.tick)
+                                     tick=progress.tick, cpu_settings=settings)
     finally:
         progress.close()
     sys.stdout.write(to_text(results))

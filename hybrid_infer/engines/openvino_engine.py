@@ -123,15 +123,22 @@ class OpenVinoEngine:
                                    _named_layers(message, model)) from exc
         self._compiled = compiled
         self._request = compiled.create_infer_request()
-        self.input_names = [port.get_any_name() for port in compiled.inputs]
-        self.output_names = [port.get_any_name() for port in compiled.outputs]
+        self.input_names = [i.name for i in model.graph.input]
+        self.output_names = [o.name for o in model.graph.output]
+        # Ports by the ONNX names: a port may carry several tensor names (an output that
+        # OpenVINO folded into another value), so it is looked up, not asked for its name.
+        # An input only read for its shape (Crop's reference) is dropped by OpenVINO, which
+        # has the shape already; it is accepted and ignored.
+        used = {name for port in compiled.inputs for name in port.get_names()}
+        self._inputs = [(name, compiled.input(name)) for name in self.input_names if name in used]
+        self._outputs = [(name, compiled.output(name)) for name in self.output_names]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Outputs are views of the request's buffers, overwritten by the next run (the
         # executor copies what it keeps); inputs are read in place.
-        results = self._request.infer({name: feeds[name] for name in self.input_names},
+        results = self._request.infer({port: feeds[name] for name, port in self._inputs},
                                       share_inputs=True, share_outputs=True)
-        return {name: results[name] for name in self.output_names}
+        return {name: results[port] for name, port in self._outputs}
 
     def close(self) -> None:
         self._request = None
