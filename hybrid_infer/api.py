@@ -100,12 +100,13 @@ class HybridNet:
         """Build the engines (``batch``: the batch ``auto`` measures CPU engines at)."""
         if self._executor is None:
             from .engines.choice_cache import ChoiceCache
-            from .executor.engine_choice import CpuEngines, CpuSettings
+            from .executor.engine_choice import CandidateEngines, CpuSettings
             from .executor.engine_factory import build_engines, resolve_engine
             from .executor.hybrid_executor import HybridExecutor
             engine, self.engine_reason = resolve_engine(self.requested_engine, self.tensorrt_module)
-            cpu_engines = CpuEngines(self.cpu_settings or CpuSettings(),
-                                     ChoiceCache(self.engine_cache.directory if self.engine_cache else None))
+            candidate_engines = CandidateEngines(
+                self.cpu_settings or CpuSettings(),
+                ChoiceCache(self.engine_cache.directory if self.engine_cache else None))
             factory = None
             if engine == "tensorrt":
                 from .engines.tensorrt_segment import tensorrt_factory
@@ -113,7 +114,7 @@ class HybridNet:
             rejected: dict[str, str] = {}
             while True:
                 built = build_engines(self.graph, self.model, self.partition.segments, engine, factory,
-                                      caffe_device=self.gpu, cpu_engines=cpu_engines, batch=batch)
+                                      caffe_device=self.gpu, candidate_engines=candidate_engines, batch=batch)
                 named = {layer: f"{engine} refused it: {se.fallback_note}" for se in built
                          for layer in se.rejected_layers if layer not in rejected}
                 if not named:

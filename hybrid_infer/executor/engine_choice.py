@@ -9,7 +9,9 @@ rest. The outcome is recorded (``ChoiceCache``, keyed by ONNX, shapes, engine ve
 and threads), so later processes build only the winner.
 
 ``CANDIDATES`` is the table ``auto`` chooses from, in order of preference on a tie; an
-engine is added by adding a row (its availability check, version, precision and builder).
+engine (say ONNX Runtime's CUDA provider) is added by adding a row: its availability
+check, version, precision and builder (what it runs on belongs in the choice's key, as
+the CPU model and thread count do here).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ AUTO = "auto"
 #: Timed runs per engine and block aim at this many seconds (within 2 and 10 runs).
 MEASURE_BLOCK_S = 0.25
 #: Blocks per engine, alternating between engines so that a burst of load from elsewhere
-#: on the machine falls on every engine rather than on one.
+#: on the machine falls on every engine rather than on one; the better block counts.
 MEASURE_BLOCKS = 2
 
 
@@ -119,23 +121,25 @@ def describe_choice(choice: EngineChoice, precisions: Mapping[str, str]) -> str:
 
 
 def measure(engines: Mapping[str, Engine], feeds: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """Median ms per run of each engine on ``feeds``, after a warm-up run each."""
+    """Ms per run of each engine on ``feeds``: the better of ``MEASURE_BLOCKS`` blocks' medians,
+    blocks alternating between engines, each after a warm-up run. Load from other processes
+    only ever adds time, so the better block is the one less disturbed."""
     first = {}
     for name, engine in engines.items():
         engine.run(feeds)  # shape-dependent set-up and allocations
         first[name] = time_calls(lambda e=engine: e.run(feeds), 1, 0).median
     runs = max(2, min(10, int(MEASURE_BLOCK_S / max(max(first.values()), 1e-6))))
-    samples: dict[str, list[float]] = {name: [] for name in engines}
+    best = {name: float("inf") for name in engines}
     for _ in range(MEASURE_BLOCKS):
         for name, engine in engines.items():
             # The warm-up run absorbs the previous engine's threads winding down.
-            samples[name] += time_calls(lambda e=engine: e.run(feeds), runs, 1).samples
-    return {name: float(np.median(s)) * 1e3 for name, s in samples.items()}
+            best[name] = min(best[name], time_calls(lambda e=engine: e.run(feeds), runs, 1).median * 1e3)
+    return best
 
 
-class CpuEngines:
-    """Builds the CPU engine of each TensorRT segment: the one asked for by name, or for
-    ``auto`` the fastest candidate on the segment's shapes (``choice_cache`` remembers it)."""
+class CandidateEngines:
+    """Builds the engine of each TensorRT segment from ``CANDIDATES``: the one asked for by
+    name, or for ``auto`` the fastest on the segment's shapes (``choice_cache`` remembers it)."""
 
     def __init__(self, settings: CpuSettings = CpuSettings(), choice_cache: Optional[ChoiceCache] = None):
         self.settings = settings

@@ -19,7 +19,7 @@ from ..errors import EngineRejected, LoweringError, OptionError
 from ..graph.layer_graph import LayerGraph
 from ..model.caffe_model import CaffeModel
 from ..partition.partitioner import CAFFE, Segment
-from .engine_choice import AUTO, CANDIDATES, CpuEngines, available_candidates
+from .engine_choice import AUTO, CANDIDATES, CandidateEngines, available_candidates
 
 #: "auto": TensorRT where it can run, else the fastest CPU engine per segment (measured);
 #: then the CPU engines (``engine_choice.CANDIDATES``) by name, and TensorRT. "caffe" runs
@@ -52,8 +52,8 @@ def segment_onnx(graph: LayerGraph, model: CaffeModel, segment: Segment, *,
 def resolve_engine(engine: str, tensorrt_module: Optional[str] = None) -> tuple[str, str]:
     """Turn "auto" into what runs supported segments here, and say why: TensorRT if it can
     run, else the only CPU engine installed, else ``AUTO`` (the fastest CPU engine per
-    segment, measured by ``engine_choice.CpuEngines``). A named engine that cannot run here
-    is an ``OptionError``."""
+    segment, measured by ``engine_choice.CandidateEngines``). A named engine that cannot run
+    here is an ``OptionError``."""
     if engine not in ENGINES:
         raise OptionError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINES)}")
     if engine == "caffe":
@@ -79,12 +79,13 @@ def resolve_engine(engine: str, tensorrt_module: Optional[str] = None) -> tuple[
 
 def build_engines(graph: LayerGraph, model: CaffeModel, segments: list[Segment], engine: str,
                   tensorrt_factory: Optional[TensorRTFactory] = None,
-                  caffe_device: Optional[GpuDevice] = None, cpu_engines: Optional[CpuEngines] = None,
+                  caffe_device: Optional[GpuDevice] = None,
+                  candidate_engines: Optional[CandidateEngines] = None,
                   batch: Optional[int] = None) -> list[SegmentEngine]:
     """One engine per segment; ``engine`` is already resolved: a CPU engine's name, ``AUTO``
     (the fastest CPU engine per segment, measured at ``batch``, else the prototxt's),
     "tensorrt" or "caffe". Caffe segments run on ``caffe_device`` when given, else on the CPU."""
-    cpu_engines = cpu_engines or CpuEngines()
+    candidate_engines = candidate_engines or CandidateEngines()
     built: list[SegmentEngine] = []
     for segment in segments:
         def caffe_engine(segment: Segment = segment) -> Engine:
@@ -104,7 +105,8 @@ def build_engines(graph: LayerGraph, model: CaffeModel, segments: list[Segment],
             else:
                 shapes = {v: (batch or graph.values[v].shape[0], *graph.values[v].shape[1:])
                           for v in segment.inputs}
-                runner, choice_note = cpu_engines.build(engine, onnx_model, shapes, alone=len(segments) == 1)
+                runner, choice_note = candidate_engines.build(engine, onnx_model, shapes,
+                                                              alone=len(segments) == 1)
             built.append(SegmentEngine(segment, runner, choice_note=choice_note))
         except (EngineRejected, LoweringError) as exc:
             layers = ((exc.layer,) if isinstance(exc, LoweringError)
