@@ -5,12 +5,15 @@ import ctypes
 import gc
 import logging
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from .errors import InputError, OptionError
 from .graph.layer_graph import LayerGraph
+from .lowering.plugins import LoweringModule, load_lowering_modules
+from .metrics import OutputDifference, compare_outputs
 from .model.caffe_import import caffe
 from .model.caffe_model import CaffeModel
 from .partition.capability import Capability
@@ -44,6 +47,30 @@ def _return_freed_memory() -> None:
         pass
 
 
+@dataclass(frozen=True)
+class CheckResult:
+    """The hybrid against pure Caffe on the same inputs (``HybridNet.check``).
+
+    ``rows`` compares every output and, after them, the input of every Softmax that
+    produces an output (``softmax_inputs`` maps each such row's name to the Softmax):
+    probabilities of random or confident logits saturate to exactly 0 and 1, so an error
+    upstream only shows in the logits.
+    """
+    rows: list[OutputDifference]
+    softmax_inputs: dict[str, str]
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        """Every compared blob, logits included, within ``tolerance`` (relative L2)."""
+        return all(row.rel_l2 <= self.tolerance for row in self.rows)
+
+
+def _batch(inputs: Mapping[str, np.ndarray]) -> Optional[int]:
+    """The batch of checked inputs (all share it), or None for a net without inputs."""
+    return next(iter(inputs.values())).shape[0] if inputs else None
+
+
 class HybridNet:
     """A Caffe model partitioned between TensorRT (or a CPU engine: ONNX Runtime, OpenVINO) and Caffe.
 
@@ -53,13 +80,15 @@ class HybridNet:
     ``device=N`` runs the Caffe segments on GPU N (checked here, so a wrong id fails
     before any work); tensors then pass between GPU engines as device pointers, or
     through the host with ``zero_copy=False`` (to measure the difference).
+    ``keep_logits=True`` also makes the input of each final Softmax a segment output
+    from the start, so that ``check`` builds no second set of engines.
     """
 
     def __init__(self, model: CaffeModel, *, engine: str = "auto", profile: str = "tensorrt",
                  min_segment_size: int = 3, fallback: Iterable[str] = (),
                  outputs: Sequence[str] = (), build_settings: Optional["BuildSettings"] = None,
                  engine_cache: Optional["EngineCache"] = None, tensorrt_module: Optional[str] = None,
-                 device: Optional[int] = None, zero_copy: bool = True,
+                 device: Optional[int] = None, zero_copy: bool = True, keep_logits: bool = False,
                  cpu_settings: Optional["CpuSettings"] = None):
         self.model = model
         self.cpu_settings = cpu_settings
@@ -80,8 +109,9 @@ class HybridNet:
         self._output_values = [self.graph.value_of_blob(b) for b in self.output_blobs]
         self._capability = Capability(profile, fallback)
         self._min_segment_size = min_segment_size
+        self._kept = self._output_values + (list(self._logit_values()) if keep_logits else [])
         self.partition: Partition = partition(self.graph, self._capability, min_segment_size,
-                                              keep_outputs=self._output_values)
+                                              keep_outputs=self._kept)
         self._executor: Optional["HybridExecutor"] = None
         self._first_run_done = False
 
@@ -127,7 +157,7 @@ class HybridNet:
                 log.warning("moving %s to Caffe (refused by %s) and partitioning again",
                             ", ".join(sorted(named)), engine)
                 self.partition = partition(self.graph, self._capability, self._min_segment_size,
-                                           keep_outputs=self._output_values, rejected=rejected)
+                                           keep_outputs=self._kept, rejected=rejected)
             for se in built:
                 if se.fallback_note:
                     log.warning(se.fallback_note)
@@ -165,8 +195,8 @@ class HybridNet:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the hybrid; returns the output blobs (or those named in ``outputs=``)."""
         checked = self.check_inputs(inputs)
-        executor = self._ensure_executor(next(iter(checked.values())).shape[0] if checked else None)
-        feeds = {self.graph.value_of_blob(name): array for name, array in checked.items()}
+        executor = self._ensure_executor(_batch(checked))
+        feeds = {self.graph.input_value(name): array for name, array in checked.items()}
         values = executor.run(feeds, self._output_values)
         if not self._first_run_done:
             self._first_run_done = True
@@ -176,6 +206,15 @@ class HybridNet:
     def run_caffe(self, inputs: Mapping[str, np.ndarray], device: Optional[int] = None) -> dict[str, np.ndarray]:
         """The same model in pure Caffe (the reference hybrid_infer must reproduce), on the
         CPU or on GPU ``device``; outputs are copied to the host either way."""
+        values = self.run_caffe_values(inputs, self._output_values, device)
+        return {blob: values[v] for blob, v in zip(self.output_blobs, self._output_values)}
+
+    def run_caffe_values(self, inputs: Mapping[str, np.ndarray], values: Sequence[str],
+                         device: Optional[int] = None) -> dict[str, np.ndarray]:
+        """Pure Caffe on ``inputs``, returning ``values`` (value ids of ``graph``), each copied
+        right after the layer that writes it: Caffe's blobs keep only their last write, and
+        in-place layers overwrite earlier ones (a net input rewritten in place included).
+        Caffe runs only as far as the last of them."""
         checked = self.check_inputs(inputs)
         net = self.model.reference_net()
         if device is None:
@@ -192,8 +231,26 @@ class HybridNet:
             net.reshape()
         for name, array in checked.items():
             net.blobs[name].data[...] = array
-        net._forward(0, len(net.layers) - 1)
-        return {blob: np.array(net.blobs[blob].data, copy=True) for blob in self.output_blobs}
+        index = {name: i for i, name in enumerate(net._layer_names)}
+        wanted = sorted(set(values), key=lambda v: index[self.graph.values[v].producer])
+        got: dict[str, np.ndarray] = {}
+        start = 0
+        for value in wanted:
+            stop = index[self.graph.values[value].producer]
+            if stop >= start:
+                net._forward(start, stop)
+                start = stop + 1
+            got[value] = np.array(net.blobs[self.graph.values[value].blob].data, copy=True)
+        return got
+
+    def _logit_values(self) -> dict[str, str]:
+        """The input value of each Softmax that writes an output value -> that Softmax."""
+        logits: dict[str, str] = {}
+        for value in self._output_values:
+            layer = self.graph.layers[self.graph.values[value].producer]
+            if layer.type == "Softmax":
+                logits.setdefault(layer.bottoms[0], layer.name)
+        return logits
 
     def outputs_with_logits(self) -> list[str]:
         """The output blobs plus the input blob of each final Softmax.
@@ -201,12 +258,31 @@ class HybridNet:
         Accuracy checks compare those logits too: the softmax of random (or confident)
         logits saturates to 0 and 1 and would hide errors.
         """
-        blobs = list(self.output_blobs)
-        for value in self.graph.outputs:
-            layer = self.graph.layers[self.graph.values[value].producer]
-            if layer.type == "Softmax":
-                blobs.append(self.graph.values[layer.bottoms[0]].blob)
-        return blobs
+        return list(self.output_blobs) + [self.graph.values[v].blob for v in self._logit_values()]
+
+    def check(self, inputs: Mapping[str, np.ndarray], tolerance: float = 1e-4) -> CheckResult:
+        """Run the hybrid and pure Caffe on ``inputs`` and compare the outputs and the input
+        of each final Softmax (relative L2 against ``tolerance``; see ``CheckResult``).
+
+        Without ``keep_logits=True`` at load, the logits become segment outputs now, which
+        rebuilds the engines once."""
+        logits = self._logit_values()
+        if any(v not in self._kept for v in logits):
+            self.close()
+            self._kept = self._output_values + list(logits)
+            self.partition = partition(self.graph, self._capability, self._min_segment_size,
+                                       keep_outputs=self._kept)
+        wanted = self._output_values + [v for v in logits if v not in self._output_values]
+        checked = self.check_inputs(inputs)
+        got = self._ensure_executor(_batch(checked)).run(
+            {self.graph.input_value(name): a for name, a in checked.items()}, wanted)
+        want = self.run_caffe_values(inputs, wanted)
+        names = dict(zip(self._output_values, self.output_blobs))
+        for value in wanted[len(self._output_values):]:
+            blob = self.graph.values[value].blob
+            names[value] = blob if self.graph.final_value[blob] == value else value
+        rows = compare_outputs({names[v]: got[v] for v in wanted}, {names[v]: want[v] for v in wanted})
+        return CheckResult(rows, {names[v]: softmax for v, softmax in logits.items()}, tolerance)
 
     def partition_report(self, fmt: str = "text") -> str:
         """The partition as the CLI shows it: "text", "json", "dot" or "svg"."""
@@ -241,21 +317,29 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
          input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
          build_settings: Optional["BuildSettings"] = None, engine_cache: Optional["EngineCache"] = None,
          tensorrt_module: Optional[str] = None, device: Optional[int] = None,
-         zero_copy: bool = True, cpu_settings: Optional["CpuSettings"] = None) -> HybridNet:
+         zero_copy: bool = True, lowerings: Sequence["LoweringModule"] = (),
+         keep_logits: bool = False, cpu_settings: Optional["CpuSettings"] = None) -> HybridNet:
     """Load a Caffe model and partition it.
+
+    ``lowerings`` names modules (importable names, ``.py`` paths, or modules) whose
+    ``register_lowering`` calls add lowerings for the user's own layers; they are imported
+    before partitioning, and their registrations last for the process. Installed packages'
+    entry points (group ``hybrid_infer.lowerings``) are loaded without being named.
 
     ``random_weights=SEED`` fills every parameter with random values instead of reading a
     caffemodel (for models shipped without weights; benchmarks and tests).
     ``input_shapes={"data": (1, 3, 720, 1280)}`` replaces the prototxt's input sizes; the
     batch axis stays free either way. ``build_settings``, ``engine_cache`` and
     ``tensorrt_module`` ("tensorrt" or "tensorrt_rtx") steer TensorRT engine builds.
-    ``device=N`` runs Caffe segments on GPU N (see ``HybridNet``). ``cpu_settings``
-    (``executor.engine_choice.CpuSettings``) sets CPU engines' threads and OpenVINO's BF16.
+    ``device=N`` runs Caffe segments on GPU N and ``keep_logits=True`` prepares ``check``
+    (see ``HybridNet``). ``cpu_settings`` (``executor.engine_choice.CpuSettings``) sets CPU
+    engines' threads and OpenVINO's BF16.
     """
+    load_lowering_modules(lowerings)
     model = CaffeModel(prototxt, weights, input_shapes)
     if random_weights is not None:
         model.set_random_weights(random_weights)
     return HybridNet(model, engine=engine, profile=profile, min_segment_size=min_segment_size,
                      fallback=fallback, outputs=outputs, build_settings=build_settings,
                      engine_cache=engine_cache, tensorrt_module=tensorrt_module, device=device,
-                     zero_copy=zero_copy, cpu_settings=cpu_settings)
+                     zero_copy=zero_copy, keep_logits=keep_logits, cpu_settings=cpu_settings)

@@ -267,7 +267,7 @@ def _segment_calls(net: HybridNet, inputs: dict[str, np.ndarray]) -> dict[str, C
     engines = net.segment_engines
     boundary = [v for se in engines for v in se.segment.inputs if v not in net.graph.inputs]
     values, _, _, _ = hybrid_values(net, Settings(engine="onnxruntime"), inputs, boundary)
-    values.update({net.graph.value_of_blob(k): v for k, v in net.check_inputs(inputs).items()})
+    values.update({net.graph.input_value(k): v for k, v in net.check_inputs(inputs).items()})
     calls = {}
     for se in engines:
         feeds = {v: values[v] for v in se.segment.inputs}

@@ -5,6 +5,7 @@
 # scripts/gpu-test.sh unpacks it there and runs the GPU tests and benchmark.
 #
 # Usage: scripts/gpu-bundle.sh [--out DIR] [--models DIR] [--limit-mib N] [--cuda-arch LIST]
+#                              [--wheel FILE [--pieces DIR] [--piece-mib N]]
 # Needs .venv (scripts/setup.sh, either flavour); builds the CUDA Caffe and the native
 # extension against it if the cache lacks them. What goes in, each as .tar.xz:
 #   python   the Python runtime .venv is made from (Boost.Python is built for it), minus
@@ -17,6 +18,11 @@
 #            from the GPU machine's own CUDA wheels, never from here (cuBLASLt is 500 MB)
 #   project  this checkout's files (tracked and not ignored)
 #   models   the third-party test models (../shared/models), when present
+# --wheel FILE (e.g. onnxruntime-gpu's cp311 wheel, about 244 MiB) is too large for one call
+# to the GPU machine, so it is cut into pieces of at most --piece-mib MiB (default 58), one
+# folder each under --pieces (default .gpu-pieces/, also excluded from git): 01/, 02/, ...
+# with a SHA256SUMS file in 01/. Each piece travels in its own call and is kept in the
+# machine's /tmp by `scripts/gpu-test.sh --stash`; gpu-test.sh --wheels puts it together.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -24,18 +30,42 @@ out="$root/.gpu-bundle"
 models="$root/../shared/models"
 limit_mib=56
 arch_args=()
+wheel=""
+pieces="$root/.gpu-pieces"
+piece_mib=58
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="$2"; shift ;;
     --models) models="$2"; shift ;;
     --limit-mib) limit_mib="$2"; shift ;;
     --cuda-arch) arch_args=(--cuda-arch "$2"); shift ;;
-    *) echo "gpu-bundle.sh: unknown option '$1' (use --out DIR, --models DIR, --limit-mib N, --cuda-arch LIST)" >&2
+    --wheel) wheel="$2"; shift ;;
+    --pieces) pieces="$2"; shift ;;
+    --piece-mib) piece_mib="$2"; shift ;;
+    *) echo "gpu-bundle.sh: unknown option '$1' (use --out DIR, --models DIR, --limit-mib N, --cuda-arch LIST," \
+            "--wheel FILE, --pieces DIR, --piece-mib N)" >&2
        exit 2 ;;
   esac
   shift
 done
 log() { printf '[bundle %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+if [ -n "$wheel" ]; then
+  [ -f "$wheel" ] || { echo "gpu-bundle.sh: --wheel $wheel does not exist" >&2; exit 2; }
+  case "$wheel" in *.whl) ;; *) echo "gpu-bundle.sh: --wheel $wheel is not a .whl file" >&2; exit 2 ;; esac
+  rm -rf "$pieces"
+  mkdir -p "$pieces/cut"
+  split -b "${piece_mib}M" -d -a 2 "$wheel" "$pieces/cut/part"
+  n=0
+  for part in "$pieces"/cut/part*; do
+    n=$((n + 1))
+    dir=$(printf '%s/%02d' "$pieces" "$n")
+    mkdir -p "$dir"
+    mv "$part" "$dir/$(basename "$part")"
+  done
+  rmdir "$pieces/cut"
+  (cd "$(dirname "$wheel")" && sha256sum "$(basename "$wheel")") > "$pieces/01/SHA256SUMS"
+  log "cut $(basename "$wheel") into $n pieces of at most $piece_mib MiB under $pieces"
+fi
 pack() {  # pack NAME DIR PATHS... : DIR/PATHS into $out/NAME.tar.xz
   local name=$1 dir=$2
   shift 2

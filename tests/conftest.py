@@ -61,3 +61,14 @@ def make_prototxt(tmp_path: Path):
         path.write_text(text)
         return path
     return write
+
+
+@pytest.fixture(scope="session")
+def rtx():
+    """The TensorRT-RTX module (its builder runs without a GPU), or skip saying why it is missing."""
+    from hybrid_infer.engines import trt_api
+    from hybrid_infer.errors import EnvironmentProblem
+    try:
+        return trt_api.load("tensorrt_rtx")
+    except EnvironmentProblem as exc:
+        pytest.skip(str(exc))

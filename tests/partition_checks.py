@@ -21,7 +21,11 @@ def check_partition_invariants(graph: LayerGraph, p, min_size: int) -> None:
     for s in p.segments:
         assert set(s.inputs) <= available, f"segment {s.id} reads a value not produced earlier"
         available |= set(s.outputs)
-        if s.backend == TENSORRT:
-            assert s.compute_layer_count(graph) >= min_size
+        if s.backend == TENSORRT and s.compute_layer_count(graph) < min_size:
+            # Only a segment without neighbours may stay small: net inputs in, the caller out.
+            assert set(s.inputs) <= set(graph.inputs), f"small segment {s.id} is fed by another segment"
+            assert all(c in s.layers for v in s.outputs for c in graph.consumers[v]), \
+                f"small segment {s.id} feeds another segment"
+            assert any(d.layers == tuple(s.layers) and not d.moved_to_caffe for d in p.small_segments)
     for v in graph.outputs:
         assert v in available

@@ -100,20 +100,25 @@ def test_partitions_beyond_tolerance_are_refused_not_timed(tmp_path, capsys):
     layer is in Caffe; every partition with a lowered convolution is refused."""
     report = tmp_path / "refused.json"
     status = main(["compare", *LENET, "--input", *LENET_SAMPLES, "--runs", "2", "--warmup", "0", "--tolerance", "0",
-                   "--partition", "caffe", "--partition", "min=1", "--partition", "min=11", "--json", str(report)])
+                   "--partition", "caffe", "--partition", "min=1", "--partition", "min=11,fallback=ip2", "--json", str(report)])
     assert status == 1
     rows = {row["spec"]: row for row in json.loads(report.read_text())["partitions"]}
     assert rows["profile=tensorrt,min=1"]["refused"] and rows["profile=tensorrt,min=1"]["latency_median_ms"] is None
     assert not rows["caffe"]["refused"] and rows["caffe"]["latency_median_ms"] > 0
-    # min=11 hands lenet's only TensorRT segment (10 compute layers) to Caffe: exact, so timed.
-    assert not rows["profile=tensorrt,min=11"]["refused"]
+    # With ip2 in Caffe, min=11 hands both small TensorRT segments around it to Caffe (each
+    # would add a hand-off): every layer in Caffe, exact, so timed. (Without a Caffe neighbour,
+    # lenet's one segment would stay on TensorRT whatever the minimum.)
+    assert not rows["profile=tensorrt,min=11,fallback=ip2"]["refused"]
     assert "refused: outputs differ from Caffe's by relative L2" in capsys.readouterr().out
 
 
-def test_auto_never_chooses_a_partition_that_differs_from_caffe():
-    folder = GRAPHS / "lenet_digits"
-    net = hybrid_infer.load(folder / "deploy.prototxt", folder / "lenet_digits.caffemodel")
-    x = {"data": np.concatenate([np.load(p) for p in LENET_SAMPLES])}
+def test_auto_never_chooses_a_partition_that_differs_from_caffe(python_layers):
+    # TensorRT | Python layer | TensorRT: a minimum above both TensorRT segments puts every
+    # layer in Caffe, the one partition that is bit-exact. (A net with no Caffe layer is one
+    # TensorRT segment without neighbours, which no minimum moves.)
+    net = hybrid_infer.load(PYTHON_NET, random_weights=3)
+    x = {name: np.random.default_rng().standard_normal(shape).astype(np.float32)
+         for name, shape in net.input_shapes().items()}
     make = lambda size: hybrid_infer.api.HybridNet(net.model, engine="onnxruntime", min_segment_size=size)
     choice = choose_min_segment_size(make, x, net.run_caffe(x), tolerance=0.0, runs=1, warmup=0)
     assert [s.backend for s in choice.net.partition.segments] == [CAFFE]

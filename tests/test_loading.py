@@ -110,7 +110,10 @@ def test_weights_from_caffemodel_and_missing_weights(make_prototxt, tmp_path):
 
 
 def test_weights_of_other_model_are_rejected(shared_models):
-    with pytest.raises(ModelError, match="does not fit.*shape mismatch"):
+    # cifar10's ip1 is the closest to lenet's ip2; conv1's shapes differ too, but a layer
+    # without weights is named first.
+    with pytest.raises(ModelError, match=r"cifar10_full_iter_70000.caffemodel has no weights for layer\(s\) ip2 "
+                                         r"\(closest in the caffemodel: ip1\) of .*mnist_deploy.prototxt"):
         CaffeModel(shared_models / "lenet_mnist/mnist_deploy.prototxt",
                    shared_models / "cifar10_full/cifar10_full_iter_70000.caffemodel")
 
@@ -129,3 +132,13 @@ def test_cli_error_is_one_line_with_exit_code_2(make_prototxt):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "no earlier layer produces" in proc.stderr
+
+
+def test_v1_upgrade_leaves_no_log_files(make_prototxt, tmp_path, monkeypatch):
+    # glog writes its log files to $TMPDIR unless told to log to stderr.
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    monkeypatch.setenv("TMPDIR", str(logs))
+    CaffeModel(make_prototxt('input: "data" input_dim: 1 input_dim: 1 input_dim: 4 input_dim: 4\n'
+                             'layers { name: "relu" type: RELU bottom: "data" top: "r" }'))
+    assert list(logs.iterdir()) == []

@@ -12,21 +12,16 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from caffe_conformance import TOLERANCE, build_engine, check_lowering, load, lower_all, net, one_layer, rel_l2
-from conftest import CONFORMANCE_ENGINES, require_engine
+from conftest import CONFORMANCE_ENGINES, GRAPHS, require_engine
 from hybrid_infer.errors import LoweringError, ModelError
-from hybrid_infer.lowering.registry import LOWERINGS
 from hybrid_infer.lowering.segment_to_onnx import lower_segment
-from hybrid_infer.partition.capability import FULL_TABLE
+from hybrid_infer.testing import (LAYER_TOLERANCE, check_lowering, cpu_engine, load_text, lower_whole_net, net,
+                                  one_layer, rel_l2)
 
 
 def cases(table: dict[str, tuple]) -> pytest.MarkDecorator:
     """Parametrize over a {case id: (params, input shape)} table."""
     return pytest.mark.parametrize("params, shape", list(table.values()), ids=list(table))
-
-
-def test_registry_covers_exactly_the_tensorrt_profile() -> None:
-    assert set(LOWERINGS) == set(FULL_TABLE)
 
 
 CONVOLUTION = {
@@ -114,10 +109,10 @@ def test_pooling_geometry(method: str, size: tuple, kernel: tuple, stride: tuple
 
 def test_pooling_window_past_the_input_is_refused() -> None:
     """Stride 4 over kernel 1 without padding: ceil rounding makes a window start at 8 of 6."""
-    model, graph = load(one_layer("Pooling", "pooling_param { pool: MAX kernel_size: 1 stride: 4 }",
+    model, graph = load_text(one_layer("Pooling", "pooling_param { pool: MAX kernel_size: 1 stride: 4 }",
                                   data=(2, 2, 6, 6)))
     with pytest.raises(LoweringError, match="starts past the input"):
-        lower_all(model, graph, graph.outputs)
+        lower_whole_net(model, graph, graph.outputs)
 
 
 INNER_PRODUCT = {
@@ -220,9 +215,9 @@ def test_batch_norm_zero_factor(engine: str) -> None:
 
 
 def test_batch_norm_batch_statistics_is_refused() -> None:
-    model, graph = load(one_layer("BatchNorm", "batch_norm_param { use_global_stats: false }"))
+    model, graph = load_text(one_layer("BatchNorm", "batch_norm_param { use_global_stats: false }"))
     with pytest.raises(LoweringError) as caught:
-        lower_all(model, graph, graph.outputs)
+        lower_whole_net(model, graph, graph.outputs)
     assert caught.value.layer == "op"
 
 
@@ -399,11 +394,11 @@ def test_lrn(params: str, shape: tuple, engine: str) -> None:
 def test_lrn_even_local_size(region: str) -> None:
     """Caffe refuses even local_size outright; the lowering refuses it too if asked."""
     with pytest.raises(ModelError):
-        load(one_layer("LRN", f"lrn_param {{ norm_region: {region} local_size: 4 }}"))
-    model, graph = load(one_layer("LRN", f"lrn_param {{ norm_region: {region} local_size: 3 }}"))
+        load_text(one_layer("LRN", f"lrn_param {{ norm_region: {region} local_size: 4 }}"))
+    model, graph = load_text(one_layer("LRN", f"lrn_param {{ norm_region: {region} local_size: 3 }}"))
     graph.layers["op"].param.lrn_param.local_size = 4
     with pytest.raises(LoweringError, match="even"):
-        lower_all(model, graph, graph.outputs)
+        lower_whole_net(model, graph, graph.outputs)
 
 
 PERMUTE = {
@@ -450,10 +445,11 @@ def test_small_network_at_several_batches(engine: str) -> None:
     """, data=(2, 3, 11, 11)), batches=(None, 1, 5), extra_outputs=["pool1", "fc"], engine=engine)
 
 
-def test_unlowered_layer_type_names_the_layer() -> None:
-    model, graph = load(one_layer("Threshold", "threshold_param { threshold: 0.5 }"))
-    with pytest.raises(LoweringError, match="'op' \\(Threshold\\)") as caught:
-        lower_all(model, graph, graph.outputs)
+def test_unlowered_layer_names_the_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(GRAPHS / "python_layers"))
+    model, graph = load_text(one_layer("Python", 'python_param { module: "hybrid_example_layers" layer: "Swish" }'))
+    with pytest.raises(LoweringError, match="'op' \\(Python\\): no ONNX lowering is registered") as caught:
+        lower_whole_net(model, graph, graph.outputs)
     assert caught.value.layer == "op"
 
 
@@ -483,7 +479,7 @@ SEGMENTED = net("""
 
 def test_segment_in_the_middle_of_a_net(engine: str) -> None:
     """A segment fed by an in-place value ("conv@relu"), with a symbolic batch in its interface."""
-    model, graph = load(SEGMENTED)
+    model, graph = load_text(SEGMENTED)
     middle = graph.final_value["conv"]
     assert middle == "conv@relu"
     onnx_model = lower_segment(graph, ["pool", "fc"], [middle], ["fc"], model.weights, name="middle")
@@ -493,11 +489,11 @@ def test_segment_in_the_middle_of_a_net(engine: str) -> None:
     caffe_net = model.reference_net()
     data = np.random.default_rng().standard_normal((2, 3, 9, 9)).astype(np.float32)
     caffe_net.forward(data=data)
-    fc = build_engine(engine, onnx_model).run({middle: caffe_net.blobs["conv"].data})["fc"]
-    assert rel_l2(fc, caffe_net.blobs["fc"].data) <= TOLERANCE
+    fc = cpu_engine(onnx_model, engine).run({middle: caffe_net.blobs["conv"].data})["fc"]
+    assert rel_l2(fc, caffe_net.blobs["fc"].data) <= LAYER_TOLERANCE
 
 
 def test_segment_missing_an_input_is_a_bug() -> None:
-    model, graph = load(SEGMENTED)
+    model, graph = load_text(SEGMENTED)
     with pytest.raises(ValueError, match="conv@relu"):
         lower_segment(graph, ["pool", "fc"], ["data"], ["fc"], model.weights)

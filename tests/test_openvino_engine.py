@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from caffe_conformance import load, lower_all, net, rel_l2
 from conftest import require_engine
 from hybrid_infer.errors import EngineRejected, OptionError
+from hybrid_infer.testing import load_text, lower_whole_net, net, rel_l2
 
 pytestmark = pytest.mark.usefixtures("openvino")
 
@@ -28,8 +28,8 @@ def openvino():
 
 
 def _lowered(seed: int = 3):
-    model, graph = load(SMALL_NET, seed)
-    return model, graph, lower_all(model, graph, graph.outputs)
+    model, graph = load_text(SMALL_NET, seed)
+    return model, graph, lower_whole_net(model, graph, graph.outputs)
 
 
 def _caffe(model, graph, x: np.ndarray) -> np.ndarray:
@@ -100,3 +100,20 @@ def test_refusal_names_the_caffe_layer_of_the_node_openvino_cannot_convert():
         OpenVinoEngine(model)
     assert caught.value.caffe_layers == ["odd"]
     assert "Exception from src" not in str(caught.value)
+
+
+def test_top_k_ranks_ties_by_lower_index_as_onnx_says():
+    """OpenVINO's ONNX reader makes TopK unstable; the engine makes it stable again (Caffe's
+    ArgMax lowering depends on ONNX's order among equal values)."""
+    from hybrid_infer.engines.onnxruntime_engine import OnnxRuntimeEngine
+    from hybrid_infer.engines.openvino_engine import OpenVinoEngine
+    k = helper.make_tensor("k", TensorProto.INT64, [1], [3])
+    node = helper.make_node("TopK", ["x", "k"], ["values", "indices"], axis=1, largest=1, sorted=1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                              [helper.make_tensor_value_info("values", TensorProto.FLOAT, ["batch", 3]),
+                               helper.make_tensor_value_info("indices", TensorProto.INT64, ["batch", 3])], [k])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.array([[1, 3, 3, 0, 3, 2, 3, 1], [5, 5, 5, 5, 5, 5, 5, 5]], np.float32)
+    got = OpenVinoEngine(model).run({"x": x})["indices"]
+    assert got.tolist() == [[1, 2, 4], [0, 1, 2]]
+    assert got.tolist() == OnnxRuntimeEngine(model).run({"x": x})["indices"].tolist()

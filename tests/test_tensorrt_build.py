@@ -74,14 +74,6 @@ SETTINGS = BuildSettings(batch_min=1, batch_opt=2, batch_max=4, workspace_bytes=
 
 
 @pytest.fixture(scope="module")
-def rtx() -> trt_api.TrtApi:
-    try:
-        return trt_api.load("tensorrt_rtx")
-    except EnvironmentProblem as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
 def built(rtx):
     """One FP32 build per model, shared by the tests that only look at the result."""
     return {name: build_engine(make(), SETTINGS, api=rtx, label=name) for name, make in MODELS.items()}

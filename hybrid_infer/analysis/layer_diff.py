@@ -4,7 +4,7 @@ Both sides must expose *every* value, including a blob's earlier writes that in-
 layers overwrite later (``conv1`` before ``relu1`` turns it into ``conv1@relu1``):
 
 - Caffe keeps only a blob's last write, so the reference net is stepped one layer at a
-  time (``net._forward(i, i)``) and each layer's tops are copied as soon as it has run.
+  time and each layer's tops are copied as soon as it has run (``run_caffe_values``).
 - The hybrid is partitioned with every value kept as a segment output, and run through the
   executor, which speaks value ids (``HybridNet(outputs=...)`` takes blob names, and a
   blob name means the last write).
@@ -67,17 +67,7 @@ def computed_values(graph: LayerGraph) -> list[str]:
 
 def caffe_values(net: HybridNet, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every value of pure Caffe on ``inputs``, each copied right after the layer that wrote it."""
-    net.run_caffe(inputs)  # sets (and reshapes) the reference net's inputs
-    caffe = net.model.reference_net()
-    snapshots: dict[str, np.ndarray] = {}
-    for index, name in enumerate(caffe._layer_names):
-        caffe._forward(index, index)
-        layer = net.graph.layers.get(name)  # Caffe's own inserted Split layers are not in the graph
-        if layer is None or layer.is_input:
-            continue
-        for blob, value in zip(layer.param.top, layer.tops):
-            snapshots[value] = np.array(caffe.blobs[blob].data, copy=True)
-    return snapshots
+    return net.run_caffe_values(inputs, computed_values(net.graph))
 
 
 def hybrid_values(net: HybridNet, settings: Settings, inputs: Mapping[str, np.ndarray],
@@ -95,7 +85,7 @@ def hybrid_values(net: HybridNet, settings: Settings, inputs: Mapping[str, np.nd
     executor = HybridExecutor(build_engines(graph, net.model, cut.segments, engine, factory))
     try:
         checked = net.check_inputs(inputs)
-        got = executor.run({graph.value_of_blob(name): a for name, a in checked.items()}, wanted)
+        got = executor.run({graph.input_value(name): a for name, a in checked.items()}, wanted)
         kinds = {se.segment.id: se.engine.kind for se in executor.segment_engines}
         notes = [se.fallback_note for se in executor.segment_engines if se.fallback_note]
     finally:

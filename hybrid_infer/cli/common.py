@@ -55,9 +55,13 @@ def add_model_options(parser: argparse.ArgumentParser, *, weights: bool = True, 
                         help="force these layers (by name or type) to Caffe")
     parser.add_argument("--output-blob", action="append", default=[], metavar="BLOB",
                         help="blob to return (run) or show as a segment output (partition) "
-                             "instead of the net's outputs; repeatable")
+                             "instead of the net's outputs: its last write, as Caffe's net.blobs holds "
+                             "after forward (a value id such as data@bn names one write); repeatable")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=DxDxDxD",
                         help="replace an input's size from the prototxt, e.g. data=1x3x720x1280")
+    parser.add_argument("--lowerings", action="append", default=[], metavar="MODULE",
+                        help="import MODULE (a module name or a .py file) whose register_lowering calls "
+                             "lower your own layers; repeatable")
     parser.add_argument("--require-full", action="store_true",
                         help="fail, listing the unsupported layers, if anything would run in Caffe")
 
@@ -71,6 +75,8 @@ def _net_options(args: argparse.Namespace, engine: str, batch: int, min_segment_
                        tensorrt_module=args.tensorrt_module)
     if getattr(args, "device", None) is not None:
         options["device"] = args.device
+    if getattr(args, "check", False):
+        options["keep_logits"] = True  # run --check compares them: keep them from the start
     if hasattr(args, "threads"):
         options["cpu_settings"] = cpu_settings(args)
     return options
@@ -83,7 +89,8 @@ def open_net(args: argparse.Namespace, *, engine: str = "auto", batch: int = 1) 
         raise OptionError("--min-segment-size must be 0 or more")
     min_size = DEFAULT_MIN_SEGMENT_SIZE if args.min_segment_size == AUTO else args.min_segment_size
     net = load(args.model, getattr(args, "weights", None), random_weights=getattr(args, "random_weights", None),
-               input_shapes=parse_input_shapes(args.input_shape), **_net_options(args, engine, batch, min_size))
+               input_shapes=parse_input_shapes(args.input_shape), lowerings=args.lowerings,
+               **_net_options(args, engine, batch, min_size))
     if args.require_full:
         in_caffe = [n for s in net.partition.segments if s.backend == CAFFE for n in s.layers]
         if in_caffe:

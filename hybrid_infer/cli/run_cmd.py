@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 
 from ..executor.engine_factory import ENGINES
-from ..metrics import compare_outputs
 from ..partition.partitioner import TENSORRT
 from ..report import handoff_report
 from .common import (add_build_options, add_cpu_options, add_model_options, auto_min_segment_size, open_net,
@@ -83,19 +82,18 @@ def run(args: argparse.Namespace) -> int:
     status = 0
     reduced = [f"segment {se.segment.id} ({se.engine.kind}, {se.engine.precision.upper()})"
                for se in net.segment_engines if getattr(se.engine, "precision", "f32") != "f32"]
-    if reduced and not args.check:
-        print(f"\nreduced precision: {', '.join(reduced)}; error against pure Caffe on these inputs:")
-        for row in compare_outputs(outputs, net.run_caffe(inputs)):
-            print(f"  {row.name}: max abs error {row.max_abs:.3g}, relative L2 {row.rel_l2:.3g}"
-                  + (f", top-1 agreement {row.top1_agreement:.0%}" if row.top1_agreement is not None else ""))
-    if args.check:
-        reference = net.run_caffe(inputs)
-        print("\ncheck against pure Caffe" + (f" (reduced precision: {', '.join(reduced)})" if reduced else "") + ":")
-        for row in compare_outputs(outputs, reference):
-            ok = row.rel_l2 <= args.tolerance
-            status |= 0 if ok else 1
-            print(f"  {row.name}: max abs error {row.max_abs:.3g}, relative L2 {row.rel_l2:.3g} "
-                  f"{'OK' if ok else 'ABOVE'} (tolerance {args.tolerance:g})"
+    if args.check or reduced:
+        # Reduced precision is always measured against Caffe; only --check judges it.
+        result = net.check(inputs, args.tolerance)
+        status = 0 if result.ok or not args.check else 1
+        where = f"reduced precision: {', '.join(reduced)}; " if reduced else ""
+        print(f"\n{where}{'check against' if args.check else 'error against'} pure Caffe (the outputs, and the "
+              "input of each final Softmax, whose saturated probabilities would hide errors):")
+        for row in result.rows:
+            role = f" (input of Softmax '{result.softmax_inputs[row.name]}')" if row.name in result.softmax_inputs else ""
+            verdict = (f" {'OK' if row.rel_l2 <= args.tolerance else 'ABOVE'} (tolerance {args.tolerance:g})"
+                       if args.check else "")
+            print(f"  {row.name}{role}: max abs error {row.max_abs:.3g}, relative L2 {row.rel_l2:.3g}{verdict}"
                   + (f", top-1 agreement {row.top1_agreement:.0%}" if row.top1_agreement is not None else ""))
     if args.output:
         buffer = io.BytesIO()

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..graph.layer_graph import LayerGraph
 from ..model.caffe_import import caffe, caffe_pb2
+from ..model.caffe_model import push_weights
 from ..model.protofile import write_prototxt
 
 
@@ -65,10 +66,7 @@ class CaffeEngine:
         cf = caffe()
         self._use_mode()
         self._net = cf.Net(str(prototxt), cf.TEST)
-        for layer_name in layer_names:
-            if layer_name in self._net.params:
-                for blob, array in zip(self._net.params[layer_name], weights[layer_name]):
-                    blob.data[...] = array
+        push_weights(self._net, {n: weights[n] for n in layer_names if n in self._net.params}, name)
         self._blobs = self._net.blobs
 
     def _use_mode(self) -> None:

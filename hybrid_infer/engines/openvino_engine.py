@@ -12,6 +12,10 @@ to OpenVINO's defaults:
   CPU this process may run on), one stream, latency mode: one request at a time, as the
   executor runs segments.
 
+One deviation of OpenVINO's ONNX reader is corrected before compiling: it makes ONNX TopK an
+unstable sort, while ONNX puts the lower index first among equal values (and Caffe's ArgMax
+lowering relies on that order; see ``_stable_top_k``).
+
 The batch axis stays dynamic (the lowering names it "batch"), so one compiled model serves
 every batch size. A segment OpenVINO cannot read or compile raises ``EngineBuildError``
 naming the Caffe layers of the ONNX nodes it complained about, so the executor moves
@@ -82,6 +86,18 @@ def _named_layers(message: str, model: onnx.ModelProto) -> list[str]:
     return layers
 
 
+def _stable_top_k(model: Any) -> None:
+    """Make every TopK of an OpenVINO model a stable sort, in place.
+
+    ONNX TopK returns, among equal values, the lower index first; OpenVINO's ONNX reader
+    emits TopK (opset 11) with ``stable`` false, so ties come back in any order (measured:
+    eight equal values gave indices 1, 2, 0 for k = 3). ``stable`` true restores ONNX's order.
+    """
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "TopK" and "stable" in op.get_attributes():
+            op.set_attribute("stable", True)
+
+
 class OpenVinoEngine:
     """One compiled OpenVINO model and one infer request per segment, reused for every run.
 
@@ -116,7 +132,9 @@ class OpenVinoEngine:
         }
         core = _core()
         try:
-            compiled = core.compile_model(core.read_model(model.SerializeToString()), "CPU", config)
+            ov_model = core.read_model(model.SerializeToString())
+            _stable_top_k(ov_model)
+            compiled = core.compile_model(ov_model, "CPU", config)
         except RuntimeError as exc:  # OpenVINO raises RuntimeError for every read/compile failure
             message = _message(exc)
             raise EngineBuildError(f"OpenVINO rejected the segment: {message}",

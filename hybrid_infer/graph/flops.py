@@ -15,11 +15,12 @@ def layer_flops(layer: Layer, graph: LayerGraph) -> int:
     out = graph.values[layer.tops[0]].shape
     out_items = prod(out[1:]) if len(out) > 1 else 1
     params = graph.model.info.param_shapes.get(layer.name, [])
+    # A convolution with several bottoms applies its weights to each (one top per bottom).
     if layer.type == "Convolution" and params:
-        return 2 * out_items * prod(params[0][1:])
+        return 2 * out_items * prod(params[0][1:]) * len(layer.tops)
     if layer.type == "Deconvolution" and params:
         inp = graph.values[layer.bottoms[0]].shape
-        return 2 * prod(inp[1:]) * prod(params[0][1:])
+        return 2 * prod(inp[1:]) * prod(params[0][1:]) * len(layer.tops)
     if layer.type == "InnerProduct" and params:
         p = layer.param.inner_product_param
         k = params[0][0] if p.transpose else params[0][1]

@@ -95,8 +95,20 @@ class LayerGraph:
             candidate = f"{wanted}#{n}"
         return candidate
 
+    def input_value(self, blob: str) -> str:
+        """The value the caller feeds for the net input ``blob``: the Input layer's write,
+        before any in-place layer rewrites it (those rewrites are ``blob@layer``)."""
+        for value in self.inputs:
+            if self.values[value].blob == blob:
+                return value
+        raise ModelError(f"{self.model.prototxt}: '{blob}' is not an input (inputs: "
+                         f"{', '.join(self.values[v].blob for v in self.inputs)})")
+
     def value_of_blob(self, blob: str) -> str:
-        """The value a user means by a blob name: its last write, as Caffe's net.blobs shows."""
+        """The value a user means by a blob name when reading results: its last write, as
+        Caffe's ``net.blobs[blob]`` holds after a forward pass (for a net input that an
+        in-place layer rewrites, the rewritten value, not the one fed). A value id
+        (``blob@layer``) names that value itself."""
         if blob in self.final_value:
             return self.final_value[blob]
         if blob in self.values:

@@ -1,4 +1,5 @@
-"""Element-wise neuron layers: ReLU and friends, Power, Exp, Log, BNLL.
+"""Element-wise neuron layers: ReLU and friends, Power, Exp, Log, BNLL, Threshold, HardSwish
+and HardSigmoid.
 
 Power, Exp and Log replay Caffe's own sequence of steps (scale, shift, then the
 function, each skipped when it is the identity) with the constants Caffe derives in
@@ -10,10 +11,10 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
-from onnx import numpy_helper
 
 from ..graph.layer_graph import Layer
 from .context import LoweringContext, channel_shaped
+from .registry import register_lowering
 
 Step = tuple[str, Optional[float]]  # (ONNX op, scalar second operand or None for unary ops)
 
@@ -38,7 +39,7 @@ def emit_power(ctx: LoweringContext, layer: str, x: str, out: str,
         value = np.float32(1) if power == 0 else np.float32(shift ** power)
         shape = ctx.node("Shape", [x], layer=layer)[0]
         ctx.node("ConstantOfShape", [shape], [out], layer=layer,
-                 value=numpy_helper.from_array(np.array([value], dtype=np.float32), "value"))
+                 value=ctx.tensor_attribute(np.array([value], dtype=np.float32)))
         return
     steps: list[Step] = []
     if scale != 1:
@@ -50,6 +51,7 @@ def emit_power(ctx: LoweringContext, layer: str, x: str, out: str,
     _chain(ctx, layer, x, out, steps)
 
 
+@register_lowering("ReLU")
 def lower_relu(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     slope = layer.param.relu_param.negative_slope
     if slope == 0:
@@ -58,6 +60,7 @@ def lower_relu(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: l
         ctx.node("LeakyRelu", inputs, outputs, layer=layer.name, alpha=float(slope))
 
 
+@register_lowering("ReLU6")
 def lower_relu6(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """The fork's ReLU6 also has a negative slope and a configurable threshold."""
     p = layer.param.relu6_param
@@ -70,6 +73,7 @@ def lower_relu6(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: 
     ctx.node("Min", [leaky, top], outputs, layer=layer.name)
 
 
+@register_lowering("PReLU")
 def lower_prelu(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Slopes are per channel (axis 1), so they are shaped (C, 1, ...) for broadcasting."""
     slope = ctx.weights(layer.name)[0]
@@ -78,22 +82,27 @@ def lower_prelu(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: 
     ctx.node("PRelu", [inputs[0], ctx.const(slope, f"{layer.name}/slope")], outputs, layer=layer.name)
 
 
+@register_lowering("Sigmoid")
 def lower_sigmoid(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     ctx.node("Sigmoid", inputs, outputs, layer=layer.name)
 
 
+@register_lowering("TanH")
 def lower_tanh(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     ctx.node("Tanh", inputs, outputs, layer=layer.name)
 
 
+@register_lowering("ELU")
 def lower_elu(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     ctx.node("Elu", inputs, outputs, layer=layer.name, alpha=float(layer.param.elu_param.alpha))
 
 
+@register_lowering("AbsVal")
 def lower_absval(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     ctx.node("Abs", inputs, outputs, layer=layer.name)
 
 
+@register_lowering("BNLL")
 def lower_bnll(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Caffe: x > 0 ? x + log(1 + exp(-x)) : log(1 + exp(x)), i.e. relu(x) + log(1 + exp(-|x|))."""
     name, x = layer.name, inputs[0]
@@ -103,6 +112,7 @@ def lower_bnll(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: l
     ctx.node("Add", [ctx.node("Relu", [x], layer=name)[0], log_term], outputs, layer=name)
 
 
+@register_lowering("Power")
 def lower_power(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     p = layer.param.power_param
     emit_power(ctx, layer.name, inputs[0], outputs[0], p.power, p.scale, p.shift)
@@ -117,6 +127,7 @@ def _log_base(ctx: LoweringContext, layer: Layer, base: float) -> np.float32:
     return np.log(np.float32(base))
 
 
+@register_lowering("Exp")
 def lower_exp(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Caffe rewrites base^(shift + scale*x) as base^shift * exp(log(base) * scale * x)."""
     p = layer.param.exp_param
@@ -133,6 +144,7 @@ def lower_exp(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: li
     _chain(ctx, layer.name, inputs[0], outputs[0], steps)
 
 
+@register_lowering("Log")
 def lower_log(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Caffe: log(shift + scale*x) / log(base), the division done as a float32 multiplication."""
     p = layer.param.log_param
@@ -146,3 +158,30 @@ def lower_log(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: li
     if base_scale != 1:
         steps.append(("Mul", base_scale))
     _chain(ctx, layer.name, inputs[0], outputs[0], steps)
+
+
+@register_lowering("Threshold")
+def lower_threshold(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
+    """threshold_layer.cpp: 1 where x > threshold (strictly), else 0, as float."""
+    threshold = ctx.const(np.float32(layer.param.threshold_param.threshold), f"{layer.name}/threshold")
+    above = ctx.node("Greater", [inputs[0], threshold], layer=layer.name)[0]
+    ctx.node("Cast", [above], outputs, layer=layer.name, to=1)  # TensorProto.FLOAT
+
+
+@register_lowering("HardSwish")
+def lower_hard_swish(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
+    """hardswish_layer.cpp: x * max(0, min(1, x / 6 + 0.5)), with Caffe's division by 6 (ONNX's
+    HardSwish multiplies by 1/6, which rounds differently, and needs opset 14)."""
+    name, x = layer.name, inputs[0]
+    sixth = ctx.node("Div", [x, ctx.const(np.float32(6), f"{name}/six")], layer=name)[0]
+    shifted = ctx.node("Add", [sixth, ctx.const(np.float32(0.5), f"{name}/half")], layer=name)[0]
+    gate = ctx.node("Clip", [shifted, ctx.const(np.float32(0), f"{name}/zero"),
+                             ctx.const(np.float32(1), f"{name}/one")], layer=name)[0]
+    ctx.node("Mul", [x, gate], outputs, layer=name)
+
+
+@register_lowering("HardSigmoid")
+def lower_hard_sigmoid(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
+    """hardsigmoid_layer.cpp: max(0, min(1, x * alpha + beta)), ONNX HardSigmoid's definition."""
+    p = layer.param.hardsigmoid_param
+    ctx.node("HardSigmoid", inputs, outputs, layer=layer.name, alpha=float(p.alpha), beta=float(p.beta))

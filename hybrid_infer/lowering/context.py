@@ -1,20 +1,30 @@
-"""The state one segment's lowering builds up: ONNX nodes, initializers and fresh names.
+"""The interface a lowering talks to while it emits one layer's ONNX: a stable, public API.
 
-Lowerings only talk to this object, so naming rules live in one place: every node
-carries its Caffe layer's name in ``doc_string`` (TensorRT parser errors are mapped
-back to Caffe layers through it) and a unique ``layer/Op_k`` name, and no helper
-tensor can collide with a value id of the Caffe graph, whatever the blob names are.
+A lowering (see ``register_lowering``) receives a ``LoweringContext``, the Caffe ``Layer``
+(its ``name``, ``type`` and ``param``, the user's own ``caffe_pb2.LayerParameter``, so fork
+fields are there), and the value ids of its inputs and outputs. It adds nodes and constants
+through the context only, so naming rules live in one place: every node carries its Caffe
+layer's name in ``doc_string`` (TensorRT parser errors are mapped back to Caffe layers
+through it) and a unique ``layer/Op_k`` name, and no helper tensor can collide with a
+value id of the Caffe graph, whatever the blob names are.
+
+Tensors are FP32 and N-first, in Caffe's layout (NCHW for images). The batch axis is
+symbolic in the segment's interface: a lowering must not bake the prototxt's batch size
+into the graph (copy it with Reshape's 0, infer it with -1, or take it from ``Shape``).
+ONNX opset: ``ctx.opset`` (17 by default, never below 13).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
 
 from ..errors import LoweringError
-from ..graph.layer_graph import LayerGraph
+
+if TYPE_CHECKING:
+    import onnx
+
+    from ..graph.layer_graph import LayerGraph
 
 Shape = tuple[int, ...]
 
@@ -25,29 +35,38 @@ def channel_shaped(array: np.ndarray, rank: int) -> np.ndarray:
 
 
 class LoweringContext:
-    """Collects the nodes and initializers of one ONNX graph while layers are lowered."""
+    """Collects the nodes and initializers of one segment's ONNX graph while layers are lowered.
 
-    def __init__(self, graph: LayerGraph, weights: Mapping[str, Sequence[np.ndarray]], opset: int):
+    Attributes a lowering may read: ``opset`` (int) and ``graph`` (the ``LayerGraph``:
+    ``graph.values[value_id].shape``, ``graph.layers[name]``); everything else is private.
+    """
+
+    def __init__(self, graph: "LayerGraph", weights: Mapping[str, Sequence[np.ndarray]], opset: int):
         self.graph = graph
         self.opset = opset
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
+        self.nodes: list["onnx.NodeProto"] = []
+        self.initializers: list["onnx.TensorProto"] = []
         self._weights = weights
         self._taken: set[str] = set(graph.values)
         self._nodes_per_layer: dict[str, int] = {}
 
     def shape(self, value_id: str) -> Shape:
-        """Static shape Caffe computed for the value (its first axis is the prototxt's batch)."""
+        """Static shape Caffe computed for the value, N-first (axis 0 is the prototxt's batch,
+        which the segment does not fix: use it for per-item sizes only)."""
         return self.graph.values[value_id].shape
 
     def weights(self, layer_name: str) -> list[np.ndarray]:
-        """The layer's parameter blobs as float32 arrays, in Caffe's blob order."""
+        """The layer's parameter blobs as float32 arrays, in Caffe's blob order and shapes.
+
+        Raises LoweringError when the model carries no weights for the layer.
+        """
         if layer_name not in self._weights:
             raise self.error(layer_name, "no weights were given for this layer")
         return [np.asarray(a, dtype=np.float32) for a in self._weights[layer_name]]
 
     def error(self, layer_name: str, reason: str) -> LoweringError:
-        """A LoweringError naming the layer and its type, for the lowering to raise."""
+        """A LoweringError naming the layer and its type, for the lowering to raise; the
+        layer then runs in Caffe and the report shows ``reason``."""
         return LoweringError(layer_name, self.graph.layers[layer_name].type, reason)
 
     def fresh(self, hint: str) -> str:
@@ -60,19 +79,32 @@ class LoweringContext:
         return name
 
     def const(self, array: Any, hint: str) -> str:
-        """Add an initializer (floats as float32, integers as int64) and return its name."""
+        """Add an initializer and return its tensor name. Floating point values are stored as
+        float32 and integers as int64 (what ONNX shape operands take); shape as given."""
+        from onnx import numpy_helper
         value = np.asarray(array)
         if value.dtype.kind == "f":
             value = value.astype(np.float32)
-        elif value.dtype.kind in "iu":
-            value = value.astype(np.int64)
+        elif value.dtype.kind in "iub":
+            value = value.astype(np.int64) if value.dtype.kind != "b" else value
         name = self.fresh(hint)
         self.initializers.append(numpy_helper.from_array(value, name))
         return name
 
+    def tensor_attribute(self, array: Any) -> "onnx.TensorProto":
+        """An ONNX tensor for attributes that take one (e.g. ConstantOfShape's ``value``);
+        dtype as given."""
+        from onnx import numpy_helper
+        return numpy_helper.from_array(np.asarray(array), "value")
+
     def node(self, op_type: str, inputs: Sequence[str], outputs: Optional[Sequence[str]] = None, *,
              layer: str, **attrs: Any) -> list[str]:
-        """Append one node of ``layer``; without ``outputs`` it gets one fresh output name."""
+        """Append one ONNX node of ``layer`` (the Caffe layer's name) and return its output names.
+
+        Without ``outputs`` the node gets one fresh output name. ``attrs`` are the ONNX
+        attributes (ints, floats, lists, strings, tensors).
+        """
+        from onnx import helper
         k = self._nodes_per_layer.get(layer, 0)
         self._nodes_per_layer[layer] = k + 1
         if outputs is None:
@@ -82,7 +114,8 @@ class LoweringContext:
         return list(outputs)
 
     def canonical_axis(self, layer_name: str, axis: int, rank: int) -> int:
-        """Caffe's CanonicalAxisIndex: negative axes count from the end."""
+        """Caffe's CanonicalAxisIndex (include/caffe/blob.hpp): negative axes count from the end;
+        raises LoweringError when out of range."""
         if not -rank <= axis < rank:
             raise self.error(layer_name, f"axis {axis} is out of range for a {rank}-D blob")
         return axis + rank if axis < 0 else axis

@@ -1,4 +1,4 @@
-"""Convolution, Deconvolution, Pooling and InnerProduct: the layers that carry windows or weights.
+"""Convolution, Deconvolution, Im2col, Pooling and InnerProduct: the layers that carry windows or weights.
 
 Convolutions map one to one onto ONNX. Pooling does not: Caffe rounds its output size
 up (unless ``ceil_mode: false``), drops a last window that would start in the padding,
@@ -8,12 +8,13 @@ ONNX's constant ``kernel_h * kernel_w`` divisor with a per-position factor where
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..graph.layer_graph import Layer
+from ..graph.layer_graph import Layer, LayerGraph
 from .context import LoweringContext
+from .registry import register_lowering
 
 
 def _per_axis(ctx: LoweringContext, layer: Layer, what: str, values: Sequence[int],
@@ -51,29 +52,56 @@ def _conv_geometry(ctx: LoweringContext, layer: Layer, rank: int) -> dict[str, l
 
 def _lower_conv_like(op_type: str, ctx: LoweringContext, layer: Layer, inputs: list[str],
                      outputs: list[str]) -> None:
+    """Caffe convolves each bottom with the same weights into the top of the same position
+    (base_conv_layer.cpp), so several bottoms share one weight initializer."""
     p = layer.param.convolution_param
-    if len(inputs) != 1:
-        raise ctx.error(layer.name, "a convolution with several bottoms (shared weights) is not lowered")
-    if ctx.canonical_axis(layer.name, p.axis, len(ctx.shape(inputs[0]))) != 1:
-        raise ctx.error(layer.name, f"convolution over axis {p.axis}; only the channel axis 1 is lowered")
     rank = len(ctx.shape(inputs[0])) - 2
     blobs = ctx.weights(layer.name)
-    operands = [inputs[0], ctx.const(blobs[0], f"{layer.name}/weight")]
+    weights = [ctx.const(blobs[0], f"{layer.name}/weight")]
     if p.bias_term:
-        operands.append(ctx.const(blobs[1], f"{layer.name}/bias"))
-    ctx.node(op_type, operands, outputs, layer=layer.name, group=int(p.group),
-             **_conv_geometry(ctx, layer, rank))
+        weights.append(ctx.const(blobs[1], f"{layer.name}/bias"))
+    geometry = _conv_geometry(ctx, layer, rank)
+    for x, out in zip(inputs, outputs):
+        ctx.node(op_type, [x, *weights], [out], layer=layer.name, group=int(p.group), **geometry)
 
 
+def check_convolution(layer: Layer, graph: LayerGraph) -> Optional[str]:
+    """Channel axis 1, 1-D to 3-D."""
+    p = layer.param.convolution_param
+    rank = len(graph.values[layer.bottoms[0]].shape)
+    if p.axis not in (1, 1 - rank):
+        return f"convolution over axis {p.axis}; only channel axis 1 is lowered"
+    if rank - 2 not in (1, 2, 3):
+        return "only 1-D, 2-D and 3-D convolutions are lowered"
+    return None
+
+
+@register_lowering("Convolution", check=check_convolution)
 def lower_convolution(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Caffe's floor-rounded output size is ONNX Conv's with symmetric pads."""
     _lower_conv_like("Conv", ctx, layer, inputs, outputs)
 
 
+@register_lowering("Deconvolution", check=check_convolution)
 def lower_deconvolution(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Caffe stores deconvolution weights as (C_in, C_out/group, k...), which is ConvTranspose's
     layout, and its output size stride*(in-1) + extent - 2*pad is ConvTranspose's with those pads."""
     _lower_conv_like("ConvTranspose", ctx, layer, inputs, outputs)
+
+
+@register_lowering("Im2col", check=check_convolution)
+def lower_im2col(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
+    """im2col_layer.cpp lays each window out along the channel axis, channel-major then kernel
+    offsets in row-major order: (N, C * prod(kernel), out...). That is a grouped convolution
+    (one group per input channel) whose kernels are one-hot, so each output is exactly one
+    input value (or a zero of the padding). Caffe's Im2col ignores ``group``; so does this."""
+    rank = len(ctx.shape(inputs[0])) - 2
+    geometry = _conv_geometry(ctx, layer, rank)
+    channels, taps = ctx.shape(inputs[0])[1], int(np.prod(geometry["kernel_shape"]))
+    one_hot = np.zeros((channels * taps, 1, *geometry["kernel_shape"]), dtype=np.float32)
+    one_hot.reshape(channels, taps, taps)[:, np.arange(taps), np.arange(taps)] = 1
+    ctx.node("Conv", [inputs[0], ctx.const(one_hot, f"{layer.name}/one_hot")], outputs, layer=layer.name,
+             group=int(channels), **geometry)
 
 
 def _ave_divisor(size: int, out: int, kernel: int, stride: int, pad: int) -> np.ndarray:
@@ -117,11 +145,19 @@ def _pool_pair(p: Any, single: str, prefix: str) -> list[int]:
     return [getattr(p, single)] * 2
 
 
+def check_pooling(layer: Layer, graph: LayerGraph) -> Optional[str]:
+    p = layer.param.pooling_param
+    if p.pool not in (p.MAX, p.AVE):
+        return "stochastic pooling has no TensorRT equivalent"
+    if len(layer.tops) > 1:
+        return "max pooling with a mask top has no TensorRT equivalent"
+    return None
+
+
+@register_lowering("Pooling", check=check_pooling)
 def lower_pooling(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Takes the output size from Caffe's own shape computation rather than re-deriving it."""
     p = layer.param.pooling_param
-    if p.pool not in (p.MAX, p.AVE) or len(outputs) != 1:
-        raise ctx.error(layer.name, "only MAX and AVE pooling without a mask top are lowered")
     method = "MAX" if p.pool == p.MAX else "AVE"
     shape = ctx.shape(inputs[0])
     if len(shape) != 4:
@@ -139,6 +175,7 @@ def lower_pooling(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs
               shape[2:], ctx.shape(outputs[0])[2:])
 
 
+@register_lowering("InnerProduct")
 def lower_inner_product(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Axis 1 becomes Flatten + Gemm (what TensorRT maps onto its fully connected path);
     other axes flatten only the trailing dims and use MatMul, keeping the leading ones."""

@@ -1,4 +1,4 @@
-"""BatchNorm, Scale, Bias, LRN, Normalize and Softmax.
+"""BatchNorm (and the BatchNormKyle fork), Scale, Bias, LRN, Normalize and Softmax.
 
 Scale and Bias apply a tensor (learned, or a second bottom) whose axes line up with
 the input's from ``axis`` on; in ONNX that is plain broadcasting once the tensor has
@@ -8,31 +8,63 @@ the same way (over the channel axis) because ONNX Runtime's LRN kernel is slow.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
-from ..graph.layer_graph import Layer
+from ..graph.layer_graph import Layer, LayerGraph
 from .activations import emit_power
 from .context import LoweringContext, channel_shaped
 from .conv_pool import emit_pool
+from .registry import register_lowering
 
 
-def lower_batch_norm(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
-    """Global statistics only. Caffe computes (x - mean * s) / sqrt(var * s + eps) with
-    s = 1 / factor (0 when the factor is 0); this is emitted as x * a + b with a = 1 / std and
-    b = -mean * s / std folded in float64, because a Mul and an Add of constants right after a
-    convolution are what ONNX Runtime and TensorRT fold into the convolution's weights (a Sub
-    and a Div are not). The result differs from Caffe's by float32 rounding only."""
+def check_batch_norm(layer: Layer, graph: LayerGraph) -> Optional[str]:
     p = layer.param.batch_norm_param
     if p.HasField("use_global_stats") and not p.use_global_stats:
-        raise ctx.error(layer.name, "use_global_stats: false normalises by batch statistics")
+        return f"{layer.type} with use_global_stats: false normalises by batch statistics"
+    if len(graph.values[layer.bottoms[0]].shape) < 2:
+        return f"{layer.type} is lowered for blobs with a channel axis only"
+    return None
+
+
+def _emit_global_stats(ctx: LoweringContext, layer: Layer, x: str, out: str,
+                       alpha: Optional[np.ndarray] = None, beta: Optional[np.ndarray] = None) -> None:
+    """Caffe computes (x - mean * s) / sqrt(var * s + eps) with s = 1 / factor (0 when the
+    factor is 0), then BatchNormKyle's optional alpha * . + beta; this is emitted as x * a + b
+    with a = alpha / std and b = beta - mean * s * alpha / std folded in float64, because a Mul
+    and an Add of constants right after a convolution are what ONNX Runtime and TensorRT fold
+    into the convolution's weights (a Sub and a Div are not). The result differs from Caffe's
+    by float32 rounding only."""
     mean, var, factor = (a.astype(np.float64) for a in ctx.weights(layer.name)[:3])
     scale = 0.0 if factor.flat[0] == 0 else 1.0 / factor.flat[0]
-    inverse_std = 1.0 / np.sqrt(var * scale + np.float64(np.float32(p.eps)))
-    rank = len(ctx.shape(inputs[0]))
-    scaled = ctx.node("Mul", [inputs[0], ctx.const(channel_shaped(inverse_std, rank),
-                                                   f"{layer.name}/inverse_std")], layer=layer.name)[0]
-    ctx.node("Add", [scaled, ctx.const(channel_shaped(-mean * scale * inverse_std, rank),
-                                       f"{layer.name}/shift")], outputs, layer=layer.name)
+    multiplier = 1.0 / np.sqrt(var * scale + np.float64(np.float32(layer.param.batch_norm_param.eps)))
+    shift = -mean * scale * multiplier
+    if alpha is not None and beta is not None:
+        multiplier, shift = multiplier * alpha, shift * alpha + beta
+    rank = len(ctx.shape(x))
+    scaled = ctx.node("Mul", [x, ctx.const(channel_shaped(multiplier, rank), f"{layer.name}/inverse_std")],
+                      layer=layer.name)[0]
+    ctx.node("Add", [scaled, ctx.const(channel_shaped(shift, rank), f"{layer.name}/shift")], [out],
+             layer=layer.name)
+
+
+@register_lowering("BatchNorm", check=check_batch_norm)
+def lower_batch_norm(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
+    """Global statistics only (see ``_emit_global_stats``)."""
+    _emit_global_stats(ctx, layer, inputs[0], outputs[0])
+
+
+@register_lowering("BatchNormKyle", check=check_batch_norm)
+def lower_batch_norm_kyle(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
+    """batch_norm_kyle_layer.cpp: BatchNorm's global-statistics formula (it uses global statistics
+    at TEST unless told otherwise), then with use_alpha_beta a per-channel alpha * y + beta
+    (blobs 3 and 4)."""
+    if not layer.param.batch_norm_param.use_alpha_beta:
+        _emit_global_stats(ctx, layer, inputs[0], outputs[0])
+        return
+    alpha, beta = (a.astype(np.float64) for a in ctx.weights(layer.name)[3:5])
+    _emit_global_stats(ctx, layer, inputs[0], outputs[0], alpha, beta)
 
 
 def _broadcast_operand(ctx: LoweringContext, layer: Layer, operand: "str | np.ndarray",
@@ -64,6 +96,7 @@ def _apply(ctx: LoweringContext, layer: Layer, op: str, x: str, x_shape: tuple[i
     return ctx.node(op, [x, operand_name], outputs, layer=layer.name)[0]
 
 
+@register_lowering("Scale")
 def lower_scale(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """The bias of ``bias_term`` has the scale's shape and axis; it is blob 1, or blob 0 when
     the scale comes from a second bottom."""
@@ -79,12 +112,14 @@ def lower_scale(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: 
     _apply(ctx, layer, "Add", scaled, x_shape, blobs[0 if from_bottom else 1], p.axis, outputs, "bias")
 
 
+@register_lowering("Bias")
 def lower_bias(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     bias = inputs[1] if len(inputs) > 1 else ctx.weights(layer.name)[0]
     _apply(ctx, layer, "Add", inputs[0], ctx.shape(inputs[0]), bias, layer.param.bias_param.axis,
            outputs, "bias")
 
 
+@register_lowering("Softmax")
 def lower_softmax(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """Opset-13 Softmax normalises along one axis, exactly Caffe's, trailing dims or not."""
     axis = ctx.canonical_axis(layer.name, layer.param.softmax_param.axis, len(ctx.shape(inputs[0])))
@@ -130,6 +165,7 @@ def _lrn_across_channels(ctx: LoweringContext, layer: Layer, x: str, out: str) -
     ctx.node("Div", [x, denominator], [out], layer=name)
 
 
+@register_lowering("LRN")
 def lower_lrn(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """ACROSS_CHANNELS: see ``_lrn_across_channels``. WITHIN_CHANNEL is
     x * (1 + alpha * avgpool(x^2))^-beta over size x size windows padded by (size-1)/2; its
@@ -154,6 +190,13 @@ def lower_lrn(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: li
     ctx.node("Mul", [x, denominator], outputs, layer=name)
 
 
+def check_normalize(layer: Layer, graph: LayerGraph) -> Optional[str]:
+    if len(graph.values[layer.bottoms[0]].shape) != 4:
+        return "Normalize is lowered for 4-D blobs only"
+    return None
+
+
+@register_lowering("Normalize", check=check_normalize)
 def lower_normalize(ctx: LoweringContext, layer: Layer, inputs: list[str], outputs: list[str]) -> None:
     """SSD's L2 normalisation: x / sqrt(sum(x^2) + eps) over all of an item (across_spatial)
     or over channels per position, then times the learned scale (one, or one per channel)."""

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 from ..errors import LoweringError
 from ..graph.layer_graph import LayerGraph
 from .context import LoweringContext
-from .registry import LOWERINGS
+from .registry import REGISTRY
 
 MIN_OPSET = 13  # Softmax's single-axis semantics and axes-as-input ops start here
 
@@ -42,14 +42,17 @@ def lower_segment(graph: LayerGraph, layer_names: Sequence[str], inputs: Sequenc
     available = set(inputs)
     for layer_name in layer_names:
         layer = graph.layers[layer_name]
-        lowering = LOWERINGS.get(layer.type)
-        if lowering is None:
-            raise LoweringError(layer.name, layer.type, "no ONNX lowering for this layer type")
+        registration = REGISTRY.find(layer)
+        if registration is None:
+            raise LoweringError(layer.name, layer.type, "no ONNX lowering is registered for this layer")
+        refusal = registration.refusal(layer, graph)
+        if refusal is not None:
+            raise LoweringError(layer.name, layer.type, refusal)
         missing = [v for v in layer.bottoms if v not in available]
         if missing:
             raise ValueError(f"segment '{name}': layer '{layer.name}' reads {', '.join(missing)}, "
                              "which is neither a segment input nor computed earlier in the segment")
-        lowering(ctx, layer, list(layer.bottoms), list(layer.tops))
+        registration.lower(ctx, layer, list(layer.bottoms), list(layer.tops))
         available.update(layer.tops)
     absent = [v for v in outputs if v not in available]
     if absent:

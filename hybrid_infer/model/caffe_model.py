@@ -1,8 +1,10 @@
 """A Caffe model as hybrid_infer sees it: normalised layers, blob shapes, weights.
 
 Shapes come from Caffe itself (the net is instantiated once, in a forked child, so a
-fatal Caffe check becomes a readable error). Weights are read by Caffe's own loader,
-which also upgrades old caffemodels and ignores layers the prototxt does not have.
+fatal Caffe check becomes a readable error). Weights are read from the caffemodel by
+``caffemodel.read_caffemodel`` (layer names and blobs only, so files written by other
+Caffe forks load too) and pushed by layer name into every pycaffe net hybrid_infer
+builds; Caffe's own C++ reader never sees the file.
 """
 from __future__ import annotations
 
@@ -19,9 +21,11 @@ import numpy as np
 
 from ..errors import EnvironmentProblem, ModelError
 from .caffe_import import caffe, registered_layer_types
+from .caffemodel import fit_weights, read_caffemodel
 from .isolated import CaffeFailure, call_isolated
-from .protofile import LayerParameter, NetParameter, normalise, read_caffemodel, read_prototxt, write_prototxt
+from .protofile import LayerParameter, NetParameter, normalise, read_prototxt, write_prototxt
 from .random_weights import random_weights
+from .training_layers import DroppedLayer, drop_training_leftovers
 
 Shape = tuple[int, ...]
 
@@ -35,11 +39,11 @@ class NetInfo:
     outputs: list[str]
 
 
-def _inspect_net(prototxt: str, weights: str | None) -> NetInfo:
-    """Instantiate the net (in the forked child) and report shapes."""
+def _inspect_net(prototxt: str) -> NetInfo:
+    """Instantiate the net (in the forked child) and report shapes; it needs no weights."""
     cf = caffe()
     cf.set_mode_cpu()
-    net = cf.Net(prototxt, cf.TEST, weights=weights) if weights else cf.Net(prototxt, cf.TEST)
+    net = cf.Net(prototxt, cf.TEST)
     return NetInfo(
         blob_shapes={name: tuple(int(d) for d in blob.shape) for name, blob in net.blobs.items()},
         param_shapes={name: [tuple(int(d) for d in b.shape) for b in layer.blobs]
@@ -47,9 +51,11 @@ def _inspect_net(prototxt: str, weights: str | None) -> NetInfo:
         inputs=list(net.inputs), outputs=list(net.outputs))
 
 
-def _check_layers(net: NetParameter, source: str) -> None:
-    """Catch what Caffe would abort on, before Caffe sees the net."""
+def _check_layers(net: NetParameter, source: str, dropped: Sequence[DroppedLayer] = ()) -> None:
+    """Catch what Caffe would abort on, before Caffe sees the net (``dropped``: the
+    training-only layers already removed, named when a layer reads one of their tops)."""
     known = registered_layer_types()
+    dropped_top = {top: d for d in dropped for top in d.tops}
     produced: set[str] = set()
     for layer in net.layer:
         if layer.type not in known:
@@ -57,6 +63,12 @@ def _check_layers(net: NetParameter, source: str) -> None:
                 f"{source}: layer '{layer.name}' has type '{layer.type}', which this Caffe build does "
                 f"not have; use the Caffe (fork) the model was written for, or remove the layer")
         for bottom in layer.bottom:
+            if bottom in dropped_top and bottom not in produced:
+                d = dropped_top[bottom]
+                raise ModelError(
+                    f"{source}: layer '{layer.name}' reads blob '{bottom}', whose producer '{d.name}' was "
+                    f"dropped as a training-only layer ({d.reason}); remove '{layer.name}' as well, or feed "
+                    f"'{d.missing_blob}' as a net input")
             if bottom not in produced:
                 raise ModelError(
                     f"{source}: layer '{layer.name}' reads blob '{bottom}', which no earlier layer "
@@ -94,8 +106,33 @@ def _override_input_shapes(net: NetParameter, shapes: Mapping[str, Sequence[int]
         shape.dim.extend(int(d) for d in dims)
 
 
+def push_weights(net: Any, weights: Mapping[str, Sequence[np.ndarray]], source: str) -> None:
+    """Copy ``weights`` (layer name -> arrays) into the pycaffe ``net``'s layers of those names.
+
+    Every Caffe net hybrid_infer builds (the reference net, the sub-nets) gets its
+    parameters this way. Raises ModelError if a layer's blob count or a blob's shape differs
+    (``source`` names where the weights came from).
+    """
+    for name, arrays in weights.items():
+        if name not in net.params:
+            continue
+        blobs = net.params[name]
+        if len(blobs) != len(arrays):
+            raise ModelError(f"{source}: layer '{name}' has {len(blobs)} parameter blob(s), "
+                             f"the weights give {len(arrays)}")
+        for index, (blob, array) in enumerate(zip(blobs, arrays)):
+            if tuple(blob.data.shape) != tuple(array.shape):
+                raise ModelError(f"{source}: layer '{name}' blob {index} has shape {tuple(blob.data.shape)}, "
+                                 f"the weights give {tuple(array.shape)}")
+            blob.data[...] = array
+
+
 class CaffeModel:
-    """A loaded model. ``weights`` maps layer name to its parameter arrays (FP32)."""
+    """A loaded model. ``weights`` maps layer name to its parameter arrays (FP32).
+
+    Layers only training uses (Accuracy, loss layers, Silence) whose inputs cannot be
+    produced at inference are dropped with one warning; ``dropped_layers`` lists them.
+    """
 
     def __init__(self, prototxt: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None,
                  input_shapes: Mapping[str, Sequence[int]] | None = None):
@@ -104,33 +141,26 @@ class CaffeModel:
         self.prototxt = Path(prototxt)
         self.weights_path = Path(weights) if weights is not None else None
         self.net, self.renamed_layers = normalise(read_prototxt(self.prototxt), str(self.prototxt))
+        self.dropped_layers: list[DroppedLayer] = drop_training_leftovers(self.net, str(self.prototxt))
         if not len(self.net.layer):
             raise ModelError(f"{self.prototxt}: no layers in the TEST phase")
         if input_shapes:
             _override_input_shapes(self.net, input_shapes, str(self.prototxt))
-        _check_layers(self.net, str(self.prototxt))
+        _check_layers(self.net, str(self.prototxt), self.dropped_layers)
+        stored = read_caffemodel(self.weights_path) if self.weights_path is not None else None
         self._workdir = Path(tempfile.mkdtemp(prefix="hybrid_infer_model_"))
         weakref.finalize(self, shutil.rmtree, self._workdir, True)
         self.normalised_prototxt = self._workdir / "deploy.prototxt"
         write_prototxt(self.net, self.normalised_prototxt)
-        stored_layers: set[str] | None = None
-        if self.weights_path is not None:
-            stored_layers = {layer.name for layer in read_caffemodel(self.weights_path).layer}
         try:
-            self.info: NetInfo = call_isolated(
-                _inspect_net, str(self.normalised_prototxt),
-                str(self.weights_path) if self.weights_path else None)
+            self.info: NetInfo = call_isolated(_inspect_net, str(self.normalised_prototxt))
         except CaffeFailure as exc:
-            where = f"{self.weights_path} does not fit {self.prototxt}" if self.weights_path \
-                and "param" in str(exc) else f"{self.prototxt}: Caffe cannot set this net up"
-            raise ModelError(f"{where}: {exc}") from None
-        if stored_layers is not None:
-            missing = [name for name in self.info.param_shapes
-                       if self.renamed_layers.get(name, name) not in stored_layers]
-            if missing:
-                raise ModelError(f"{self.weights_path} has no weights for layer(s) {', '.join(missing)} "
-                                 f"of {self.prototxt}; pass the caffemodel trained for this prototxt")
+            raise ModelError(f"{self.prototxt}: Caffe cannot set this net up: {exc}") from None
         self._weights: dict[str, list[np.ndarray]] | None = None
+        if stored is not None:
+            assert self.weights_path is not None
+            self._weights = fit_weights(stored, self.info.param_shapes, self.renamed_layers,
+                                        self.weights_path, self.prototxt)
         self._reference: Any = None
 
     @property
@@ -138,24 +168,11 @@ class CaffeModel:
         return list(self.net.layer)
 
     @property
-    def has_weights(self) -> bool:
-        return self._weights is not None or self.weights_path is not None
-
-    @property
     def weights(self) -> dict[str, list[np.ndarray]]:
-        """Parameter arrays by layer name, read by Caffe's own loader on first use."""
+        """Parameter arrays by layer name (from the caffemodel, or random)."""
         if self._weights is None:
-            if self.weights_path is None:
-                raise ModelError(f"{self.prototxt}: no weights given; pass a .caffemodel "
-                                 "(--weights) or ask for random weights (--random-weights SEED)")
-            net = self.reference_net()
-            self._weights = {name: [np.array(b.data, dtype=np.float32, copy=True) for b in blobs]
-                             for name, blobs in net.params.items()}
-            # A repeated layer name shares the stored weights of the name it repeats.
-            for new, original in self.renamed_layers.items():
-                if new in self._weights and original in self._weights:
-                    self._weights[new] = self._weights[original]
-                    self._push_weights(net, only=new)
+            raise ModelError(f"{self.prototxt}: no weights given; pass a .caffemodel "
+                             "(--weights) or ask for random weights (--random-weights SEED)")
         return self._weights
 
     def set_random_weights(self, seed: int) -> None:
@@ -163,31 +180,16 @@ class CaffeModel:
         layer_types = {layer.name: layer.type for layer in self.net.layer}
         self._weights = random_weights(self.info.param_shapes, layer_types, seed)
         if self._reference is not None:
-            self._push_weights(self._reference)
-
-    def _push_weights(self, net: Any, only: str | None = None) -> None:
-        assert self._weights is not None
-        for name, arrays in self._weights.items():
-            if only is not None and name != only:
-                continue
-            for blob, array in zip(net.params[name], arrays):
-                blob.data[...] = array
+            push_weights(self._reference, self._weights, "random weights")
 
     def reference_net(self) -> Any:
         """The whole model as one pycaffe net (CPU), carrying the current weights."""
         if self._reference is None:
+            weights = self.weights if self.info.param_shapes else {}
             cf = caffe()
             cf.set_mode_cpu()
-            if self.weights_path is not None and self._weights is None:
-                self._reference = cf.Net(str(self.normalised_prototxt), cf.TEST,
-                                         weights=str(self.weights_path))
-            else:
-                self._reference = cf.Net(str(self.normalised_prototxt), cf.TEST)
-                if self._weights is not None:
-                    self._push_weights(self._reference)
-                elif self.info.param_shapes:
-                    raise ModelError(f"{self.prototxt}: no weights given; pass a .caffemodel "
-                                     "(--weights) or ask for random weights (--random-weights SEED)")
+            self._reference = cf.Net(str(self.normalised_prototxt), cf.TEST)
+            push_weights(self._reference, weights, str(self.weights_path or "random weights"))
         return self._reference
 
     def layer(self, name: str) -> LayerParameter:

@@ -1,8 +1,9 @@
-"""Read prototxt and caffemodel files into the installed Caffe's ``NetParameter``.
+"""Read prototxt files into the installed Caffe's ``NetParameter``.
 
 The result is normalised to what the rest of hybrid_infer expects: the current
-``layer {}`` format (old ``layers {}`` files go through Caffe's own upgrade tools),
-net inputs as ``Input`` layers, and only the layers of the TEST phase.
+``layer {}`` format (old ``layers {}`` files go through Caffe's own upgrade tool),
+net inputs as ``Input`` layers, and only the layers of the TEST phase. Caffemodels are
+read by ``caffemodel.py``, which needs only layer names and blobs.
 """
 from __future__ import annotations
 
@@ -41,20 +42,19 @@ def _upgrade_tool(name: str) -> Path:
         f"found next to {pkg}; upgrade the file with it yourself, or install Caffe's tools")
 
 
-def _upgrade_v1(path: Path, tool_name: str, binary: bool) -> NetParameter:
-    tool = _upgrade_tool(tool_name)
+def _upgrade_v1(path: Path) -> NetParameter:
+    """Caffe's upgrade_net_proto_text on an old ``layers {}`` prototxt (its log goes to
+    stderr, which is kept for the error message, never to log files in the temp folder)."""
+    tool = _upgrade_tool("upgrade_net_proto_text")
     with tempfile.TemporaryDirectory(prefix="hybrid_infer_upgrade_") as tmp:
         out = Path(tmp) / path.name
         proc = subprocess.run([str(tool), str(path), str(out)], capture_output=True, text=True,
-                              env={**os.environ, "GLOG_minloglevel": "0"})
+                              env={**os.environ, "GLOG_minloglevel": "0", "GLOG_logtostderr": "1"})
         if proc.returncode != 0 or not out.exists():
             last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
             raise ModelError(f"{path}: Caffe could not upgrade this old-format file: {last}")
         net = caffe_pb2().NetParameter()
-        if binary:
-            net.ParseFromString(out.read_bytes())
-        else:
-            text_format.Merge(out.read_text(), net)
+        text_format.Merge(out.read_text(), net)
     return net
 
 
@@ -72,20 +72,7 @@ def read_prototxt(path: str | os.PathLike[str]) -> NetParameter:
     except UnicodeDecodeError:
         raise ModelError(f"{p}: not a text prototxt (is it a .caffemodel?)") from None
     if len(net.layers):
-        net = _upgrade_v1(p, "upgrade_net_proto_text", binary=False)
-    return net
-
-
-def read_caffemodel(path: str | os.PathLike[str]) -> NetParameter:
-    """Parse trained weights; old-format (V1) files are upgraded by Caffe's tool."""
-    p = _existing_file(path, "caffemodel")
-    net = caffe_pb2().NetParameter()
-    try:
-        net.ParseFromString(p.read_bytes())
-    except Exception:  # protobuf raises DecodeError or a RuntimeError depending on backend
-        raise ModelError(f"{p}: not a binary Caffe model (.caffemodel); is it a prototxt?") from None
-    if len(net.layers):
-        net = _upgrade_v1(p, "upgrade_net_proto_binary", binary=True)
+        net = _upgrade_v1(p)
     return net
 
 

@@ -18,9 +18,12 @@ def _fan_in_normal(rng: np.random.Generator, shape: Shape) -> np.ndarray:
 
 
 def _layer_params(rng: np.random.Generator, layer_type: str, shapes: list[Shape]) -> list[np.ndarray]:
-    if layer_type == "BatchNorm":
-        mean, var, factor = shapes
-        return [rng.normal(0.0, 0.2, mean), rng.uniform(0.5, 1.5, var), rng.uniform(0.5, 2.0, factor)]
+    if layer_type in ("BatchNorm", "BatchNormKyle"):
+        mean, var, factor = shapes[:3]
+        statistics = [rng.normal(0.0, 0.2, mean), rng.uniform(0.5, 1.5, var), rng.uniform(0.5, 2.0, factor)]
+        # BatchNormKyle's optional alpha (scale) and beta (shift)
+        return statistics + [rng.uniform(0.5, 1.5, s) if i == 0 else rng.normal(0.0, 0.2, s)
+                             for i, s in enumerate(shapes[3:])]
     arrays = []
     for i, shape in enumerate(shapes):
         if layer_type in ("Convolution", "Deconvolution", "InnerProduct") and i == 0:

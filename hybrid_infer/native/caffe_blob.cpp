@@ -198,6 +198,18 @@ void copy_to_device(std::uintptr_t device, std::uintptr_t host, std::size_t nbyt
 #endif
 }
 
+// Device-to-device copy on the legacy default stream (so ordered after Caffe's kernels),
+// blocking the host until done: engines that need fixed input addresses (CUDA graphs)
+// take other engines' tensors this way.
+void copy_on_device(std::uintptr_t destination, std::uintptr_t source, std::size_t nbytes) {
+#ifdef CPU_ONLY
+  no_cuda("copy_on_device");
+#else
+  check(cudaMemcpy(reinterpret_cast<void*>(destination), reinterpret_cast<const void*>(source), nbytes,
+                   cudaMemcpyDeviceToDevice), "copy on device");
+#endif
+}
+
 }  // namespace
 
 BOOST_PYTHON_MODULE(hybrid_infer_native) {
@@ -218,4 +230,5 @@ BOOST_PYTHON_MODULE(hybrid_infer_native) {
   bp::def("synchronize", &synchronize);
   bp::def("copy_to_host", &copy_to_host);
   bp::def("copy_to_device", &copy_to_device);
+  bp::def("copy_on_device", &copy_on_device);
 }

@@ -1,11 +1,12 @@
 """Which Caffe layers can run in a TensorRT segment: a table, not an algorithm.
 
-Each supported layer type has a check that looks at its parameters and returns
-``None`` (supported) or the reason it is not. A profile is such a table; the
-partitioner only asks ``judge`` and never looks at layer types itself. The full
-``tensorrt`` profile is exactly the set of layers hybrid_infer lowers to ONNX
-(tests keep the two in step); ``tensorrt-2`` reproduces what TensorRT 2's Caffe
-parser took, for comparing against older deployments.
+The partitioner only asks ``Capability.judge`` and never looks at layer types itself. In
+the full ``tensorrt`` profile the table *is* the lowering registry: a layer may go to
+TensorRT exactly when a lowering is registered for it (``lowering.register_lowering``,
+built-in or the user's) and that lowering's check accepts its parameters, so what is
+partitioned and what can be lowered cannot drift apart. ``tensorrt-2`` is a fixed
+historical table of what TensorRT 2's Caffe parser took, for comparing against older
+deployments.
 """
 from __future__ import annotations
 
@@ -14,97 +15,63 @@ from typing import Callable, Iterable, Optional
 
 from ..errors import OptionError
 from ..graph.layer_graph import Layer, LayerGraph
+from ..lowering.conv_pool import check_convolution, check_pooling
+from ..lowering.registry import REGISTRY, LoweringTarget
+from ..lowering.tensor_ops import check_eltwise
 
 Check = Callable[[Layer, LayerGraph], Optional[str]]
 
 PROFILES = ("tensorrt", "tensorrt-2")
 
 # Layers that do no arithmetic: they never count towards a segment's size.
-NON_COMPUTE_TYPES = frozenset({"Input", "Split", "Dropout", "Flatten", "Reshape", "Silence"})
+NON_COMPUTE_TYPES = frozenset({"Input", "Split", "Dropout", "Flatten", "Reshape", "Unsqueeze", "Silence"})
 
-_NOT_SUPPORTED_WHY = {
-    "Python": "Python layers run arbitrary Python code, which only Caffe can call",
-    "PriorBox": "SSD's PriorBox has no TensorRT lowering here (fork layer)",
-    "DetectionOutput": "SSD's DetectionOutput (decoding + NMS) has no TensorRT lowering here (fork layer)",
-    "Proposal": "Faster R-CNN's Proposal layer has no TensorRT lowering here (fork layer)",
-    "ROIPooling": "ROIPooling has no TensorRT lowering here (fork layer)",
-    "PSROIPooling": "PSROIPooling has no TensorRT lowering here (fork layer)",
-    "Data": "data layers read from files; deploy nets feed inputs instead",
-    "ImageData": "data layers read from files; deploy nets feed inputs instead",
-    "HDF5Data": "data layers read from files; deploy nets feed inputs instead",
-    "MemoryData": "data layers read from files; deploy nets feed inputs instead",
+#: Why layer types without a lowering stay in Caffe, where there is more to say than "none".
+_DATA_LAYER = "data layers read from files or a database; deploy nets feed inputs instead"
+_LOSS_LAYER = "loss layers need labels and belong to training nets"
+_NOT_LOWERED_WHY = {
+    "Proposal": "Faster R-CNN's Proposal (anchor decoding + NMS over a variable box count) has no lowering",
+    "ROIPooling": "ROI pooling reads a variable number of boxes; it has no lowering",
+    "PSROIPooling": "position-sensitive ROI pooling reads a variable number of boxes; it has no lowering",
+    "LSTM": "LSTM runs a time loop over an unrolled internal Caffe net (hidden state carried across "
+            "steps, reset by the cont input); it has no lowering",
+    "RNN": "RNN runs a time loop over an unrolled internal Caffe net (hidden state carried across "
+           "steps, reset by the cont input); it has no lowering",
+    "LSTMUnit": "LSTMUnit is one time step inside Caffe's LSTM, time-major with the batch on axis 1; "
+                "segments carry the batch on axis 0",
+    "MaxUnPool": "MaxUnPool scatters values to the positions recorded in a max pooling's mask top "
+                 "(data-dependent indices), and pooling with a mask top stays in Caffe",
+    "Filter": "Filter keeps the items whose selector is non-zero, so its output batch depends on the data",
+    "BatchReindex": "BatchReindex's output batch is the length of its index blob, not the input's batch",
+    "Parameter": "Parameter outputs a learned blob without a batch axis; Caffe feeds it to the segments",
+    "Data": _DATA_LAYER, "ImageData": _DATA_LAYER, "HDF5Data": _DATA_LAYER, "MemoryData": _DATA_LAYER,
+    "WindowData": _DATA_LAYER, "AnnotatedData": _DATA_LAYER, "VideoData": _DATA_LAYER,
     "DummyData": "DummyData generates tensors inside Caffe",
-    "SoftmaxWithLoss": "loss layers belong to training nets",
-    "EuclideanLoss": "loss layers belong to training nets",
+    "HDF5Output": "HDF5Output writes blobs to a file",
+    "SoftmaxWithLoss": _LOSS_LAYER, "EuclideanLoss": _LOSS_LAYER, "ContrastiveLoss": _LOSS_LAYER,
+    "HingeLoss": _LOSS_LAYER, "InfogainLoss": _LOSS_LAYER, "MultinomialLogisticLoss": _LOSS_LAYER,
+    "SigmoidCrossEntropyLoss": _LOSS_LAYER, "SmoothL1Loss": _LOSS_LAYER, "MultiBoxLoss": _LOSS_LAYER,
     "Accuracy": "Accuracy needs labels and belongs to training/validation nets",
+    "DetectionEvaluate": "DetectionEvaluate scores detections against ground truth (validation nets)",
     "Silence": "Silence only discards blobs inside Caffe",
 }
 
 
-def _spatial_rank(layer: Layer, graph: LayerGraph) -> int:
-    return len(graph.values[layer.bottoms[0]].shape) - 2
-
-
-def _convolution(layer: Layer, graph: LayerGraph) -> Optional[str]:
-    p = layer.param.convolution_param
-    if p.axis != 1:
-        return f"convolution over axis {p.axis}; only channel axis 1 is lowered"
-    if _spatial_rank(layer, graph) not in (1, 2, 3):
-        return "only 1-D, 2-D and 3-D convolutions are lowered"
-    if len(layer.bottoms) != 1:
-        return "a convolution with several bottoms (shared weights) is not lowered"
-    return None
-
-
-def _pooling(layer: Layer, graph: LayerGraph) -> Optional[str]:
-    p = layer.param.pooling_param
-    if p.pool not in (p.MAX, p.AVE):
-        return "stochastic pooling has no TensorRT equivalent"
-    if len(layer.tops) > 1:
-        return "max pooling with a mask top has no TensorRT equivalent"
-    return None
-
-
-def _batch_norm(layer: Layer, graph: LayerGraph) -> Optional[str]:
-    p = layer.param.batch_norm_param
-    if p.HasField("use_global_stats") and not p.use_global_stats:
-        return "BatchNorm with use_global_stats: false normalises by batch statistics"
-    return None
-
-
-def _eltwise(layer: Layer, graph: LayerGraph) -> Optional[str]:
-    p = layer.param.eltwise_param
-    if len(p.coeff) and p.operation != p.SUM:
-        return "Eltwise coefficients are only defined for SUM"
-    return None
+def _python_layer_why(target: LoweringTarget) -> str:
+    return (f"Python layer {target.python_module}.{target.python_layer} runs Python code that only "
+            "Caffe can call; register a lowering for it to move it to TensorRT (README: custom layers)")
 
 
 def _always(layer: Layer, graph: LayerGraph) -> Optional[str]:
     return None
 
 
-def _normalize(layer: Layer, graph: LayerGraph) -> Optional[str]:
-    if len(graph.values[layer.bottoms[0]].shape) != 4:
-        return "Normalize is lowered for 4-D blobs only"
-    return None
-
-
-FULL_TABLE: dict[str, Check] = {
-    "Input": _always, "Convolution": _convolution, "Deconvolution": _convolution,
-    "Pooling": _pooling, "InnerProduct": _always, "ReLU": _always, "PReLU": _always,
-    "Sigmoid": _always, "TanH": _always, "ELU": _always, "AbsVal": _always, "BNLL": _always,
-    "Power": _always, "Exp": _always, "Log": _always, "BatchNorm": _batch_norm,
-    "Scale": _always, "Bias": _always, "Eltwise": _eltwise, "Concat": _always,
-    "Slice": _always, "Split": _always, "Flatten": _always, "Reshape": _always,
-    "Crop": _always, "Softmax": _always, "LRN": _always, "Dropout": _always,
-    "Permute": _always, "Normalize": _normalize, "ReLU6": _always,
-}
-
-
 def _trt2_convolution(layer: Layer, graph: LayerGraph) -> Optional[str]:
-    if _spatial_rank(layer, graph) != 2:
+    if len(graph.values[layer.bottoms[0]].shape) != 4:
         return "TensorRT 2 took 2-D convolutions only"
-    return _convolution(layer, graph)
+    if len(layer.bottoms) != 1:
+        return "TensorRT 2's Caffe parser took one bottom per convolution"
+    return check_convolution(layer, graph)
 
 
 def _trt2_relu(layer: Layer, graph: LayerGraph) -> Optional[str]:
@@ -116,7 +83,7 @@ def _trt2_relu(layer: Layer, graph: LayerGraph) -> Optional[str]:
 def _trt2_eltwise(layer: Layer, graph: LayerGraph) -> Optional[str]:
     if any(c != 1 for c in layer.param.eltwise_param.coeff):
         return "TensorRT 2's element-wise layer had no coefficients"
-    return _eltwise(layer, graph)
+    return check_eltwise(layer, graph)
 
 
 def _trt2_lrn(layer: Layer, graph: LayerGraph) -> Optional[str]:
@@ -134,12 +101,12 @@ def _trt2_softmax(layer: Layer, graph: LayerGraph) -> Optional[str]:
 
 TRT2_TABLE: dict[str, Check] = {
     "Input": _always, "Convolution": _trt2_convolution, "Deconvolution": _trt2_convolution,
-    "ReLU": _trt2_relu, "TanH": _always, "Sigmoid": _always, "Pooling": _pooling,
+    "ReLU": _trt2_relu, "TanH": _always, "Sigmoid": _always, "Pooling": check_pooling,
     "Eltwise": _trt2_eltwise, "LRN": _trt2_lrn, "InnerProduct": _always,
     "Softmax": _trt2_softmax,
 }
 
-_TABLES = {"tensorrt": FULL_TABLE, "tensorrt-2": TRT2_TABLE}
+_FIXED_TABLES = {"tensorrt-2": TRT2_TABLE}
 
 
 @dataclass(frozen=True)
@@ -152,10 +119,9 @@ class Capability:
     """Answers "may this layer run in TensorRT?" for one profile and the user's overrides."""
 
     def __init__(self, profile: str = "tensorrt", fallback: Iterable[str] = ()):
-        if profile not in _TABLES:
+        if profile not in PROFILES:
             raise OptionError(f"unknown profile '{profile}'; choose one of {', '.join(PROFILES)}")
         self.profile = profile
-        self.table = _TABLES[profile]
         self.fallback = tuple(fallback)
 
     def check_fallback_names(self, graph: LayerGraph) -> None:
@@ -172,11 +138,17 @@ class Capability:
             return Verdict(False, f"forced to Caffe by --fallback {layer.name}")
         if layer.type in self.fallback:
             return Verdict(False, f"forced to Caffe by --fallback {layer.type}")
-        check = self.table.get(layer.type)
-        if check is None:
-            why = _NOT_SUPPORTED_WHY.get(layer.type)
-            if why is None and self.profile != "tensorrt" and layer.type in FULL_TABLE:
-                why = f"not supported by the {self.profile} profile"
-            return Verdict(False, why or f"no TensorRT lowering for layer type '{layer.type}'")
-        reason = check(layer, graph)
+        registration = REGISTRY.find(layer)
+        if registration is None:
+            target = LoweringTarget.of(layer)
+            if target.layer_type == "Python":
+                return Verdict(False, _python_layer_why(target))
+            return Verdict(False, _NOT_LOWERED_WHY.get(layer.type, f"no lowering for layer type '{layer.type}'"))
+        if self.profile in _FIXED_TABLES:
+            check = _FIXED_TABLES[self.profile].get(layer.type)
+            if check is None:
+                return Verdict(False, f"not supported by the {self.profile} profile")
+            reason = check(layer, graph)
+        else:
+            reason = registration.refusal(layer, graph)
         return Verdict(reason is None, reason)

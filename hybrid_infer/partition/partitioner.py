@@ -6,7 +6,9 @@ a segment on both ends of a path through another segment: contracting it would t
 create a cycle (a branch leaving a TensorRT region through Caffe and coming back).
 Afterwards, independent same-backend branches that read a common tensor are merged.
 TensorRT segments with fewer compute layers than ``min_segment_size`` are handed to
-Caffe and the cut is redone, because each boundary costs a hand-off.
+Caffe and the cut is redone, because each boundary costs a hand-off; a small segment
+with no segment on either side (only net inputs in, only net outputs out: a whole tiny
+net, or an isolated branch) adds no boundary and stays on TensorRT.
 
 The algorithm only asks a ``Capability`` which layers may go to TensorRT; it knows
 nothing about layer types itself.
@@ -38,14 +40,25 @@ class Segment:
         return sum(graph.layers[name].type not in NON_COMPUTE_TYPES for name in self.layers)
 
 
+@dataclass(frozen=True)
+class SmallSegment:
+    """A TensorRT segment below ``--min-segment-size``, and whether it moved to Caffe and why."""
+    layers: tuple[str, ...]
+    compute_layers: int
+    moved_to_caffe: bool
+    reason: str
+
+
 @dataclass
 class Partition:
-    """The segments of one model in execution order, and why layers stayed in Caffe."""
+    """The segments of one model in execution order, why layers stayed in Caffe, and what
+    became of each TensorRT segment smaller than ``min_segment_size``."""
     graph: LayerGraph
     segments: list[Segment]
     fallback_reasons: dict[str, str]
     profile: str
     min_segment_size: int
+    small_segments: list[SmallSegment] = field(default_factory=list)
 
     def segment_of(self, layer: str) -> Segment:
         for segment in self.segments:
@@ -231,6 +244,7 @@ def partition(graph: LayerGraph, capability: Capability, min_segment_size: int =
         if not verdict.supported:
             reasons[layer.name] = verdict.reason or "not supported"
     keep = set(keep_outputs)
+    decisions: list[SmallSegment] = []
     while True:
         cutter = _Cutter(graph, backend_of)
         for layer in graph.compute_layers():
@@ -239,11 +253,25 @@ def partition(graph: LayerGraph, capability: Capability, min_segment_size: int =
         segments = cutter.segments(keep)
         small = [s for s in segments
                  if s.backend == TENSORRT and s.compute_layer_count(graph) < min_segment_size]
-        if not small:
-            return Partition(graph, segments, reasons, capability.profile, min_segment_size)
-        for segment in small:
+        to_move = [s for s in small if not _isolated(graph, s)]
+        if not to_move:
+            decisions += [SmallSegment(tuple(s.layers), s.compute_layer_count(graph), False,
+                                       "stays on TensorRT although below --min-segment-size "
+                                       f"{min_segment_size}: only net inputs feed it and nothing but the "
+                                       "caller reads its outputs, so it adds no hand-off") for s in small]
+            return Partition(graph, segments, reasons, capability.profile, min_segment_size, decisions)
+        for segment in to_move:
             count = segment.compute_layer_count(graph)
+            why = (f"TensorRT segment of {count} compute layer(s) is below --min-segment-size "
+                   f"{min_segment_size} and exchanges tensors with other segments (each a hand-off)")
+            decisions.append(SmallSegment(tuple(segment.layers), count, True, f"moved to Caffe: {why}"))
             for name in segment.layers:
                 backend_of[name] = CAFFE
-                reasons[name] = (f"TensorRT segment of {count} compute layer(s) is below "
-                                 f"--min-segment-size {min_segment_size}")
+                reasons[name] = why
+
+
+def _isolated(graph: LayerGraph, segment: Segment) -> bool:
+    """True if ``segment`` reads only net inputs and no other segment reads its outputs."""
+    inside = set(segment.layers)
+    return all(v in graph.inputs for v in segment.inputs) and \
+        all(c in inside for v in segment.outputs for c in graph.consumers[v])

@@ -5,10 +5,11 @@ import json
 import shutil
 import subprocess
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import EnvironmentProblem
 from ..graph.flops import model_flops
+from ..lowering.registry import REGISTRY
 from ..partition.partitioner import TENSORRT, Partition
 
 COLOURS = {"tensorrt": ("#76b900", "#e8f5d0"), "caffe": ("#d9822b", "#fbe3cc")}
@@ -34,6 +35,24 @@ def coverage(p: Partition) -> Coverage:
     flops = model_flops(p.graph)
     on_trt = [name for s in p.segments if s.backend == TENSORRT for name in s.layers]
     return Coverage(len(flops), len(on_trt), sum(flops.values()), sum(flops[n] for n in on_trt))
+
+
+def user_lowerings(p: Partition) -> list[dict[str, Any]]:
+    """The lowerings of layers on TensorRT that are not hybrid_infer's own, and where each came
+    from (``--lowerings``, an entry point, or a module that registered it)."""
+    used: dict[str, dict[str, Any]] = {}
+    for segment in p.segments:
+        if segment.backend != TENSORRT:
+            continue
+        for name in segment.layers:
+            registration = REGISTRY.find(p.graph.layers[name])
+            if registration is not None and not registration.built_in:
+                row = used.setdefault(str(registration.target), {
+                    "target": str(registration.target), "origin": registration.origin,
+                    "function": f"{registration.lower.__module__}.{registration.lower.__qualname__}",
+                    "layers": []})
+                row["layers"].append(name)
+    return list(used.values())
 
 
 def _consumers_by_segment(p: Partition) -> dict[str, list[int]]:
@@ -72,6 +91,11 @@ def to_json(p: Partition) -> dict[str, Any]:
                     for k, v in tensors.items()},
         "boundaries": boundaries(p),
         "fallback_reasons": p.fallback_reasons,
+        "small_segments": [{"layers": list(d.layers), "compute_layers": d.compute_layers,
+                            "moved_to_caffe": d.moved_to_caffe, "reason": d.reason} for d in p.small_segments],
+        "dropped_layers": [{"layer": d.name, "type": d.type, "reason": d.reason}
+                           for d in p.graph.model.dropped_layers],
+        "user_lowerings": user_lowerings(p),
         "coverage": {"layers": cov.layers_total, "layers_tensorrt": cov.layers_tensorrt,
                      "layer_share": round(cov.layer_share, 4), "flops_per_image": cov.flops_total,
                      "flops_tensorrt": cov.flops_tensorrt, "flop_share": round(cov.flop_share, 4)},
@@ -110,18 +134,35 @@ def to_text(p: Partition) -> str:
            f"{_human_bytes(sum(b['bytes_per_image'] for b in bounds))} per image across boundaries", ""]
     rows = [[str(s.id), s.backend, str(len(s.layers)), str(s.compute_layer_count(p.graph)),
              str(len(s.inputs)), str(len(s.outputs)),
-             f"{s.layers[0]} .. {s.layers[-1]}" if len(s.layers) > 1 else s.layers[0]] for s in p.segments]
+             _span(s.layers)] for s in p.segments]
     out += _table(["seg", "backend", "layers", "compute", "in", "out", "layers (first .. last)"], rows)
     if bounds:
         out += ["", "boundary tensors (per image)"]
         out += _table(["value", "shape", "bytes", "from -> to"],
                       [[b["value"], "x".join(map(str, b["shape"])), _human_bytes(b["bytes_per_image"]),
                         f"{b['from_segment']} -> {','.join(map(str, b['to_segments']))}"] for b in bounds])
+    lowerings = user_lowerings(p)
+    if lowerings:
+        out += ["", "lowerings not built into hybrid_infer"]
+        out += _table(["for", "function", "from", "layers"],
+                      [[r["target"], r["function"], r["origin"], ", ".join(r["layers"])] for r in lowerings])
     if p.fallback_reasons:
         out += ["", "layers in Caffe and why"]
         out += _table(["layer", "type", "reason"],
                       [[name, p.graph.layers[name].type, why] for name, why in p.fallback_reasons.items()])
+    if p.small_segments:
+        out += ["", f"TensorRT segments below --min-segment-size {p.min_segment_size}"]
+        out += _table(["layers", "compute", "decision"],
+                      [[_span(d.layers), str(d.compute_layers), d.reason] for d in p.small_segments])
+    if p.graph.model.dropped_layers:
+        out += ["", "training-only layers dropped (their inputs cannot be produced at inference)"]
+        out += _table(["layer", "type", "reason"],
+                      [[d.name, d.type, d.reason] for d in p.graph.model.dropped_layers])
     return "\n".join(out) + "\n"
+
+
+def _span(layers: Sequence[str]) -> str:
+    return f"{layers[0]} .. {layers[-1]}" if len(layers) > 1 else layers[0]
 
 
 def _dot_id(name: str) -> str:
