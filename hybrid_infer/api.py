@@ -145,7 +145,7 @@ class HybridNet:
             while True:
                 built = build_engines(self.graph, self.model, self.partition.segments, engine, factory,
                                       caffe_device=self.gpu, candidate_engines=candidate_engines, batch=batch)
-                named = {layer: f"{engine} refused it: {se.fallback_note}" for se in built
+                named = {layer: f"{se.refused_by} refused it: {se.fallback_note}" for se in built
                          for layer in se.rejected_layers if layer not in rejected}
                 if not named:
                     break
@@ -154,8 +154,8 @@ class HybridNet:
                 for se in built:
                     se.engine.close()
                 rejected.update(named)
-                log.warning("moving %s to Caffe (refused by %s) and partitioning again",
-                            ", ".join(sorted(named)), engine)
+                for layer, why in named.items():
+                    log.warning("moving %s to Caffe and partitioning again: %s", layer, why)
                 self.partition = partition(self.graph, self._capability, self._min_segment_size,
                                            keep_outputs=self._kept, rejected=rejected)
             for se in built:

@@ -31,29 +31,45 @@ class EnvironmentProblem(HybridInferError):
 
 
 class EngineRejected(HybridInferError):
-    """An engine refused a segment; the executor runs that segment in Caffe instead."""
+    """An engine refused a segment; the executor runs that segment in Caffe instead.
+
+    ``caffe_layers`` names the Caffe layers the refusal is about (from the failing ONNX
+    nodes' names or doc_string), so the partitioner can move exactly those to Caffe; it is
+    empty when the refusal is not tied to layers (workspace, a missing provider).
+    """
+
+    def __init__(self, message: str, caffe_layers: Sequence[str] = ()):
+        super().__init__(message)
+        self.caffe_layers = list(caffe_layers)
 
 
 class LoweringError(HybridInferError):
-    """A layer cannot be lowered to ONNX (no lowering, or parameters ONNX cannot express).
+    """A layer cannot be lowered to ONNX (no lowering, parameters ONNX cannot express, a
+    lowering that failed).
 
-    ``layer`` is the Caffe layer's name, so callers can point at it or run it in Caffe.
+    ``layer`` is the Caffe layer's name, so callers can point at it or run it in Caffe;
+    ``layers`` lists every refused layer when one segment had several (see ``combine``).
     """
 
     def __init__(self, layer: str, layer_type: str, reason: str):
         super().__init__(f"layer '{layer}' ({layer_type}): {reason}")
         self.layer = layer
         self.layer_type = layer_type
+        self.reason = reason
+        self.layers = [layer]
+
+    @classmethod
+    def combine(cls, failures: Sequence["LoweringError"]) -> "LoweringError":
+        """One error for all layers of a segment that could not be lowered."""
+        if len(failures) == 1:
+            return failures[0]
+        first = failures[0]
+        combined = cls(first.layer, first.layer_type, first.reason)
+        combined.args = ("; ".join(str(f) for f in failures),)
+        combined.layers = [f.layer for f in failures]
+        return combined
 
 
 class EngineBuildError(EngineRejected):
-    """TensorRT (or OpenVINO) could not build a segment's engine.
-
-    ``caffe_layers`` names the Caffe layers the engine's ONNX reader rejected (taken from the
-    failing ONNX nodes' doc_string), so the partitioner can move exactly those to Caffe;
-    it is empty when the failure is not tied to layers (workspace, builder errors).
-    """
-
-    def __init__(self, message: str, caffe_layers: Sequence[str] = ()):
-        super().__init__(message)
-        self.caffe_layers = list(caffe_layers)
+    """TensorRT could not build a segment's engine (``caffe_layers``: the layers its ONNX
+    parser rejected, when it named any)."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .errors import HybridInferError
 from .graph.layer_graph import LayerGraph
 from .lowering.segment_to_onnx import lower_segment
 from .model.caffe_model import CaffeModel
@@ -60,12 +61,21 @@ def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.linalg.norm(actual.astype(np.float64) - expected.astype(np.float64))) / denominator
 
 
-def load_text(prototxt: str, seed: int = 0) -> tuple[CaffeModel, LayerGraph]:
-    """The model of prototxt text (random weights drawn from ``seed``) and its layer graph."""
+def load_text(prototxt: str, seed: int = 0, *, input_lines: int = 0) -> tuple[CaffeModel, LayerGraph]:
+    """The model of prototxt text (random weights drawn from ``seed``) and its layer graph.
+
+    Errors name "the check_lowering net" rather than the temporary file it was written to;
+    ``input_lines`` (Input layers put before the caller's text) is said in them, since line
+    numbers count those too.
+    """
     with tempfile.TemporaryDirectory(prefix="hybrid_infer_check_") as tmp:
         path = Path(tmp) / "net.prototxt"
         path.write_text(prototxt)
-        model = CaffeModel(path)
+        try:
+            model = CaffeModel(path)
+        except HybridInferError as exc:
+            note = f" (line numbers count the {input_lines} Input layer line(s) put first)" if input_lines else ""
+            raise type(exc)(str(exc).replace(str(path), "the check_lowering net") + note) from None
     model.set_random_weights(seed)
     return model, LayerGraph(model)
 
@@ -126,10 +136,11 @@ def check_lowering(prototxt: str, *, input_shapes: Optional[Mapping[str, Shape]]
     errors; raises AssertionError (naming value, batch and seed) when a shape differs or an
     error exceeds ``tolerance``, and LoweringError when the lowering refuses the layer.
     """
+    input_lines = len(input_shapes or {})
     if input_shapes:
         prototxt = net(prototxt, **input_shapes)
     seed = fresh_seed(seed)
-    model, graph = load_text(prototxt, seed)
+    model, graph = load_text(prototxt, seed, input_lines=input_lines)
     adjust_weights(model.weights)
     outputs = list(graph.outputs) + [v for v in extra_outputs if v not in graph.outputs]
     for value in outputs:

@@ -59,11 +59,21 @@ def add_model_options(parser: argparse.ArgumentParser, *, weights: bool = True, 
                              "after forward (a value id such as data@bn names one write); repeatable")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=DxDxDxD",
                         help="replace an input's size from the prototxt, e.g. data=1x3x720x1280")
+    add_lowerings_option(parser)
+    parser.add_argument("--require-full", action="store_true",
+                        help="fail, listing the unsupported layers, if anything would run in Caffe")
+
+
+def add_lowerings_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lowerings", action="append", default=[], metavar="MODULE",
                         help="import MODULE (a module name or a .py file) whose register_lowering calls "
                              "lower your own layers; repeatable")
-    parser.add_argument("--require-full", action="store_true",
-                        help="fail, listing the unsupported layers, if anything would run in Caffe")
+
+
+def load_lowerings(args: argparse.Namespace) -> None:
+    """Import the --lowerings modules (before the model is partitioned)."""
+    from ..lowering.plugins import load_lowering_modules
+    load_lowering_modules(args.lowerings, label="--lowerings")
 
 
 def _net_options(args: argparse.Namespace, engine: str, batch: int, min_segment_size: int) -> dict[str, Any]:
@@ -88,8 +98,9 @@ def open_net(args: argparse.Namespace, *, engine: str = "auto", batch: int = 1) 
     if not isinstance(args.min_segment_size, str) and args.min_segment_size < 0:
         raise OptionError("--min-segment-size must be 0 or more")
     min_size = DEFAULT_MIN_SEGMENT_SIZE if args.min_segment_size == AUTO else args.min_segment_size
+    load_lowerings(args)
     net = load(args.model, getattr(args, "weights", None), random_weights=getattr(args, "random_weights", None),
-               input_shapes=parse_input_shapes(args.input_shape), lowerings=args.lowerings,
+               input_shapes=parse_input_shapes(args.input_shape),
                **_net_options(args, engine, batch, min_size))
     if args.require_full:
         in_caffe = [n for s in net.partition.segments if s.backend == CAFFE for n in s.layers]

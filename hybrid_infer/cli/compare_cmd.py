@@ -19,8 +19,8 @@ from ..model.caffe_model import CaffeModel
 from ..partition.capability import PROFILES
 from ..report.bar_chart import CHART_SUFFIXES, check_writable
 from ..report.progress import Progress
-from .common import (AUTO, add_cpu_options, cpu_settings, parse_min_segment_size, parse_input_shapes,
-                     require_weights, write_atomically)
+from .common import (AUTO, add_cpu_options, add_lowerings_option, cpu_settings, load_lowerings,
+                     parse_input_shapes, parse_min_segment_size, require_weights, write_atomically)
 from .input_options import add_input_options, gather_inputs, preprocessing
 
 
@@ -56,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=DxDxDxD",
                    help="replace an input's size from the prototxt, e.g. data=1x3x720x1280")
     add_input_options(p)
+    add_lowerings_option(p)
     p.add_argument("--engine", choices=ENGINES, nargs="+", metavar="ENGINE",
                    help=f"engine(s) for supported segments, one of {', '.join(ENGINES)} (default auto: TensorRT "
                         "if it can run here, else the fastest CPU engine per segment); several: every partition "
@@ -109,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.json, "--json")
     settings = cpu_settings(args)
     specs = _specs(args)
+    load_lowerings(args)
     model = CaffeModel(args.model, args.weights, parse_input_shapes(args.input_shape))
     if args.random_weights is not None:
         model.set_random_weights(args.random_weights)

@@ -11,6 +11,7 @@ import numpy as np
 from ..executor.engine_factory import ENGINES
 from ..partition.partitioner import TENSORRT
 from ..report import handoff_report
+from ..report.partition_report import user_lowerings
 from .common import (add_build_options, add_cpu_options, add_model_options, auto_min_segment_size, open_net,
                      require_weights, write_atomically)
 from .input_options import add_input_options, gather_inputs, preprocessing
@@ -78,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
               f"{times.get(se.segment.id, 0) * 1e3:8.2f} ms{note}")
     if net.gpu is not None:
         print(f"  Caffe segments ran on GPU {net.gpu.index} ({net.gpu.name})")
+    for row in user_lowerings(net.partition):
+        if row["layers"]:
+            print(f"  {row['target']} lowered by {row['function']} ({row['origin']}): {', '.join(row['layers'])}")
     print("\nhand-offs of the second run:\n" + handoff_report.to_text(net.handoffs()), end="")
     status = 0
     reduced = [f"segment {se.segment.id} ({se.engine.kind}, {se.engine.precision.upper()})"

@@ -45,7 +45,9 @@ class OnnxRuntimeEngine:
             self._session = ort.InferenceSession(model.SerializeToString(), options,
                                                  providers=_providers(device))
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
-            raise EngineRejected(f"ONNX Runtime rejected the segment: {str(exc).splitlines()[0]}") from exc
+            from ..lowering.segment_to_onnx import layers_named_in
+            raise EngineRejected(f"ONNX Runtime rejected the segment: {str(exc).splitlines()[0]}",
+                                 layers_named_in(str(exc), model)) from exc
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
 

@@ -17,7 +17,7 @@ unstable sort, while ONNX puts the lower index first among equal values (and Caf
 lowering relies on that order; see ``_stable_top_k``).
 
 The batch axis stays dynamic (the lowering names it "batch"), so one compiled model serves
-every batch size. A segment OpenVINO cannot read or compile raises ``EngineBuildError``
+every batch size. A segment OpenVINO cannot read or compile raises ``EngineRejected``
 naming the Caffe layers of the ONNX nodes it complained about, so the executor moves
 those (or the whole segment) to Caffe.
 """
@@ -30,7 +30,8 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 
-from ..errors import EngineBuildError, OptionError
+from ..errors import EngineRejected, OptionError
+from ..lowering.segment_to_onnx import layers_named_in
 from .host_cpu import allowed_threads
 
 #: Precisions the engine offers: FP32 (matches Caffe) and BF16 (reduced precision).
@@ -74,16 +75,12 @@ def _message(exc: Exception) -> str:
     return " ".join(kept) or (lines[0] if lines else exc.__class__.__name__)
 
 
-def _named_layers(message: str, model: onnx.ModelProto) -> list[str]:
-    """The Caffe layers (ONNX ``doc_string``) of the nodes an OpenVINO error names, by node
-    name or, for "No conversion rule found for operations: Op-17", by operator type."""
+def _unconverted_layers(message: str, model: onnx.ModelProto) -> list[str]:
+    """The Caffe layers (ONNX ``doc_string``) of the nodes whose operator OpenVINO's ONNX reader
+    has no conversion for: it names operators, not nodes ("No conversion rule found for
+    operations: NoSuchOp-17")."""
     unconverted = set(re.findall(r"([A-Za-z][\w.]*)-\d+", message.partition("operations:")[2]))
-    layers: list[str] = []
-    for node in model.graph.node:
-        hit = node.op_type in unconverted or (node.name and node.name in message)
-        if hit and node.doc_string and node.doc_string not in layers:
-            layers.append(node.doc_string)
-    return layers
+    return list(dict.fromkeys(n.doc_string for n in model.graph.node if n.op_type in unconverted and n.doc_string))
 
 
 def _stable_top_k(model: Any) -> None:
@@ -106,7 +103,7 @@ class OpenVinoEngine:
     ``precision``: "f32" (default) or "bf16"; BF16 on a CPU without BF16 support is refused
     with an ``OptionError`` rather than silently run in FP32.
 
-    Raises ``EngineBuildError`` (an ``EngineRejected``) when OpenVINO cannot read or compile
+    Raises ``EngineRejected`` (with ``caffe_layers``) when OpenVINO cannot read or compile
     the segment.
     """
 
@@ -137,8 +134,8 @@ class OpenVinoEngine:
             compiled = core.compile_model(ov_model, "CPU", config)
         except RuntimeError as exc:  # OpenVINO raises RuntimeError for every read/compile failure
             message = _message(exc)
-            raise EngineBuildError(f"OpenVINO rejected the segment: {message}",
-                                   _named_layers(message, model)) from exc
+            named = layers_named_in(message, model) + _unconverted_layers(message, model)
+            raise EngineRejected(f"OpenVINO rejected the segment: {message}", list(dict.fromkeys(named))) from exc
         self._compiled = compiled
         self._request = compiled.create_infer_request()
         self.input_names = [i.name for i in model.graph.input]

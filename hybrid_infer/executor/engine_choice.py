@@ -151,7 +151,7 @@ class CandidateEngines:
 
         ``shapes``: the segment's input shapes by value id, batch first (what ``auto``
         measures on). Raises ``EngineRejected`` when the engine (for ``auto``: every
-        candidate) refuses the segment.
+        available candidate; then with all their reasons and named layers) refuses the segment.
         """
         if engine != AUTO:
             return CANDIDATES[engine].build(model, self.settings, alone), None
@@ -182,7 +182,8 @@ class CandidateEngines:
             except EngineRejected as exc:
                 refused[name] = exc
         if not built:
-            raise next(iter(refused.values()))
+            raise EngineRejected("; ".join(str(exc) for exc in refused.values()),
+                                 list(dict.fromkeys(layer for exc in refused.values() for layer in exc.caffe_layers)))
         if len(built) == 1:
             (name, engine), = built.items()
             reasons = "; ".join(str(exc) for exc in refused.values())

@@ -38,6 +38,8 @@ class SegmentEngine:
     fallback_note: Optional[str] = None
     #: The Caffe layers the refusing engine named (empty when it named none).
     rejected_layers: tuple[str, ...] = ()
+    #: Who refused: "the lowering" or the engine's name.
+    refused_by: str = ""
     #: For ``--engine auto`` on a CPU: which engine was chosen and why (measured medians).
     choice_note: Optional[str] = None
 
@@ -109,8 +111,9 @@ def build_engines(graph: LayerGraph, model: CaffeModel, segments: list[Segment],
                                                               alone=len(segments) == 1)
             built.append(SegmentEngine(segment, runner, choice_note=choice_note))
         except (EngineRejected, LoweringError) as exc:
-            layers = ((exc.layer,) if isinstance(exc, LoweringError)
-                      else tuple(getattr(exc, "caffe_layers", ())))
+            layers = tuple(exc.layers if isinstance(exc, LoweringError) else exc.caffe_layers)
             note = f"segment {segment.id} runs in Caffe instead: {exc}"
-            built.append(SegmentEngine(segment, caffe_engine(), note, layers))
+            refused_by = ("the lowering" if isinstance(exc, LoweringError)
+                          else " and ".join(available_candidates()) if engine == AUTO else engine)
+            built.append(SegmentEngine(segment, caffe_engine(), note, layers, refused_by))
     return built

@@ -24,7 +24,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
-from ..errors import OptionError
+from ..errors import HybridInferError, LoweringError, OptionError
 
 if TYPE_CHECKING:
     from ..graph.layer_graph import Layer, LayerGraph
@@ -38,6 +38,8 @@ LowerFn = Callable[["LoweringContext", "Layer", list[str], list[str]], None]
 Check = Callable[["Layer", "LayerGraph"], Optional[str]]
 
 BUILT_IN = "built-in"
+#: The package name under which lowering modules given as file paths are imported.
+USER_FILE_MODULES = "hybrid_infer_user_lowerings."
 
 
 @dataclass(frozen=True)
@@ -83,11 +85,41 @@ class Registration:
         return self.origin == BUILT_IN
 
     def refusal(self, layer: "Layer", graph: "LayerGraph") -> Optional[str]:
-        """Why this lowering cannot take ``layer`` (its check's answer), or None."""
-        return self.check(layer, graph) if self.check is not None else None
+        """Why this lowering cannot take ``layer`` (its check's answer), or None.
+
+        A check that raises, or answers anything but None or a non-empty string, refuses
+        the layer with a reason saying so: the layer then runs in Caffe, never wrongly.
+        """
+        if self.check is None:
+            return None
+        try:
+            reason = self.check(layer, graph)
+        except HybridInferError as exc:
+            return str(exc)
+        except Exception as exc:  # the user's code: report it, keep the run going
+            return f"the check of {self.describe()} raised {type(exc).__name__}: {exc}"
+        if reason is None or (isinstance(reason, str) and reason):
+            return reason
+        return (f"the check of {self.describe()} returned {reason!r}; a check returns None (the layer can "
+                "be lowered) or the reason it cannot, as a string")
+
+    def emit(self, ctx: "LoweringContext", layer: "Layer", inputs: list[str], outputs: list[str]) -> None:
+        """Run the lowering; any exception but a LoweringError becomes one naming the layer and
+        this lowering, so the layer moves to Caffe instead of the run failing."""
+        try:
+            self.lower(ctx, layer, inputs, outputs)
+        except LoweringError:
+            raise
+        except Exception as exc:
+            raise LoweringError(layer.name, layer.type,
+                                f"{self.describe()} raised {type(exc).__name__}: {exc}") from exc
 
     def describe(self) -> str:
-        return f"{self.lower.__module__}.{self.lower.__qualname__} ({self.origin})"
+        """``module.function (origin)``; a function from a ``.py`` file given by path is named
+        by itself, since the origin already gives the file."""
+        module = self.lower.__module__
+        name = self.lower.__qualname__ if module.startswith(USER_FILE_MODULES) else f"{module}.{self.lower.__qualname__}"
+        return f"{name} ({self.origin})"
 
 
 class LoweringClash(OptionError):
@@ -95,44 +127,65 @@ class LoweringClash(OptionError):
 
 
 class LoweringRegistry:
-    """The registrations in force, by target. Thread-safe; lookups load the built-in lowerings
-    and the installed entry points on first use (see ``lowering.plugins``)."""
+    """The registrations in force, by target. Thread-safe; lookups and registrations load the
+    built-in lowerings and the installed entry points first (see ``lowering.plugins``), so a
+    user registration always meets the built-in one it may clash with or replace."""
 
     def __init__(self) -> None:
         self._by_target: dict[LoweringTarget, Registration] = {}
+        #: Every registration ever made, with its ``replace`` flag, so that a module named
+        #: again after ``scope()`` undid its registrations gets them back.
+        self._history: list[tuple[Registration, bool]] = []
         self._lock = threading.RLock()
-        self._origin_stack: list[tuple[str, list[Registration]]] = []
+        self._origin_stack: list[str] = []
 
     def add(self, registration: Registration, *, replace: bool = False) -> None:
         """Register; raises LoweringClash when the target is taken and ``replace`` is False.
 
-        Registering the same function again (a module imported twice) changes nothing.
+        The same function registered again changes nothing; a function of the same module
+        and name (a notebook cell run again, ``importlib.reload``) replaces the old one.
         """
         with self._lock:
-            old = self._by_target.get(registration.target)
-            if old is not None and not replace:
-                same = (old.lower.__module__, old.lower.__qualname__) == \
-                       (registration.lower.__module__, registration.lower.__qualname__)
-                if same:
-                    return
+            self._install(registration, replace)
+            self._history.append((registration, replace))
+
+    def _install(self, registration: Registration, replace: bool) -> None:
+        old = self._by_target.get(registration.target)
+        if old is not None and not replace and old.lower is not registration.lower:
+            redefined = (old.lower.__module__, old.lower.__qualname__) == \
+                        (registration.lower.__module__, registration.lower.__qualname__)
+            if not redefined:
                 raise LoweringClash(
                     f"two lowerings for {registration.target}: {old.describe()} and "
                     f"{registration.describe()}; pass replace=True to register_lowering to replace "
                     "the first one deliberately")
-            self._by_target[registration.target] = registration
-            if self._origin_stack:
-                self._origin_stack[-1][1].append(registration)
+        self._by_target[registration.target] = registration
+
+    def restore_module(self, module: str, origin: Optional[str] = None) -> int:
+        """Put back what module ``module`` (or anything imported under ``origin``) registered,
+        after ``scope()`` undid it; returns how many registrations that is."""
+        with self._lock:
+            entries = [(r, replace) for r, replace in self._history
+                       if r.lower.__module__ == module or (origin is not None and r.origin == origin)]
+            for registration, replace in entries:
+                self._install(registration, replace)
+            return len(entries)
+
+    def replaced_built_in(self, target: LoweringTarget) -> bool:
+        """Whether a built-in lowering of ``target`` exists but is not the one in force."""
+        with self._lock:
+            current = self._by_target.get(target)
+            return current is not None and not current.built_in and any(
+                r.built_in and r.target == target for r, _ in self._history)
 
     def find(self, layer: "Layer") -> Optional[Registration]:
         """The registration that lowers ``layer``, or None."""
-        from .plugins import load_builtins_and_entry_points
-        load_builtins_and_entry_points()
+        _load_plugins()
         return self._by_target.get(LoweringTarget.of(layer))
 
     def registrations(self) -> list[Registration]:
         """Every registration in force, built-in ones first, then in target order."""
-        from .plugins import load_builtins_and_entry_points
-        load_builtins_and_entry_points()
+        _load_plugins()
         with self._lock:
             return sorted(self._by_target.values(), key=lambda r: (not r.built_in, str(r.target)))
 
@@ -140,8 +193,7 @@ class LoweringRegistry:
     def scope(self) -> Iterator[None]:
         """Undo, on leaving the block, every registration made or replaced inside it (to try a
         lowering in a notebook or a test without changing the process for good)."""
-        from .plugins import load_builtins_and_entry_points
-        load_builtins_and_entry_points()
+        _load_plugins()
         with self._lock:
             saved = dict(self._by_target)
         try:
@@ -151,14 +203,12 @@ class LoweringRegistry:
                 self._by_target = saved
 
     @contextlib.contextmanager
-    def origin(self, origin: str) -> Iterator[list[Registration]]:
-        """Attribute registrations made inside the block (by importing a module) to ``origin``;
-        yields the list they are collected in."""
-        made: list[Registration] = []
+    def origin(self, origin: str) -> Iterator[None]:
+        """Attribute registrations made inside the block (by importing a module) to ``origin``."""
         with self._lock:
-            self._origin_stack.append((origin, made))
+            self._origin_stack.append(origin)
         try:
-            yield made
+            yield
         finally:
             with self._lock:
                 self._origin_stack.pop()
@@ -166,13 +216,18 @@ class LoweringRegistry:
     def current_origin(self, lower: LowerFn) -> str:
         """Where a registration made now comes from."""
         if self._origin_stack:
-            return self._origin_stack[-1][0]
+            return self._origin_stack[-1]
         if lower.__module__.startswith("hybrid_infer.lowering."):
             return BUILT_IN
         return f"registered by module {lower.__module__}"
 
 
 REGISTRY = LoweringRegistry()
+
+
+def _load_plugins() -> None:
+    from .plugins import load_builtins_and_entry_points
+    load_builtins_and_entry_points()
 
 
 def register_lowering(layer_type: str, *, python_module: Optional[str] = None,
@@ -183,13 +238,23 @@ def register_lowering(layer_type: str, *, python_module: Optional[str] = None,
     ``layer_type`` is the prototxt's ``type``. For ``"Python"`` layers, ``python_module`` and
     ``python_layer`` (the layer's ``python_param.module`` and ``.layer``) are required: each
     Python layer class is lowered on its own. ``check(layer, graph)`` returns None when the
-    layer can be lowered, else the reason it cannot (the layer then runs in Caffe, and the
-    partition report shows the reason). ``replace=True`` replaces an existing registration for
-    the same target (a built-in one included); without it a clash raises ``LoweringClash``.
+    layer can be lowered, else the reason it cannot, as a string (the layer then runs in
+    Caffe, and the partition report shows the reason). ``replace=True`` replaces an existing
+    registration for the same target (a built-in one included); without it a clash raises
+    ``LoweringClash``. A lowering or check that raises is reported and its layer runs in
+    Caffe; raise ``ctx.error(layer.name, reason)`` to refuse a layer on purpose.
 
     Register before ``hybrid_infer.load`` partitions the model. Registrations are
-    process-wide. Returns ``lower`` unchanged.
+    process-wide. Returns ``lower`` unchanged. Raises OptionError for arguments that cannot
+    be right (used without parentheses, a check that is not callable, Python-layer fields
+    on another type).
     """
+    if not isinstance(layer_type, str):
+        raise OptionError("register_lowering needs the layer type: write @register_lowering(\"MyType\"), "
+                          "not a bare @register_lowering")
+    if check is not None and not callable(check):
+        raise OptionError(f"register_lowering({layer_type!r}): check must be a function "
+                          f"(layer, graph) -> None or a reason string, not {check!r}")
     if layer_type == "Python":
         if not python_module or not python_layer:
             raise OptionError("register_lowering('Python', ...) needs python_module= and python_layer= "
@@ -199,6 +264,11 @@ def register_lowering(layer_type: str, *, python_module: Optional[str] = None,
     target = LoweringTarget(layer_type, python_module, python_layer)
 
     def decorate(lower: LowerFn) -> LowerFn:
-        REGISTRY.add(Registration(target, lower, check, REGISTRY.current_origin(lower)), replace=replace)
+        if not callable(lower):
+            raise OptionError(f"register_lowering({layer_type!r}) decorates a function, not {lower!r}")
+        origin = REGISTRY.current_origin(lower)
+        if origin != BUILT_IN:
+            _load_plugins()  # a user registration meets the built-in one it clashes with or replaces
+        REGISTRY.add(Registration(target, lower, check, origin), replace=replace)
         return lower
     return decorate

@@ -151,4 +151,6 @@ class Capability:
             reason = check(layer, graph)
         else:
             reason = registration.refusal(layer, graph)
+            if reason is not None and not registration.built_in and registration.describe() not in reason:
+                reason = f"{reason} (said by the check of {registration.describe()})"
         return Verdict(reason is None, reason)

@@ -38,21 +38,39 @@ def coverage(p: Partition) -> Coverage:
 
 
 def user_lowerings(p: Partition) -> list[dict[str, Any]]:
-    """The lowerings of layers on TensorRT that are not hybrid_infer's own, and where each came
-    from (``--lowerings``, an entry point, or a module that registered it)."""
-    used: dict[str, dict[str, Any]] = {}
-    for segment in p.segments:
-        if segment.backend != TENSORRT:
+    """Every lowering in force that is not hybrid_infer's own: where it came from (``--lowerings``,
+    ``lowerings=``, an entry point, the module that registered it), whether it replaced a
+    built-in one, and which layers of this model it lowers on TensorRT (``layers``) or left to
+    Caffe (``refused``: layer -> reason)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for registration in REGISTRY.registrations():
+        if not registration.built_in:
+            rows[str(registration.target)] = {
+                "target": str(registration.target), "origin": registration.origin,
+                "function": f"{registration.lower.__module__}.{registration.lower.__qualname__}",
+                "replaces_built_in": REGISTRY.replaced_built_in(registration.target),
+                "layers": [], "refused": {}}
+    backend = {name: s.backend for s in p.segments for name in s.layers}
+    for layer in p.graph.compute_layers():
+        registration = REGISTRY.find(layer)
+        if registration is None or registration.built_in:
             continue
-        for name in segment.layers:
-            registration = REGISTRY.find(p.graph.layers[name])
-            if registration is not None and not registration.built_in:
-                row = used.setdefault(str(registration.target), {
-                    "target": str(registration.target), "origin": registration.origin,
-                    "function": f"{registration.lower.__module__}.{registration.lower.__qualname__}",
-                    "layers": []})
-                row["layers"].append(name)
-    return list(used.values())
+        row = rows[str(registration.target)]
+        if backend[layer.name] == TENSORRT:
+            row["layers"].append(layer.name)
+        else:
+            row["refused"][layer.name] = p.fallback_reasons.get(layer.name, "in Caffe")
+    return list(rows.values())
+
+
+def _lowering_row(r: dict[str, Any]) -> list[str]:
+    use = ", ".join(r["layers"]) or "-"
+    if r["refused"]:
+        use += f"; in Caffe: {', '.join(r['refused'])}"
+    if not r["layers"] and not r["refused"]:
+        use = "no layer of this model"
+    return [r["target"] + (" (replaces the built-in)" if r["replaces_built_in"] else ""), r["function"],
+            r["origin"], use]
 
 
 def _consumers_by_segment(p: Partition) -> dict[str, list[int]]:
@@ -144,8 +162,7 @@ def to_text(p: Partition) -> str:
     lowerings = user_lowerings(p)
     if lowerings:
         out += ["", "lowerings not built into hybrid_infer"]
-        out += _table(["for", "function", "from", "layers"],
-                      [[r["target"], r["function"], r["origin"], ", ".join(r["layers"])] for r in lowerings])
+        out += _table(["for", "function", "from", "layers on TensorRT"], [_lowering_row(r) for r in lowerings])
     if p.fallback_reasons:
         out += ["", "layers in Caffe and why"]
         out += _table(["layer", "type", "reason"],
