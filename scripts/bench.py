@@ -77,7 +77,7 @@ BUSY = "make|nvcc|cc1plus"
 QUIET = 0.1
 #: Pause after each timed block, for the worker threads of what was timed to go to sleep.
 SETTLE_S = 1.0
-#: Every runtime is timed in this many blocks; the best block counts.
+#: Every runtime is timed in this many blocks (--blocks); the best block counts.
 BLOCKS = 2
 
 
@@ -181,14 +181,14 @@ def whole_model_runners(model: CaffeModel, net: HybridNet, blobs: list[str], inp
     return runners
 
 
-def timed_blocks(calls: dict[str, Callable[[], Any]], runs: int, warmup: int) -> dict[str, Timing]:
+def timed_blocks(calls: dict[str, Callable[[], Any]], runs: int, warmup: int, blocks: int = BLOCKS) -> dict[str, Timing]:
     """Each call warmed up and timed in a block of its own, with a pause after each block, all
-    blocks twice; each call keeps its better block. Not interleaved call by call: ONNX Runtime,
+    blocks ``blocks`` times; each call keeps its best block. Not interleaved call by call: ONNX Runtime,
     OpenBLAS and OpenCV keep worker threads busy after a call, which takes a core from
     whatever runs next on 2 cores; and one block can still be caught by such an after-effect
     (SqueezeNet's ORT measured 6 ms in one block and 4 ms in the next)."""
     best: dict[str, Timing] = {}
-    for _ in range(BLOCKS):
+    for _ in range(blocks):
         for name, call in calls.items():
             timing = time_calls(call, runs, warmup)
             if name not in best or timing.median < best[name].median:
@@ -237,7 +237,7 @@ def measure_case(case: Case, prototxt: Path, args: argparse.Namespace, workdir: 
     case.auto_choice = ", ".join(se.engine.kind for se in net.segment_engines if se.segment.backend != CAFFE)
     if has_python and "hybrid" in timed:
         timed.update(_segment_calls(net, inputs))
-    timings = timed_blocks(timed, args.runs, args.warmup)
+    timings = timed_blocks(timed, args.runs, args.warmup, args.blocks)
     for name, timing in timings.items():
         if name in case.results:
             case.results[name].timing = timing
@@ -449,10 +449,12 @@ def targets(rows: list[dict[str, Any]], load: Optional[dict[str, Any]]) -> list[
 def markdown(cases: list[Case], meta: dict[str, Any], extras: dict[str, Any], goals: list[dict[str, Any]]) -> str:
     columns = [k for k in RUNTIME_NAMES if any(k in c.results for c in cases)]
     lines = [f"Measured {meta['date']} on {meta['cpu']} ({meta['cores']} cores), one run of "
-             f"`scripts/bench.py`; median of {meta['runs']} runs after {meta['warmup']} warm-up (better of "
-             f"{BLOCKS} blocks), in ms (lower is better); random weights; ONNX Runtime {meta['onnxruntime']}, "
+             f"`scripts/bench.py`; median of {meta['runs']} runs after {meta['warmup']} warm-up (best of "
+             f"{meta['blocks']} blocks), in ms (lower is better); random weights; ONNX Runtime {meta['onnxruntime']}, "
              f"OpenVINO {meta['openvino']}, OpenCV {meta['opencv']}.", "",
-             f"CPU: {meta['cpu_line']}.", "",
+             f"CPU: {meta['cpu_line']}. Other processes used {meta['others_cpu_mean']:.2f} cores on average "
+             "while the cases were measured" + (" (a shared machine: expect noise)" if meta["others_cpu_mean"] > QUIET
+                                                else "") + ".", "",
              "| model | batch | " + " | ".join(RUNTIME_NAMES[k] for k in columns)
              + " | auto chose | auto vs fastest FP32 | hybrid auto vs Caffe | segments |",
              "|---|---|" + "---|" * (len(columns) + 4)]
@@ -551,6 +553,10 @@ def main() -> int:
                         help="relative L2 against Caffe for BF16 runtimes (reduced precision; 5e-2)")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", default=None,
                         help="skip OpenVINO BF16 (default: measured where the CPU has avx512_bf16 or AMX)")
+    parser.add_argument("--blocks", type=int, default=BLOCKS, help=f"timed blocks per runtime, best counts ({BLOCKS})")
+    parser.add_argument("--attempts", type=int, default=3,
+                        help="measure a case again, up to this many times in all, while other processes used "
+                             f"more than {QUIET} cores (3)")
     parser.add_argument("--soak-calls", type=int, default=10_000)
     parser.add_argument("--skip-extras", action="store_true", help="only the latency table")
     parser.add_argument("--wait-quiet", type=float, default=900,
@@ -572,7 +578,8 @@ def main() -> int:
     if not quiet:
         print("warning: build processes still running; timings will be disturbed", file=sys.stderr)
     meta = {**machine(), "runs": args.runs, "warmup": args.warmup, "seed": args.seed,
-            "tolerance_rel_l2": args.tolerance, "bf16_tolerance_rel_l2": args.bf16_tolerance, "bf16": args.bf16}
+            "tolerance_rel_l2": args.tolerance, "bf16_tolerance_rel_l2": args.bf16_tolerance, "bf16": args.bf16,
+            "blocks": args.blocks}
     cases = [Case(m, v, b) for m in args.models for v in args.variants for b in args.batches]
     extras: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="hybrid_bench_") as tmp:
@@ -581,7 +588,7 @@ def main() -> int:
             prototxt = SHARED / MODELS[case.model]
             if case.variant == "python":
                 prototxt, _ = with_python_layer(prototxt, workdir / f"{case.model}_python.prototxt")
-            for attempt in range(3):
+            for attempt in range(args.attempts):
                 quiet &= wait_until_quiet(args.wait_quiet)
                 before, start = others_cpu_seconds(), time.monotonic()
                 case.results, case.handoff = {}, None
@@ -600,6 +607,7 @@ def main() -> int:
                 extras["soak"] = soak_in_fresh_process(args.soak_calls)
                 bar.update()
     meta["quiet_machine"] = quiet
+    meta["others_cpu_mean"] = float(np.mean([c.others_cpu for c in cases])) if cases else 0.0
     rows = ratios(cases)
     goals = targets(rows, extras.get("load"))
     report = {"meta": meta, "cases": [{
