@@ -91,9 +91,12 @@ def cpu_engine(model: "onnx.ModelProto", engine: str = "onnxruntime") -> "Engine
     """The CPU engine named ``engine`` ("onnxruntime", "openvino") for ``model``, FP32, on one
     thread (small nets: more threads only add scheduling noise). Raises OptionError when that
     engine cannot run here."""
+    from .errors import OptionError
     from .executor.engine_choice import CANDIDATES, CpuSettings
     from .executor.engine_factory import resolve_engine
-    resolve_engine(engine)
+    if engine not in CANDIDATES:
+        raise OptionError(f"engine '{engine}': lowerings are checked on a CPU engine, one of {', '.join(CANDIDATES)}")
+    resolve_engine(engine)  # an OptionError saying why, when it cannot run here
     return CANDIDATES[engine].build(model, CpuSettings(threads=1), True)
 
 
