@@ -594,7 +594,7 @@ def main() -> int:
                 case.results, case.handoff = {}, None
                 measure_case(case, prototxt, args, workdir)
                 case.others_cpu = (others_cpu_seconds() - before) / (time.monotonic() - start)
-                if case.others_cpu <= QUIET:
+                if case.others_cpu <= QUIET or attempt + 1 == args.attempts:
                     break
                 tqdm.write(f"{case.model} {case.variant} b{case.batch}: other processes used "
                            f"{case.others_cpu:.2f} cores meanwhile; measuring again")
