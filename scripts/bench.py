@@ -176,9 +176,17 @@ def whole_model_runners(model: CaffeModel, net: HybridNet, blobs: list[str], inp
     feeds = {v: inputs[graph.values[v].blob] for v in graph.inputs}
     runners = {"ort_whole": lambda: dict(zip(blobs, session.run(values, feeds)))}
     for name, precision in (("ov_whole", "f32"), ("ov_whole_bf16", "bf16"))[:2 if bf16 else 1]:
-        engine = OpenVinoEngine(onnx_model, precision=precision)
-        runners[name] = lambda e=engine: dict(zip(blobs, (e.run(feeds)[v] for v in values)))
+        runners[name] = _named_outputs(OpenVinoEngine(onnx_model, precision=precision), feeds, dict(zip(values, blobs)))
     return runners
+
+
+def _named_outputs(engine: Any, feeds: dict[str, np.ndarray],
+                   blob_of: dict[str, str]) -> Callable[[], dict[str, np.ndarray]]:
+    """One run of ``engine`` per call, its outputs renamed from value ids to blobs."""
+    def run() -> dict[str, np.ndarray]:
+        outputs = engine.run(feeds)
+        return {blob: outputs[value] for value, blob in blob_of.items()}
+    return run
 
 
 def timed_blocks(calls: dict[str, Callable[[], Any]], runs: int, warmup: int, blocks: int = BLOCKS) -> dict[str, Timing]:
