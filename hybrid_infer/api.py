@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # the engines pull in ONNX and ONNX Runtime: loaded when a ru
     from .engines.caffe_gpu_engine import GpuDevice
     from .engines.engine_cache import EngineCache
     from .engines.tensorrt_build import BuildSettings
+    from .executor.engine_choice import CpuSettings
     from .executor.engine_factory import SegmentEngine
     from .executor.hybrid_executor import Handoff, HybridExecutor
     from .precision.calibration_file import Calibration
@@ -78,10 +79,17 @@ class CheckResult:
         return all(row.within(self.tolerance) for row in self.rows)
 
 
+def _batch(inputs: Mapping[str, np.ndarray]) -> Optional[int]:
+    """The batch of checked inputs (all share it), or None for a net without inputs."""
+    return next(iter(inputs.values())).shape[0] if inputs else None
+
+
 class HybridNet:
-    """A Caffe model partitioned between TensorRT (or ONNX Runtime) and Caffe.
+    """A Caffe model partitioned between TensorRT (or a CPU engine: ONNX Runtime, OpenVINO) and Caffe.
 
     Engines are built on the first ``run`` and reused; ``partition`` needs no weights.
+    ``engine="auto"`` without a TensorRT runtime measures the installed CPU engines on each
+    segment at the first run's batch and keeps the fastest (``cpu_settings``: threads, BF16).
     ``device=N`` runs the Caffe segments on GPU N (checked here, so a wrong id fails
     before any work); tensors then pass between GPU engines as device pointers, or
     through the host with ``zero_copy=False`` (to measure the difference).
@@ -96,7 +104,8 @@ class HybridNet:
                  outputs: Sequence[str] = (), build_settings: Optional["BuildSettings"] = None,
                  engine_cache: Optional["EngineCache"] = None, tensorrt_module: Optional[str] = None,
                  device: Optional[int] = None, zero_copy: bool = True, keep_logits: bool = False,
-                 calibration: "PathLike | Calibration | PrecisionPlan | None" = None, keep_fp32: Iterable[str] = ()):
+                 calibration: "PathLike | Calibration | PrecisionPlan | None" = None, keep_fp32: Iterable[str] = (),
+                 cpu_settings: Optional["CpuSettings"] = None):
         from .executor.engine_factory import ENGINES
         if not isinstance(model, CaffeModel):
             raise OptionError(f"model must be a CaffeModel (hybrid_infer.load reads one from files), "
@@ -109,8 +118,9 @@ class HybridNet:
         device = arguments.optional(arguments.integer, device, "device")
         tensorrt_module = arguments.optional(arguments.choice, tensorrt_module, "tensorrt_module",
                                              ("tensorrt", "tensorrt_rtx"))
-        self._check_types(build_settings=build_settings, engine_cache=engine_cache)
+        self._check_types(build_settings=build_settings, engine_cache=engine_cache, cpu_settings=cpu_settings)
         self.model = model
+        self.cpu_settings = cpu_settings
         self.zero_copy = bool(zero_copy)
         #: The GPU Caffe segments run on, or None for the CPU.
         self.gpu: Optional["GpuDevice"] = None
@@ -153,7 +163,8 @@ class HybridNet:
     def _check_types(**given: object) -> None:
         from .engines.engine_cache import EngineCache
         from .engines.tensorrt_build import BuildSettings
-        expected = {"build_settings": BuildSettings, "engine_cache": EngineCache}
+        from .executor.engine_choice import CpuSettings
+        expected = {"build_settings": BuildSettings, "engine_cache": EngineCache, "cpu_settings": CpuSettings}
         for name, value in given.items():
             if value is not None and not isinstance(value, expected[name]):
                 raise OptionError(f"{name} must be a {expected[name].__name__} or None, not {type(value).__name__}")
@@ -180,11 +191,17 @@ class HybridNet:
     def segment_engines(self) -> list["SegmentEngine"]:
         return self._ensure_executor().segment_engines
 
-    def _ensure_executor(self) -> "HybridExecutor":
+    def _ensure_executor(self, batch: Optional[int] = None) -> "HybridExecutor":
+        """Build the engines (``batch``: the batch ``auto`` measures CPU engines at)."""
         if self._executor is None:
+            from .engines.choice_cache import ChoiceCache
+            from .executor.engine_choice import CandidateEngines, CpuSettings
             from .executor.engine_factory import build_engines, resolve_engine
             from .executor.hybrid_executor import HybridExecutor
             engine, self.engine_reason = resolve_engine(self.requested_engine, self.tensorrt_module)
+            candidate_engines = CandidateEngines(
+                self.cpu_settings or CpuSettings(),
+                ChoiceCache(self.engine_cache.directory if self.engine_cache else None))
             factory = None
             if engine == "tensorrt":
                 from .engines.tensorrt_segment import tensorrt_factory
@@ -192,7 +209,7 @@ class HybridNet:
             rejected: dict[str, str] = {}
             while True:
                 built = build_engines(self.graph, self.model, self.partition.segments, engine, factory,
-                                      caffe_device=self.gpu,
+                                      caffe_device=self.gpu, candidate_engines=candidate_engines, batch=batch,
                                       transform=self.precision.segment_model if self.precision else None)
                 named = {layer: f"{se.refused_by} refused it: {se.fallback_note}" for se in built
                          for layer in se.rejected_layers if layer not in rejected}
@@ -403,7 +420,7 @@ class HybridNet:
         not with advice to run the layer in Caffe, which could not run it either."""
         from .errors import EngineRejected
         try:
-            return self._ensure_executor().run(feeds, list(values))
+            return self._ensure_executor(_batch(feeds)).run(feeds, list(values))
         except EngineRejected as exc:
             failed = [self.graph.layers[name] for name in exc.caffe_layers if name in self.graph.layers]
             check_feed_batch(self.graph, failed, {value: array.shape for value, array in feeds.items()})
@@ -470,7 +487,7 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
          tensorrt_module: Optional[str] = None, device: Optional[int] = None,
          zero_copy: bool = True, lowerings: Sequence["LoweringModule"] = (),
          keep_logits: bool = False, calibration: "PathLike | Calibration | PrecisionPlan | None" = None,
-         keep_fp32: Iterable[str] = ()) -> HybridNet:
+         keep_fp32: Iterable[str] = (), cpu_settings: Optional["CpuSettings"] = None) -> HybridNet:
     """Load a Caffe model and partition it.
 
     ``lowerings`` names modules (importable names, ``.py`` paths, or modules) whose
@@ -489,6 +506,8 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
     ``calibration`` (a file from ``hybrid-infer calibrate``, or a loaded ``Calibration``)
     runs the TensorRT segments in its precision (INT8 Q/DQ or FP16), with ``keep_fp32``
     (layer names or types) left in FP32; a stale file raises ``CalibrationError``.
+    ``cpu_settings`` (``executor.engine_choice.CpuSettings``) sets CPU
+    engines' threads and OpenVINO's BF16.
     """
     prototxt = arguments.path(prototxt, "prototxt")
     weights = arguments.optional(arguments.path, weights, "weights")
@@ -502,4 +521,4 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
                      fallback=fallback, outputs=outputs, build_settings=build_settings,
                      engine_cache=engine_cache, tensorrt_module=tensorrt_module, device=device,
                      zero_copy=zero_copy, keep_logits=keep_logits, calibration=calibration,
-                     keep_fp32=keep_fp32)
+                     keep_fp32=keep_fp32, cpu_settings=cpu_settings)

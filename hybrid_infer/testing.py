@@ -7,9 +7,10 @@
     print(result.max_error)
 
 The net (a prototxt snippet, plus one Input layer per ``input_shapes`` entry) gets random
-weights and inputs, runs in pycaffe and, lowered to ONNX as one segment, in ONNX Runtime
-on the CPU; every output must agree within ``tolerance`` relative L2. hybrid_infer's own
-per-layer conformance tests use this same helper.
+weights and inputs, runs in pycaffe and, lowered to ONNX as one segment, in a CPU engine
+(ONNX Runtime, or ``engine="openvino"``); every output must agree within ``tolerance``
+relative L2. hybrid_infer's own per-layer conformance tests use this same helper, once per
+engine.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from .model.caffe_model import CaffeModel
 
 if TYPE_CHECKING:
     import onnx
-    import onnxruntime
+
+    from .engines.base import Engine
 
 #: The project's per-layer target: relative L2 error against Caffe, FP32.
 LAYER_TOLERANCE = 1e-5
@@ -85,13 +87,17 @@ def lower_whole_net(model: CaffeModel, graph: LayerGraph, outputs: Sequence[str]
                          list(outputs), model.weights, opset=opset)
 
 
-def cpu_session(model: "onnx.ModelProto") -> "onnxruntime.InferenceSession":
-    """A one-thread ONNX Runtime CPU session of ``model``."""
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+def cpu_engine(model: "onnx.ModelProto", engine: str = "onnxruntime") -> "Engine":
+    """The CPU engine named ``engine`` ("onnxruntime", "openvino") for ``model``, FP32, on one
+    thread (small nets: more threads only add scheduling noise). Raises OptionError when that
+    engine cannot run here."""
+    from .errors import OptionError
+    from .executor.engine_choice import CANDIDATES, CpuSettings
+    from .executor.engine_factory import resolve_engine
+    if engine not in CANDIDATES:
+        raise OptionError(f"engine '{engine}': lowerings are checked on a CPU engine, one of {', '.join(CANDIDATES)}")
+    resolve_engine(engine)  # an OptionError saying why, when it cannot run here
+    return CANDIDATES[engine].build(model, CpuSettings(threads=1), True)
 
 
 def fresh_seed(seed: Optional[int] = None) -> int:
@@ -118,8 +124,9 @@ def check_lowering(prototxt: str, *, input_shapes: Optional[Mapping[str, Shape]]
                    inputs: Callable[[np.ndarray], np.ndarray] = lambda a: a,
                    adjust_weights: Callable[[dict[str, list[np.ndarray]]], None] = lambda w: None,
                    seed: Optional[int] = None, opset: int = 17,
-                   tolerance: float = LAYER_TOLERANCE) -> LoweringCheck:
-    """Run a small net in pycaffe and, lowered, in ONNX Runtime; assert they agree.
+                   tolerance: float = LAYER_TOLERANCE, engine: str = "onnxruntime") -> LoweringCheck:
+    """Run a small net in pycaffe and, lowered, in a CPU engine (``engine``: "onnxruntime" or
+    "openvino", compiled once for every batch); assert they agree.
 
     ``prototxt`` is a whole net, or layers only when ``input_shapes`` ({blob: N-first shape})
     declares the inputs. Every net output and each of ``extra_outputs`` (value ids) is
@@ -142,7 +149,7 @@ def check_lowering(prototxt: str, *, input_shapes: Optional[Mapping[str, Shape]]
     for value in outputs:
         blob = graph.values[value].blob
         assert graph.final_value[blob] == value, f"Caffe's blob '{blob}' no longer holds {value}"
-    runner = cpu_session(lower_whole_net(model, graph, outputs, opset))
+    runner = cpu_engine(lower_whole_net(model, graph, outputs, opset), engine)
     caffe_net = model.reference_net()
     rng = np.random.default_rng(seed)
     errors: dict[tuple[str, int], float] = {}
@@ -156,10 +163,10 @@ def check_lowering(prototxt: str, *, input_shapes: Optional[Mapping[str, Shape]]
         caffe_net.reshape()
         caffe_net.forward(**{graph.values[v].blob: a for v, a in feeds.items()})
         expected = {v: np.array(caffe_net.blobs[graph.values[v].blob].data, copy=True) for v in outputs}
-        actual = dict(zip(outputs, runner.run(outputs, feeds)))
+        actual = runner.run(feeds)
         for value in outputs:
             used_batch = batch if batch is not None else graph.values[value].shape[0]
-            where = f"value '{value}' at batch {used_batch} (seed {seed})"
+            where = f"{engine}: value '{value}' at batch {used_batch} (seed {seed})"
             assert actual[value].shape == expected[value].shape, \
                 f"{where}: shape {actual[value].shape} != Caffe's {expected[value].shape}"
             error = rel_l2(actual[value], expected[value])

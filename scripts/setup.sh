@@ -49,7 +49,7 @@ if [ ! -x "$root/.venv/bin/python" ]; then
   "$python" -m venv "$root/.venv"
 fi
 log "installing hybrid_infer and its Python dependencies into .venv"
-"$root/.venv/bin/pip" install -q --disable-pip-version-check -e "$root[test]"
+"$root/.venv/bin/pip" install -q --disable-pip-version-check -e "$root[test,openvino]"
 native=$("$root/scripts/build-native.sh" "$prefix" --python "$root/.venv/bin/python" | tail -1)
 site=$("$root/.venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 printf '%s\n%s\n' "$prefix/python" "$native" > "$site/pycaffe.pth"

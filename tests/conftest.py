@@ -13,6 +13,36 @@ SHARED_MODELS = REPO.parent / "shared" / "models"
 GRAPHS = REPO / "graphs"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_engine_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Engines and measured engine choices go to this test session's own folder (inherited by
+    CLI subprocesses), never to the user's cache: tests start from nothing and leave nothing."""
+    from hybrid_infer.engines.engine_cache import ENV_DIR
+    patch = pytest.MonkeyPatch()
+    patch.setenv(ENV_DIR, str(tmp_path_factory.mktemp("engine-cache")))
+    yield
+    patch.undo()
+
+
+#: The CPU engines that run TensorRT segments here; conformance tests run on each.
+CONFORMANCE_ENGINES = ("onnxruntime", "openvino")
+
+
+def require_engine(name: str) -> str:
+    """``name`` if that CPU engine can run here; otherwise skip the test with the reason."""
+    from hybrid_infer.executor.engine_choice import CANDIDATES
+    ok, reason = CANDIDATES[name].available()
+    if not ok:
+        pytest.skip(f"{name} cannot run here: {reason}")
+    return name
+
+
+@pytest.fixture(params=CONFORMANCE_ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """Each CPU engine in turn; one that cannot run here skips with its reason."""
+    return require_engine(request.param)
+
+
 @pytest.fixture
 def shared_models() -> Path:
     """../shared/models, or skip: those third-party models are test data outside the repo."""

@@ -20,8 +20,8 @@ layer { name: "tanh" type: "TanH" bottom: "pool" top: "out" }
 '''
 
 
-def test_refused_layer_moves_to_caffe_and_the_rest_stays(make_prototxt, caplog):
-    net = hybrid_infer.load(make_prototxt(NET), random_weights=4, engine="onnxruntime", min_segment_size=1)
+def test_refused_layer_moves_to_caffe_and_the_rest_stays(make_prototxt, caplog, engine):
+    net = hybrid_infer.load(make_prototxt(NET), random_weights=4, engine=engine, min_segment_size=1)
     assert [s.backend for s in net.partition.segments] == [TENSORRT]
     x = np.random.default_rng().standard_normal((2, 3, 5, 5)).astype(np.float32)
     with caplog.at_level(logging.WARNING, logger="hybrid_infer"):
@@ -29,14 +29,14 @@ def test_refused_layer_moves_to_caffe_and_the_rest_stays(make_prototxt, caplog):
     assert [(s.backend, s.layers) for s in net.partition.segments] == [
         (TENSORRT, ["conv", "relu"]), (CAFFE, ["pool"]), (TENSORRT, ["tanh"])]
     assert net.partition.fallback_reasons["pool"].startswith("the lowering refused it")
-    assert [se.engine.kind for se in net.segment_engines] == ["onnxruntime", "caffe", "onnxruntime"]
+    assert [se.engine.kind for se in net.segment_engines] == [engine, "caffe", engine]
     assert any("moving pool to Caffe" in r.message for r in caplog.records)
     want = net.run_caffe({"data": x})
     np.testing.assert_allclose(got["out"], want["out"], rtol=1e-5, atol=1e-6)
 
 
-def test_refusal_below_minimum_size_sends_the_segment_to_caffe(make_prototxt):
-    net = hybrid_infer.load(make_prototxt(NET), random_weights=4, engine="onnxruntime", min_segment_size=3)
+def test_refusal_below_minimum_size_sends_the_segment_to_caffe(make_prototxt, engine):
+    net = hybrid_infer.load(make_prototxt(NET), random_weights=4, engine=engine, min_segment_size=3)
     x = np.random.default_rng().standard_normal((2, 3, 5, 5)).astype(np.float32)
     got, want = net.run({"data": x}), net.run_caffe({"data": x})
     assert [s.backend for s in net.partition.segments] == [CAFFE]

@@ -1,5 +1,6 @@
-"""Every lowered layer type against real pycaffe: ONNX Runtime must match Caffe within a
-relative L2 error of 1e-5, at the prototxt's batch and at another one.
+"""Every lowered layer type against real pycaffe: each CPU engine (ONNX Runtime, OpenVINO;
+the ``engine`` fixture) must match Caffe within a relative L2 error of 1e-5, at the
+prototxt's batch and at another one.
 
 Weights and inputs are random with a fresh seed per run (printed on failure; set
 HYBRID_INFER_TEST_SEED to replay one).
@@ -11,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import GRAPHS
+from conftest import CONFORMANCE_ENGINES, GRAPHS, require_engine
 from hybrid_infer.errors import LoweringError, ModelError
 from hybrid_infer.lowering.segment_to_onnx import lower_segment
-from hybrid_infer.testing import (LAYER_TOLERANCE, check_lowering, cpu_session, load_text, lower_whole_net, net,
+from hybrid_infer.testing import (LAYER_TOLERANCE, check_lowering, cpu_engine, load_text, lower_whole_net, net,
                                   one_layer, rel_l2)
 
 
@@ -39,8 +40,8 @@ CONVOLUTION = {
 
 
 @cases(CONVOLUTION)
-def test_convolution(params: str, shape: tuple) -> None:
-    check_lowering(one_layer("Convolution", f"convolution_param {{ {params} }}", data=shape))
+def test_convolution(params: str, shape: tuple, engine: str) -> None:
+    check_lowering(one_layer("Convolution", f"convolution_param {{ {params} }}", data=shape), engine=engine)
 
 
 DECONVOLUTION = {
@@ -54,8 +55,9 @@ DECONVOLUTION = {
 
 
 @cases(DECONVOLUTION)
-def test_deconvolution(params: str, shape: tuple) -> None:
-    check_lowering(one_layer("Deconvolution", f"convolution_param {{ {params} }}", data=shape))
+def test_deconvolution(params: str, shape: tuple, engine: str) -> None:
+    check_lowering(one_layer("Deconvolution", f"convolution_param {{ {params} }}", data=shape),
+                   engine=engine)
 
 
 POOLING = {
@@ -80,8 +82,8 @@ POOLING = {
 
 
 @cases(POOLING)
-def test_pooling(params: str, shape: tuple) -> None:
-    check_lowering(one_layer("Pooling", f"pooling_param {{ {params} }}", data=shape))
+def test_pooling(params: str, shape: tuple, engine: str) -> None:
+    check_lowering(one_layer("Pooling", f"pooling_param {{ {params} }}", data=shape), engine=engine)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -90,8 +92,10 @@ def test_pooling(params: str, shape: tuple) -> None:
        stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
        pad=st.tuples(st.integers(0, 2), st.integers(0, 2)), ceil_mode=st.booleans(),
        seed=st.integers(0, 2**31 - 1))
+@pytest.mark.parametrize("engine", CONFORMANCE_ENGINES)  # hypothesis takes no function-scoped fixtures
 def test_pooling_geometry(method: str, size: tuple, kernel: tuple, stride: tuple, pad: tuple,
-                          ceil_mode: bool, seed: int) -> None:
+                          ceil_mode: bool, seed: int, engine: str) -> None:
+    require_engine(engine)
     for n, k, s, p in zip(size, kernel, stride, pad):
         assume(p < k <= n + 2 * p)
         # With no padding, ceil rounding can yield a window past the input when stride > kernel;
@@ -100,7 +104,7 @@ def test_pooling_geometry(method: str, size: tuple, kernel: tuple, stride: tuple
     params = (f"pool: {method} kernel_h: {kernel[0]} kernel_w: {kernel[1]} stride_h: {stride[0]} "
               f"stride_w: {stride[1]} pad_h: {pad[0]} pad_w: {pad[1]} ceil_mode: {str(ceil_mode).lower()}")
     check_lowering(one_layer("Pooling", f"pooling_param {{ {params} }}", data=(2, 2, *size)),
-                   batches=(None,), seed=seed)
+                   batches=(None,), seed=seed, engine=engine)
 
 
 def test_pooling_window_past_the_input_is_refused() -> None:
@@ -123,8 +127,9 @@ INNER_PRODUCT = {
 
 
 @cases(INNER_PRODUCT)
-def test_inner_product(params: str, shape: tuple) -> None:
-    check_lowering(one_layer("InnerProduct", f"inner_product_param {{ {params} }}", data=shape))
+def test_inner_product(params: str, shape: tuple, engine: str) -> None:
+    check_lowering(one_layer("InnerProduct", f"inner_product_param {{ {params} }}", data=shape),
+                   engine=engine)
 
 
 NEURONS = {
@@ -154,9 +159,9 @@ NEURONS = {
 
 @pytest.mark.parametrize("layer_type, params", list(NEURONS.values()), ids=list(NEURONS))
 @pytest.mark.parametrize("shape", [(2, 3, 5, 4), (2, 6)], ids=["4d", "2d"])
-def test_neuron(layer_type: str, params: str, shape: tuple) -> None:
+def test_neuron(layer_type: str, params: str, shape: tuple, engine: str) -> None:
     """Inputs are scaled by 8 to reach ReLU6's clip and BNLL's large-|x| branch."""
-    check_lowering(one_layer(layer_type, params, data=shape), inputs=lambda a: 8 * a)
+    check_lowering(one_layer(layer_type, params, data=shape), inputs=lambda a: 8 * a, engine=engine)
 
 
 POSITIVE_NEURONS = {
@@ -169,11 +174,12 @@ POSITIVE_NEURONS = {
 
 
 @pytest.mark.parametrize("layer_type, params", list(POSITIVE_NEURONS.values()), ids=list(POSITIVE_NEURONS))
-def test_neuron_on_positive_inputs(layer_type: str, params: str) -> None:
-    check_lowering(one_layer(layer_type, params, data=(2, 3, 4, 4)), inputs=lambda a: np.abs(a) + 0.2)
+def test_neuron_on_positive_inputs(layer_type: str, params: str, engine: str) -> None:
+    check_lowering(one_layer(layer_type, params, data=(2, 3, 4, 4)), inputs=lambda a: np.abs(a) + 0.2,
+                   engine=engine)
 
 
-def test_in_place_chain() -> None:
+def test_in_place_chain(engine: str) -> None:
     """conv -> ReLU -> Scale -> BatchNorm all written into one blob, then merged with a branch."""
     check_lowering(net("""
         layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
@@ -184,7 +190,7 @@ def test_in_place_chain() -> None:
         layer { name: "sum" type: "Eltwise" bottom: "conv" bottom: "data" top: "sum"
                 eltwise_param { coeff: 0.5 coeff: -1 } }
         layer { name: "relu2" type: "ReLU" bottom: "sum" top: "sum" }
-    """, data=(2, 3, 6, 6)))
+    """, data=(2, 3, 6, 6)), engine=engine)
 
 
 BATCH_NORM = {
@@ -197,15 +203,15 @@ BATCH_NORM = {
 
 
 @cases(BATCH_NORM)
-def test_batch_norm(params: str, shape: tuple) -> None:
-    check_lowering(one_layer("BatchNorm", params, data=shape))
+def test_batch_norm(params: str, shape: tuple, engine: str) -> None:
+    check_lowering(one_layer("BatchNorm", params, data=shape), engine=engine)
 
 
-def test_batch_norm_zero_factor() -> None:
+def test_batch_norm_zero_factor(engine: str) -> None:
     """A zero moving-average factor zeroes mean and variance (Caffe's scale_factor = 0)."""
     def zero_factor(weights: dict) -> None:
         weights["op"][2][...] = 0
-    check_lowering(one_layer("BatchNorm", "", data=(2, 3, 4, 4)), adjust_weights=zero_factor)
+    check_lowering(one_layer("BatchNorm", "", data=(2, 3, 4, 4)), adjust_weights=zero_factor, engine=engine)
 
 
 def test_batch_norm_batch_statistics_is_refused() -> None:
@@ -238,8 +244,8 @@ SCALE = {
 
 
 @pytest.mark.parametrize("params, shape, batches", list(SCALE.values()), ids=list(SCALE))
-def test_scale(params: str, shape: dict, batches: tuple) -> None:
-    check_lowering(one_layer("Scale", params, **shape), batches=batches)
+def test_scale(params: str, shape: dict, batches: tuple, engine: str) -> None:
+    check_lowering(one_layer("Scale", params, **shape), batches=batches, engine=engine)
 
 
 BIAS = {
@@ -251,8 +257,8 @@ BIAS = {
 
 
 @cases(BIAS)
-def test_bias(params: str, shape: dict) -> None:
-    check_lowering(one_layer("Bias", params, **shape))
+def test_bias(params: str, shape: dict, engine: str) -> None:
+    check_lowering(one_layer("Bias", params, **shape), engine=engine)
 
 
 ELTWISE = {
@@ -266,8 +272,9 @@ ELTWISE = {
 
 
 @pytest.mark.parametrize("params, count", list(ELTWISE.values()), ids=list(ELTWISE))
-def test_eltwise(params: str, count: int) -> None:
-    check_lowering(one_layer("Eltwise", params, **{f"in{i}": (2, 3, 4, 5) for i in range(count)}))
+def test_eltwise(params: str, count: int, engine: str) -> None:
+    check_lowering(one_layer("Eltwise", params, **{f"in{i}": (2, 3, 4, 5) for i in range(count)}),
+                   engine=engine)
 
 
 CONCAT = {
@@ -280,8 +287,8 @@ CONCAT = {
 
 
 @cases(CONCAT)
-def test_concat(params: str, shape: list) -> None:
-    check_lowering(one_layer("Concat", params, **{f"in{i}": s for i, s in enumerate(shape)}))
+def test_concat(params: str, shape: list, engine: str) -> None:
+    check_lowering(one_layer("Concat", params, **{f"in{i}": s for i, s in enumerate(shape)}), engine=engine)
 
 
 SLICE = {
@@ -295,19 +302,19 @@ SLICE = {
 
 
 @pytest.mark.parametrize("params, tops, shape", list(SLICE.values()), ids=list(SLICE))
-def test_slice(params: str, tops: int, shape: tuple) -> None:
+def test_slice(params: str, tops: int, shape: tuple, engine: str) -> None:
     top_list = " ".join(f'top: "part{i}"' for i in range(tops))
     check_lowering(net(f'layer {{ name: "op" type: "Slice" bottom: "data" {top_list} {params} }}',
-                       data=shape))
+                       data=shape), engine=engine)
 
 
-def test_split_tops_are_the_same_tensor() -> None:
+def test_split_tops_are_the_same_tensor(engine: str) -> None:
     """Not in place after the Split: Caffe's Split tops share memory with each other, so an
     in-place layer on one would rewrite its siblings too."""
     check_lowering(net("""
         layer { name: "split" type: "Split" bottom: "data" top: "a" top: "b" top: "c" }
         layer { name: "relu" type: "ReLU" bottom: "b" top: "b_relu" }
-    """, data=(2, 3, 4, 4)))
+    """, data=(2, 3, 4, 4)), engine=engine)
 
 
 FLATTEN = {
@@ -319,8 +326,8 @@ FLATTEN = {
 
 
 @cases(FLATTEN)
-def test_flatten(params: str, shape: tuple) -> None:
-    check_lowering(one_layer("Flatten", params, data=shape))
+def test_flatten(params: str, shape: tuple, engine: str) -> None:
+    check_lowering(one_layer("Flatten", params, data=shape), engine=engine)
 
 
 RESHAPE = {
@@ -335,8 +342,8 @@ RESHAPE = {
 
 
 @cases(RESHAPE)
-def test_reshape(params: str, shape: tuple) -> None:
-    check_lowering(one_layer("Reshape", f"reshape_param {{ {params} }}", data=shape))
+def test_reshape(params: str, shape: tuple, engine: str) -> None:
+    check_lowering(one_layer("Reshape", f"reshape_param {{ {params} }}", data=shape), engine=engine)
 
 
 CROP = {
@@ -350,8 +357,8 @@ CROP = {
 
 
 @pytest.mark.parametrize("params, shape, reference", list(CROP.values()), ids=list(CROP))
-def test_crop(params: str, shape: tuple, reference: tuple) -> None:
-    check_lowering(one_layer("Crop", params, data=shape, like=reference))
+def test_crop(params: str, shape: tuple, reference: tuple, engine: str) -> None:
+    check_lowering(one_layer("Crop", params, data=shape, like=reference), engine=engine)
 
 
 SOFTMAX = {
@@ -363,8 +370,8 @@ SOFTMAX = {
 
 
 @cases(SOFTMAX)
-def test_softmax(params: str, shape: tuple) -> None:
-    check_lowering(one_layer("Softmax", params, data=shape), inputs=lambda a: 4 * a)
+def test_softmax(params: str, shape: tuple, engine: str) -> None:
+    check_lowering(one_layer("Softmax", params, data=shape), inputs=lambda a: 4 * a, engine=engine)
 
 
 LRN = {
@@ -379,8 +386,8 @@ LRN = {
 
 
 @cases(LRN)
-def test_lrn(params: str, shape: tuple) -> None:
-    check_lowering(one_layer("LRN", f"lrn_param {{ {params} }}", data=shape))
+def test_lrn(params: str, shape: tuple, engine: str) -> None:
+    check_lowering(one_layer("LRN", f"lrn_param {{ {params} }}", data=shape), engine=engine)
 
 
 @pytest.mark.parametrize("region", ["ACROSS_CHANNELS", "WITHIN_CHANNEL"])
@@ -403,8 +410,8 @@ PERMUTE = {
 
 
 @cases(PERMUTE)
-def test_permute(params: str, shape: tuple) -> None:
-    check_lowering(one_layer("Permute", f"permute_param {{ {params} }}", data=shape))
+def test_permute(params: str, shape: tuple, engine: str) -> None:
+    check_lowering(one_layer("Permute", f"permute_param {{ {params} }}", data=shape), engine=engine)
 
 
 NORMALIZE = {
@@ -416,13 +423,13 @@ NORMALIZE = {
 
 
 @pytest.mark.parametrize("params", list(NORMALIZE.values()), ids=list(NORMALIZE))
-def test_normalize(params: str) -> None:
+def test_normalize(params: str, engine: str) -> None:
     """Caffe sizes across_spatial's norm buffer for the prototxt's batch and never resizes it,
     so only smaller batches are safe to compare there."""
-    check_lowering(one_layer("Normalize", params, data=(2, 4, 3, 5)), batches=(None, 1))
+    check_lowering(one_layer("Normalize", params, data=(2, 4, 3, 5)), batches=(None, 1), engine=engine)
 
 
-def test_small_network_at_several_batches() -> None:
+def test_small_network_at_several_batches(engine: str) -> None:
     check_lowering(net("""
         layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
                 convolution_param { num_output: 4 kernel_size: 3 stride: 2 pad: 1 } }
@@ -435,7 +442,7 @@ def test_small_network_at_several_batches() -> None:
         layer { name: "fc" type: "InnerProduct" bottom: "flat" top: "fc"
                 inner_product_param { num_output: 5 } }
         layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
-    """, data=(2, 3, 11, 11)), batches=(None, 1, 5), extra_outputs=["pool1", "fc"])
+    """, data=(2, 3, 11, 11)), batches=(None, 1, 5), extra_outputs=["pool1", "fc"], engine=engine)
 
 
 def test_unlowered_layer_names_the_layer(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -447,7 +454,7 @@ def test_unlowered_layer_names_the_layer(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 @pytest.mark.parametrize("opset", [13, 18, 20])
-def test_other_opsets(opset: int) -> None:
+def test_other_opsets(opset: int, engine: str) -> None:
     """Ops whose signature changed between opsets (Split, reductions, pooling) at both ends."""
     check_lowering(net("""
         layer { name: "split" type: "Slice" bottom: "data" top: "a" top: "b" }
@@ -458,7 +465,7 @@ def test_other_opsets(opset: int) -> None:
         layer { name: "lrn" type: "LRN" bottom: "b" top: "lrn" lrn_param { norm_region: WITHIN_CHANNEL } }
         layer { name: "scale" type: "Scale" bottom: "data" bottom: "gate" top: "scaled"
                 scale_param { axis: 0 } }
-    """, data=(2, 4, 6, 6), gate=(2, 4)), opset=opset)
+    """, data=(2, 4, 6, 6), gate=(2, 4)), opset=opset, engine=engine)
 
 
 SEGMENTED = net("""
@@ -470,7 +477,7 @@ SEGMENTED = net("""
 """, data=(2, 3, 9, 9))
 
 
-def test_segment_in_the_middle_of_a_net() -> None:
+def test_segment_in_the_middle_of_a_net(engine: str) -> None:
     """A segment fed by an in-place value ("conv@relu"), with a symbolic batch in its interface."""
     model, graph = load_text(SEGMENTED)
     middle = graph.final_value["conv"]
@@ -482,7 +489,7 @@ def test_segment_in_the_middle_of_a_net() -> None:
     caffe_net = model.reference_net()
     data = np.random.default_rng().standard_normal((2, 3, 9, 9)).astype(np.float32)
     caffe_net.forward(data=data)
-    (fc,) = cpu_session(onnx_model).run(["fc"], {middle: caffe_net.blobs["conv"].data})
+    fc = cpu_engine(onnx_model, engine).run({middle: caffe_net.blobs["conv"].data})["fc"]
     assert rel_l2(fc, caffe_net.blobs["fc"].data) <= LAYER_TOLERANCE
 
 

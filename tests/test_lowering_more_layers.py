@@ -1,8 +1,8 @@
 """The fork and utility layers lowered in lowering/resampling.py, reductions.py and the additions
 to activations.py, tensor_ops.py, normalization.py and conv_pool.py, against real pycaffe
-(≤ 1e-5 relative L2 at the prototxt's batch and another one, fresh random weights and inputs;
-HYBRID_INFER_TEST_SEED replays a seed), their checks' refusals, and a real TensorRT-RTX build
-of each layer type.
+(≤ 1e-5 relative L2 at the prototxt's batch and another one, with each CPU engine: the
+``engine`` fixture; fresh random weights and inputs; HYBRID_INFER_TEST_SEED replays a seed),
+their checks' refusals, and a real TensorRT-RTX build of each layer type.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from conftest import CONFORMANCE_ENGINES, require_engine
 from hybrid_infer.engines.tensorrt_build import BuildSettings, build_engine
 from hybrid_infer.lowering.registry import REGISTRY
 from hybrid_infer.partition.capability import _NOT_LOWERED_WHY, Capability
@@ -39,8 +40,8 @@ UPSAMPLE = {
 
 
 @sweep(UPSAMPLE)
-def test_upsample(params: str, shape: tuple) -> None:
-    check_lowering(one_layer("Upsample", f"upsample_param {{ {params} }}", data=shape))
+def test_upsample(params: str, shape: tuple, engine: str) -> None:
+    check_lowering(one_layer("Upsample", f"upsample_param {{ {params} }}", data=shape), engine=engine)
 
 
 RESIZE = {
@@ -55,8 +56,8 @@ RESIZE = {
 
 
 @sweep(RESIZE)
-def test_resize(params: str, shape: tuple) -> None:
-    check_lowering(one_layer("Resize", f"resize_param {{ {params} }}", data=shape))
+def test_resize(params: str, shape: tuple, engine: str) -> None:
+    check_lowering(one_layer("Resize", f"resize_param {{ {params} }}", data=shape), engine=engine)
 
 
 BILINEAR = {
@@ -73,24 +74,27 @@ BILINEAR = {
 
 
 @sweep(BILINEAR)
-def test_bilinear_interpolate(params: str, shape: tuple) -> None:
-    check_lowering(one_layer("BilinearInterpolate", f"bilinear_interpolate_param {{ {params} }}", data=shape))
+def test_bilinear_interpolate(params: str, shape: tuple, engine: str) -> None:
+    check_lowering(one_layer("BilinearInterpolate", f"bilinear_interpolate_param {{ {params} }}", data=shape),
+                   engine=engine)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layer=st.sampled_from(["Resize", "BilinearInterpolate"]), align=st.booleans(),
        size=st.tuples(st.integers(1, 12), st.integers(1, 12)), out=st.tuples(st.integers(1, 25), st.integers(1, 25)),
        seed=st.integers(0, 2**31 - 1))
-def test_bilinear_geometry(layer: str, align: bool, size: tuple, out: tuple, seed: int) -> None:
+@pytest.mark.parametrize("engine", CONFORMANCE_ENGINES)  # hypothesis takes no function-scoped fixtures
+def test_bilinear_geometry(layer: str, align: bool, size: tuple, out: tuple, seed: int, engine: str) -> None:
     """Arbitrary up- and down-scaling ratios: the coordinate mapping and edge handling. (A
     BilinearInterpolate source side of 1 is refused: Caffe reads outside the blob there.)"""
+    require_engine(engine)
     if layer == "Resize":
         params = f"resize_param {{ height: {out[0]} width: {out[1]} }}"
     else:
         assume(not (align and 1 in out) and 1 not in size)
         params = (f"bilinear_interpolate_param {{ dst_h: {out[0]} dst_w: {out[1]} "
                   f"align_corners: {str(align).lower()} }}")
-    check_lowering(one_layer(layer, params, data=(2, 2, *size)), batches=(None,), seed=seed)
+    check_lowering(one_layer(layer, params, data=(2, 2, *size)), batches=(None,), seed=seed, engine=engine)
 
 
 PIXEL_SHUFFLE = {
@@ -102,8 +106,8 @@ PIXEL_SHUFFLE = {
 
 
 @sweep(PIXEL_SHUFFLE)
-def test_pixel_shuffle(params: str, shape: tuple) -> None:
-    check_lowering(one_layer("PixelShuffle", f"pixelshuffle_param {{ {params} }}", data=shape))
+def test_pixel_shuffle(params: str, shape: tuple, engine: str) -> None:
+    check_lowering(one_layer("PixelShuffle", f"pixelshuffle_param {{ {params} }}", data=shape), engine=engine)
 
 
 PAD = {
@@ -119,8 +123,8 @@ PAD = {
 
 
 @sweep(PAD)
-def test_pad(params: str, shape: tuple) -> None:
-    check_lowering(one_layer("Pad", f"pad_param {{ {params} }}", data=shape))
+def test_pad(params: str, shape: tuple, engine: str) -> None:
+    check_lowering(one_layer("Pad", f"pad_param {{ {params} }}", data=shape), engine=engine)
 
 
 SPP = {
@@ -133,8 +137,8 @@ SPP = {
 
 
 @sweep(SPP)
-def test_spp(params: str, shape: tuple) -> None:
-    check_lowering(one_layer("SPP", f"spp_param {{ {params} }}", data=shape))
+def test_spp(params: str, shape: tuple, engine: str) -> None:
+    check_lowering(one_layer("SPP", f"spp_param {{ {params} }}", data=shape), engine=engine)
 
 
 # --- reductions ---------------------------------------------------------------------------
@@ -151,8 +155,9 @@ MVN = {
 
 
 @sweep(MVN)
-def test_mvn(params: str, shape: tuple) -> None:
-    check_lowering(one_layer("MVN", f"mvn_param {{ {params} }}", data=shape), inputs=lambda a: 3 * a + 1)
+def test_mvn(params: str, shape: tuple, engine: str) -> None:
+    check_lowering(one_layer("MVN", f"mvn_param {{ {params} }}", data=shape), inputs=lambda a: 3 * a + 1,
+                   engine=engine)
 
 
 REDUCTION = {
@@ -168,9 +173,9 @@ REDUCTION = {
 
 
 @sweep(REDUCTION)
-def test_reduction(params: str, shape: tuple) -> None:
+def test_reduction(params: str, shape: tuple, engine: str) -> None:
     check_lowering(one_layer("Reduction", f"reduction_param {{ {params} }}", data=shape),
-                   inputs=lambda a: a + 0.5)
+                   inputs=lambda a: a + 0.5, engine=engine)
 
 
 ARGMAX = {
@@ -189,9 +194,9 @@ ARGMAX = {
 
 
 @sweep(ARGMAX)
-def test_argmax(params: str, shape: tuple) -> None:
+def test_argmax(params: str, shape: tuple, engine: str) -> None:
     """Rounded inputs: Caffe ranks equal values by the larger index first."""
-    check_lowering(one_layer("ArgMax", f"argmax_param {{ {params} }}", data=shape), inputs=ties)
+    check_lowering(one_layer("ArgMax", f"argmax_param {{ {params} }}", data=shape), inputs=ties, engine=engine)
 
 
 # --- element-wise and tensor layers ---------------------------------------------------------
@@ -208,9 +213,9 @@ ELEMENTWISE = {
 
 @pytest.mark.parametrize("layer_type, params", list(ELEMENTWISE.values()), ids=list(ELEMENTWISE))
 @pytest.mark.parametrize("shape", [(2, 3, 5, 4), (2, 6)], ids=["4d", "2d"])
-def test_elementwise(layer_type: str, params: str, shape: tuple) -> None:
+def test_elementwise(layer_type: str, params: str, shape: tuple, engine: str) -> None:
     """Inputs on a 0.5 grid and scaled by 4: both clip ends, and values equal to the threshold."""
-    check_lowering(one_layer(layer_type, params, data=shape), inputs=lambda a: ties(4 * a))
+    check_lowering(one_layer(layer_type, params, data=shape), inputs=lambda a: ties(4 * a), engine=engine)
 
 
 TILE = {
@@ -222,8 +227,8 @@ TILE = {
 
 
 @sweep(TILE)
-def test_tile(params: str, shape: tuple) -> None:
-    check_lowering(one_layer("Tile", f"tile_param {{ {params} }}", data=shape))
+def test_tile(params: str, shape: tuple, engine: str) -> None:
+    check_lowering(one_layer("Tile", f"tile_param {{ {params} }}", data=shape), engine=engine)
 
 
 UNSQUEEZE = {"after_batch": ("dim: 1", (2, 3, 4)), "middle": ("dim: 2", (2, 3, 4)),
@@ -231,9 +236,10 @@ UNSQUEEZE = {"after_batch": ("dim: 1", (2, 3, 4)), "middle": ("dim: 2", (2, 3, 4
 
 
 @sweep(UNSQUEEZE)
-def test_unsqueeze(params: str, shape: tuple) -> None:
+def test_unsqueeze(params: str, shape: tuple, engine: str) -> None:
     """Caffe fixes Unsqueeze's top shape at setup, so Caffe itself only runs the prototxt's batch."""
-    check_lowering(one_layer("Unsqueeze", f"unsqueeze_param {{ {params} }}", data=shape), batches=(None,))
+    check_lowering(one_layer("Unsqueeze", f"unsqueeze_param {{ {params} }}", data=shape), batches=(None,),
+                   engine=engine)
 
 
 EMBED = {"bias": ("num_output: 5 input_dim: 7", (2, 3)),
@@ -242,11 +248,11 @@ EMBED = {"bias": ("num_output: 5 input_dim: 7", (2, 3)),
 
 
 @sweep(EMBED)
-def test_embed(params: str, shape: tuple) -> None:
+def test_embed(params: str, shape: tuple, engine: str) -> None:
     """Indices are whole floats in [0, input_dim), as Caffe requires."""
     dim = int(params.split("input_dim: ")[1].split()[0])
     check_lowering(one_layer("Embed", f"embed_param {{ {params} }}", data=shape),
-                   inputs=lambda a: np.floor(np.abs(a) * dim) % dim)
+                   inputs=lambda a: np.floor(np.abs(a) * dim) % dim, engine=engine)
 
 
 BATCH_NORM_KYLE = {
@@ -257,8 +263,8 @@ BATCH_NORM_KYLE = {
 
 
 @sweep(BATCH_NORM_KYLE)
-def test_batch_norm_kyle(params: str, shape: tuple) -> None:
-    check_lowering(one_layer("BatchNormKyle", f"batch_norm_param {{ {params} }}", data=shape))
+def test_batch_norm_kyle(params: str, shape: tuple, engine: str) -> None:
+    check_lowering(one_layer("BatchNormKyle", f"batch_norm_param {{ {params} }}", data=shape), engine=engine)
 
 
 IM2COL = {
@@ -270,8 +276,8 @@ IM2COL = {
 
 
 @sweep(IM2COL)
-def test_im2col(params: str, shape: tuple) -> None:
-    check_lowering(one_layer("Im2col", f"convolution_param {{ {params} }}", data=shape))
+def test_im2col(params: str, shape: tuple, engine: str) -> None:
+    check_lowering(one_layer("Im2col", f"convolution_param {{ {params} }}", data=shape), engine=engine)
 
 
 TRUNCATED_WINDOWS = {  # the dilated kernel reaches past the padded input by less than a stride
@@ -319,22 +325,22 @@ def test_deconvolution_edges(params: str, shape: tuple) -> None:
 
 
 @pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
-def test_shared_weights_over_several_bottoms(layer_type: str) -> None:
+def test_shared_weights_over_several_bottoms(layer_type: str, engine: str) -> None:
     """Caffe convolves every bottom with the same weights, top i from bottom i."""
     check_lowering(net(f"""
         layer {{ name: "op" type: "{layer_type}" bottom: "a" bottom: "b" bottom: "c" top: "x" top: "y" top: "z"
                 convolution_param {{ num_output: 4 kernel_size: 3 stride: 2 pad: 1 }} }}
-    """, a=(2, 3, 6, 6), b=(2, 3, 6, 6), c=(2, 3, 6, 6)))
+    """, a=(2, 3, 6, 6), b=(2, 3, 6, 6), c=(2, 3, 6, 6)), engine=engine)
 
 
 @pytest.mark.parametrize("relpath", ["opencv_dnn_layers/layer_mvn.prototxt", "opencv_dnn_layers/conv_2_inps.prototxt"])
-def test_shared_model_layers_now_lowered(shared_models, relpath: str) -> None:
+def test_shared_model_layers_now_lowered(shared_models, relpath: str, engine: str) -> None:
     """OpenCV's test nets for MVN and a two-bottom convolution, as given."""
-    check_lowering((shared_models / relpath).read_text())
+    check_lowering((shared_models / relpath).read_text(), engine=engine)
 
 
 @pytest.mark.parametrize("opset", [13, 17, 20])
-def test_new_layers_chained_in_one_segment(opset: int) -> None:
+def test_new_layers_chained_in_one_segment(opset: int, engine: str) -> None:
     """A small decoder: several new layers in one lowered segment, at three batch sizes, at the
     oldest opset lowering supports, the default, and a newer one (reductions and Resize changed)."""
     check_lowering(net("""
@@ -355,7 +361,8 @@ def test_new_layers_chained_in_one_segment(opset: int) -> None:
                 reduction_param { axis: 1 operation: MEAN } }
         layer { name: "top" type: "ArgMax" bottom: "spp" top: "top" argmax_param { top_k: 3 out_max_val: true } }
         layer { name: "tile" type: "Tile" bottom: "spp" top: "tile" tile_param { axis: -1 tiles: 2 } }
-    """, data=(2, 3, 5, 6)), batches=(None, 1, 4), extra_outputs=["mvn", "resize"], opset=opset)
+    """, data=(2, 3, 5, 6)), batches=(None, 1, 4), extra_outputs=["mvn", "resize"], opset=opset,
+                   engine=engine)
 
 
 # --- refusals -------------------------------------------------------------------------------

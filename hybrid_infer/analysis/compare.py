@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from ..partition.partitioner import TENSORRT
 from ..report.partition_report import boundaries, coverage
 from .partition_spec import PartitionSpec
 from .timing import Timing, time_calls
+
+if TYPE_CHECKING:
+    from ..executor.engine_choice import CpuSettings
 
 
 @dataclass
@@ -76,11 +79,13 @@ def within(accuracy: Sequence[OutputDifference], tolerance: float) -> bool:
 
 
 def open_partition(model: CaffeModel, spec: PartitionSpec, *, engine: str = "auto",
-                   outputs: Sequence[str] = ()) -> HybridNet:
-    """The hybrid for ``spec`` on an already loaded model; a bad fallback name names the spec."""
+                   outputs: Sequence[str] = (), cpu_settings: Optional["CpuSettings"] = None) -> HybridNet:
+    """The hybrid for ``spec`` on an already loaded model, with the spec's engine if it names
+    one, else ``engine``; a bad fallback name names the spec."""
     try:
-        return HybridNet(model, engine=engine, profile=spec.profile, min_segment_size=spec.min_segment_size,
-                         fallback=spec.fallback, outputs=outputs, keep_logits=True)
+        return HybridNet(model, engine=spec.engine or engine, profile=spec.profile,
+                         min_segment_size=spec.min_segment_size, fallback=spec.fallback, outputs=outputs,
+                         cpu_settings=cpu_settings, keep_logits=True)
     except OptionError as exc:
         raise OptionError(f"partition {spec.label}: {exc}") from None
 
@@ -121,6 +126,7 @@ def measure_partition(net: HybridNet, spec: PartitionSpec, inputs: Mapping[str, 
     notes = [se.fallback_note for se in net.segment_engines if se.fallback_note]
     notes += [f"{a.name}: {a.detections.summary()}" for a in accuracy if a.detections and a.detections.diffs]
     notes += refused
+    notes += [f"segment {se.segment.id}: chose {se.choice_note}" for se in net.segment_engines if se.choice_note]
     return PartitionResult(
         spec, batch, len(part.segments), sum(s.backend == TENSORRT for s in part.segments), len(bounds),
         sum(b["bytes_per_image"] for b in bounds), cov.layer_share, cov.flop_share, setup, accuracy, tolerance,
@@ -129,11 +135,12 @@ def measure_partition(net: HybridNet, spec: PartitionSpec, inputs: Mapping[str, 
 
 def compare_partitions(model: CaffeModel, specs: Sequence[PartitionSpec], inputs: Mapping[str, np.ndarray],
                        *, engine: str = "auto", outputs: Sequence[str] = (), tolerance: float = 1e-4,
-                       runs: int = 20, warmup: int = 3,
-                       tick: Optional[Callable[[], None]] = None) -> list[PartitionResult]:
+                       runs: int = 20, warmup: int = 3, tick: Optional[Callable[[], None]] = None,
+                       cpu_settings: Optional["CpuSettings"] = None) -> list[PartitionResult]:
     """Every spec measured on ``inputs``; nets are opened one at a time (they hold engines and
     weights) and closed after their measurement. Specs are all checked before any is run."""
-    nets = [open_partition(model, spec, engine=engine, outputs=outputs) for spec in specs]
+    nets = [open_partition(model, spec, engine=engine, outputs=outputs, cpu_settings=cpu_settings)
+            for spec in specs]
     reference = nets[0].reference_values(inputs)
     results = []
     for spec, net in zip(specs, nets):

@@ -6,38 +6,44 @@ A spec is either ``caffe`` (the whole model in pure Caffe, the reference) or com
 - ``profile``: ``tensorrt`` (default) or ``tensorrt-2``
 - ``min``: the minimum TensorRT segment size in compute layers (default 3)
 - ``fallback``: layer names or types forced to Caffe, joined by ``+``
+- ``engine``: what runs the supported segments (``auto``, ``onnxruntime``, ``openvino``,
+  ``tensorrt``, ``caffe``); without it, ``compare``'s ``--engine``
 
 A spec's ``label`` is its canonical spelling, so any label printed by ``compare`` can be
 passed back as ``--partition``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Iterable, Optional, Sequence
 
 from ..errors import OptionError
+from ..executor.engine_factory import ENGINES
 from ..partition.capability import PROFILES
 
 CAFFE_SPEC = "caffe"
 DEFAULT_PROFILE = "tensorrt"
 DEFAULT_MIN_SEGMENT_SIZE = 3
-_KEYS = ("profile", "min", "fallback")
+_KEYS = ("profile", "min", "fallback", "engine")
 
 
 @dataclass(frozen=True)
 class PartitionSpec:
-    """One partition to measure; ``pure_caffe`` ignores the other fields."""
+    """One partition to measure; ``pure_caffe`` ignores the other fields. ``engine`` None:
+    the engine ``compare`` was given."""
     pure_caffe: bool = False
     profile: str = DEFAULT_PROFILE
     min_segment_size: int = DEFAULT_MIN_SEGMENT_SIZE
     fallback: tuple[str, ...] = ()
+    engine: Optional[str] = None
 
     @property
     def label(self) -> str:
         if self.pure_caffe:
             return CAFFE_SPEC
         text = f"profile={self.profile},min={self.min_segment_size}"
-        return text + (f",fallback={'+'.join(self.fallback)}" if self.fallback else "")
+        text += f",fallback={'+'.join(self.fallback)}" if self.fallback else ""
+        return text + (f",engine={self.engine}" if self.engine else "")
 
 
 PURE_CAFFE = PartitionSpec(pure_caffe=True)
@@ -76,7 +82,10 @@ def parse_spec(text: str) -> PartitionSpec:
     if not all(fallback):
         raise OptionError(f"--partition {text!r}: fallback needs layer names or types joined by '+', with no "
                           "empty name, e.g. fallback=LRN+Concat")
-    return PartitionSpec(False, profile, min_size, fallback)
+    engine = fields.get("engine")
+    if engine is not None and engine not in ENGINES:
+        raise OptionError(f"--partition {text!r}: unknown engine '{engine}'; choose one of {', '.join(ENGINES)}")
+    return PartitionSpec(False, profile, min_size, fallback, engine)
 
 
 def default_specs(fallback_lists: Iterable[Sequence[str]] = ()) -> list[PartitionSpec]:
@@ -94,3 +103,15 @@ def unique_with_caffe_first(specs: Iterable[PartitionSpec]) -> list[PartitionSpe
         if spec not in ordered:
             ordered.append(spec)
     return ordered
+
+
+def with_engines(specs: Iterable[PartitionSpec], engines: Sequence[str]) -> list[PartitionSpec]:
+    """Each hybrid spec without an engine once per engine in ``engines`` (side by side);
+    pure Caffe and specs naming their engine stay as they are."""
+    expanded: list[PartitionSpec] = []
+    for spec in specs:
+        if spec.pure_caffe or spec.engine:
+            expanded.append(spec)
+        else:
+            expanded += [replace(spec, engine=engine) for engine in engines]
+    return expanded

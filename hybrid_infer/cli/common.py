@@ -16,6 +16,7 @@ from .option_types import MAX_WORKSPACE_MIB, cache_folder, float_type, input_sha
 if TYPE_CHECKING:
     from ..engines.engine_cache import EngineCache
     from ..engines.tensorrt_build import BuildSettings
+    from ..executor.engine_choice import CpuSettings
 
 
 AUTO = "auto"
@@ -92,6 +93,8 @@ def _net_options(args: argparse.Namespace, engine: str, batch: int, min_segment_
                               "FP16 engines calibrate with --precision fp16")
         if args.calibration is not None or args.keep_fp32:
             options.update(calibration=args.calibration, keep_fp32=args.keep_fp32)
+    if hasattr(args, "threads"):
+        options["cpu_settings"] = cpu_settings(args)
     return options
 
 
@@ -147,6 +150,26 @@ def add_build_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--engine-cache", type=cache_folder, metavar="DIR", help="engine cache folder")
     g.add_argument("--tensorrt-module", choices=("tensorrt", "tensorrt_rtx"),
                    help="TensorRT Python module to use (default: whichever imports)")
+
+
+def add_cpu_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the CPU engines (ONNX Runtime, OpenVINO) that run TensorRT segments without a GPU."""
+    g = parser.add_argument_group("CPU engines")
+    g.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="threads per CPU engine (default 0: every CPU this process may use)")
+    g.add_argument("--bf16", action="store_true",
+                   help="OpenVINO computes in BF16 (CPUs with avx512_bf16 or AMX): faster, reduced precision; "
+                        "the error against Caffe is measured and shown")
+
+
+def cpu_settings(args: argparse.Namespace) -> "CpuSettings":
+    from ..executor.engine_choice import CpuSettings
+    if args.threads < 0:
+        raise OptionError("--threads must be 0 (every allowed CPU) or more")
+    engines = args.engine if isinstance(args.engine, list) else [args.engine]
+    if args.bf16 and not {"auto", "openvino"} & set(engines):
+        raise OptionError("--bf16 applies to OpenVINO: use it with --engine openvino or auto")
+    return CpuSettings(threads=args.threads, bf16=args.bf16)
 
 
 def build_settings(args: argparse.Namespace, batch: int = 1) -> "BuildSettings":

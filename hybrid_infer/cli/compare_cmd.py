@@ -9,15 +9,18 @@ import sys
 from pathlib import Path
 
 from ..analysis.compare import compare_partitions, plot, to_json, to_text
-from ..analysis.partition_spec import PartitionSpec, default_specs, parse_spec, unique_with_caffe_first
+from ..analysis.partition_spec import (PartitionSpec, default_specs, parse_spec, unique_with_caffe_first,
+                                      with_engines)
 from ..api import HybridNet
+from ..executor.engine_choice import available_candidates
 from ..executor.engine_factory import ENGINES
 from ..model.caffe_model import CaffeModel
 from ..partition.capability import PROFILES
 from ..report.bar_chart import CHART_SUFFIXES, check_writable
 from ..report.progress import Progress
 from ..files import check_not_read, write_atomically
-from .common import (AUTO, SEED, add_lowerings_option, load_lowerings, parse_input_shapes, parse_min_segment_size)
+from .common import (AUTO, SEED, add_cpu_options, add_lowerings_option, cpu_settings, load_lowerings,
+                     parse_input_shapes, parse_min_segment_size)
 from .input_options import add_input_options, files_read, gather_inputs, preprocessing
 from .option_types import float_type, input_shape, int_type, output_file
 from .precision_options import add_precision_options
@@ -30,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "segments, boundary traffic, TensorRT coverage, latency, throughput and error "
                     "against Caffe. Default partitions: caffe; profile=tensorrt,min=3; "
                     "profile=tensorrt-2,min=3; profile=tensorrt,min=1; profile=tensorrt,min=10; "
-                    "plus one per --fallback list.")
+                    "plus one per --fallback list, and profile=tensorrt,min=3 with each installed CPU "
+                    "engine (ONNX Runtime, OpenVINO) side by side.")
     p.add_argument("model", type=Path, help="deploy.prototxt of the Caffe model")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--weights", type=Path, help="trained .caffemodel")
@@ -39,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--partition", action="append", default=[], metavar="SPEC",
                    help="a partition to measure instead of the default set: 'caffe' or key=value pairs "
                         "joined by commas, keys profile (tensorrt|tensorrt-2), min (N), fallback "
-                        "(NAME+TYPE+...), e.g. profile=tensorrt-2,min=1,fallback=LRN+Concat; repeatable")
+                        "(NAME+TYPE+...), engine (one of --engine's), e.g. "
+                        "profile=tensorrt-2,min=1,fallback=LRN+Concat,engine=openvino; repeatable")
     p.add_argument("--fallback", action="append", nargs="+", default=[], metavar="NAME_OR_TYPE",
                    help="also measure profile=tensorrt,min=3 with these layers (names or types) in Caffe; "
                         "repeat the option for several lists")
@@ -54,8 +59,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="replace an input's size from the prototxt, e.g. data=1x3x720x1280")
     add_input_options(p)
     add_lowerings_option(p)
-    p.add_argument("--engine", choices=ENGINES, default="auto",
-                   help="engine for supported segments (auto: TensorRT if it can run here, else ONNX Runtime)")
+    p.add_argument("--engine", choices=ENGINES, nargs="+", metavar="ENGINE",
+                   help=f"engine(s) for supported segments, one of {', '.join(ENGINES)} (default auto: TensorRT "
+                        "if it can run here, else the fastest CPU engine per segment); several: every partition "
+                        "with each, side by side")
     p.add_argument("--runs", type=int_type(1), default=20, help="timed runs per partition after warm-up (20)")
     p.add_argument("--warmup", type=int_type(0), default=3, help="untimed runs first (3)")
     p.add_argument("--tolerance", type=float_type(0), default=1e-4,
@@ -63,6 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=output_file, metavar="FILE", help="write the results as JSON")
     p.add_argument("--plot", type=output_file, metavar="FILE.png", help="draw median latencies as a bar chart")
     add_precision_options(p, several=True)
+    add_cpu_options(p)
     p.set_defaults(func=run)
 
 
@@ -71,14 +79,24 @@ def _specs(args: argparse.Namespace) -> list[PartitionSpec]:
     specs += [PartitionSpec(fallback=tuple(names)) for names in args.fallback]
     if isinstance(args.min_segment_size, int):
         specs.append(PartitionSpec(profile=args.profile, min_segment_size=args.min_segment_size))
+    if args.engine and len(args.engine) > 1:
+        specs = with_engines(specs, args.engine)
+    elif not args.engine and not args.partition and len(available_candidates()) > 1:
+        specs += [PartitionSpec(engine=name) for name in available_candidates()]
     return unique_with_caffe_first(specs)
+
+
+def _engine(args: argparse.Namespace) -> str:
+    """The engine of specs that name none (with several --engine values, every spec names one)."""
+    return args.engine[0] if args.engine and len(args.engine) == 1 else "auto"
 
 
 def _auto_spec(probe: HybridNet, args: argparse.Namespace, inputs: dict) -> PartitionSpec:
     from ..analysis.auto_min import choose_min_segment_size
     fallback = tuple(args.fallback[0]) if args.fallback else ()
-    make_net = lambda size: HybridNet(probe.model, engine=args.engine, profile=args.profile, min_segment_size=size,
-                                      fallback=fallback, outputs=args.output_blob)
+    make_net = lambda size: HybridNet(probe.model, engine=_engine(args), profile=args.profile,
+                                      min_segment_size=size, fallback=fallback, outputs=args.output_blob,
+                                      cpu_settings=cpu_settings(args))
     choice = choose_min_segment_size(make_net, inputs, probe.reference_values(inputs), tolerance=args.tolerance)
     choice.net.close()
     print(choice.reason)
@@ -92,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         check_writable(args.json, "--json")
         check_not_read(args.json, "--json", files_read(args))
+    settings = cpu_settings(args)
     specs = _specs(args)
     load_lowerings(args)
     model = CaffeModel(args.model, args.weights, parse_input_shapes(args.input_shape))
@@ -102,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     variants = []
     if args.calibration:  # every file checked (stale, unreadable) before anything is measured
         from ..precision.variants import measure_precisions, open_precisions
-        variants = open_precisions(model, args.calibration, engine=args.engine, outputs=args.output_blob,
+        variants = open_precisions(model, args.calibration, engine=_engine(args), outputs=args.output_blob,
                                    keep_fp32=args.keep_fp32)
     if args.min_segment_size == AUTO:
         specs = unique_with_caffe_first([*specs, _auto_spec(probe, args, inputs)])
@@ -110,9 +129,9 @@ def run(args: argparse.Namespace) -> int:
           + f", {args.warmup} warm-up + {args.runs} timed run(s) each", file=sys.stderr)
     progress = Progress((len(specs) + len(variants)) * (args.runs + args.warmup), "compare")
     try:
-        results = compare_partitions(model, specs, inputs, engine=args.engine, outputs=args.output_blob,
+        results = compare_partitions(model, specs, inputs, engine=_engine(args), outputs=args.output_blob,
                                      tolerance=args.tolerance, runs=args.runs, warmup=args.warmup,
-                                     tick=progress.tick)
+                                     tick=progress.tick, cpu_settings=settings)
         if variants:
             results += measure_precisions(variants, inputs, probe.reference_values(inputs), runs=args.runs,
                                           warmup=args.warmup, tick=progress.tick)

@@ -18,7 +18,7 @@ from ..report import handoff_report
 from ..files import check_not_read, check_output_path, write_atomically
 from ..inputs import read_labels
 from ..report.partition_report import user_lowerings
-from .common import add_build_options, add_model_options, auto_min_segment_size, open_net
+from .common import add_build_options, add_cpu_options, add_model_options, auto_min_segment_size, open_net
 from .input_options import add_input_options, files_read, gather_inputs, preprocessing
 from .option_types import float_type, int_type, output_file
 from .precision_options import (add_precision_options, check_tolerance, input_range_warnings, precision_input_checks,
@@ -31,8 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_options(p, auto_min=True)
     add_input_options(p)
     p.add_argument("--engine", choices=ENGINES, default="auto",
-                   help="engine for supported segments (auto: TensorRT if it can run here, else ONNX Runtime; "
-                        "caffe: Caffe too, on the same cut)")
+                   help="engine for supported segments (auto: TensorRT if it can run here, else the faster of "
+                        "ONNX Runtime and OpenVINO per segment, measured once and cached; caffe: Caffe too, "
+                        "on the same cut)")
     p.add_argument("--device", type=int_type(0), metavar="N",
                    help="run the Caffe segments on GPU N (needs the CUDA Caffe: scripts/setup.sh --cuda); "
                         "tensors then stay on the GPU between GPU engines")
@@ -44,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the margin within which scores and thresholds count as equal")
     p.add_argument("--labels", type=Path, help="class names, one per line, for classifier outputs")
     p.add_argument("--top", type=int_type(1), default=5, help="classes to show per image (5)")
+    add_cpu_options(p)
     add_build_options(p)
     add_precision_options(p)
     p.set_defaults(func=run)
@@ -140,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
     times = net.segment_times()
     for se in net.segment_engines:
         note = f"  (fell back: {se.fallback_note})" if se.fallback_note else ""
+        note += f"  (chose {se.choice_note})" if se.choice_note else ""
         print(f"  segment {se.segment.id}: {se.engine.kind:<11} {len(se.segment.layers):4d} layers "
               f"{times.get(se.segment.id, 0) * 1e3:8.2f} ms{note}")
     if net.gpu is not None:
@@ -149,21 +152,27 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {row['target']} lowered by {row['function']} ({row['origin']}): {', '.join(row['layers'])}")
     print("\nhand-offs of the second run:\n" + handoff_report.to_text(net.handoffs()), end="")
     status = 0
-    if args.check:
+    reduced = [f"segment {se.segment.id} ({se.engine.kind}, {se.engine.precision.upper()})"
+               for se in net.segment_engines if getattr(se.engine, "precision", "f32") != "f32"]
+    if args.check or reduced:
+        # A CPU engine's reduced precision (OpenVINO BF16) is always measured; only --check judges it.
         result = net.check(inputs, tolerance)
-        status = 0 if result.ok else 1
+        status = 0 if result.ok or not args.check else 1
         compared = ", ".join(f"'{name}'" for name in result.softmax_inputs.values())
         if why_tolerance:
             print(f"\n{why_tolerance}", end="")
-        print("\ncheck against pure Caffe: the outputs" + (f", and the input of every Softmax ({compared}), whose "
-              "saturated probabilities would hide errors" if compared else "") + ":")
+        where = f"reduced precision: {', '.join(reduced)}; " if reduced else ""
+        print(f"\n{where}{'check against' if args.check else 'error against'} pure Caffe: the outputs"
+              + (f", and the input of every Softmax ({compared}), whose saturated probabilities would hide errors"
+                 if compared else "") + ":")
         for row in result.rows:
             if row.detections is not None:
                 _print_detection_check(row.name, row.detections, row.within(tolerance))
                 continue
             role = f" (input of Softmax '{result.softmax_inputs[row.name]}')" if row.name in result.softmax_inputs else ""
-            print(f"  {row.name}{role}: max abs error {row.max_abs:.3g}, relative L2 {row.rel_l2:.3g} "
-                  f"{'OK' if row.rel_l2 <= tolerance else 'ABOVE'} (tolerance {tolerance:g})"
+            verdict = (f" {'OK' if row.rel_l2 <= tolerance else 'ABOVE'} (tolerance {tolerance:g})"
+                       if args.check else "")
+            print(f"  {row.name}{role}: max abs error {row.max_abs:.3g}, relative L2 {row.rel_l2:.3g}{verdict}"
                   + (f", top-1 agreement {row.top1_agreement:.0%}" if row.top1_agreement is not None else "")
                   + (f", {row.nonfinite} value(s) NaN or Inf on one side only" if row.nonfinite else "")
                   + (f" ({row.note})" if row.note and not row.nonfinite else ""))

@@ -1,8 +1,8 @@
 """Build the engine for each segment, and fall back to Caffe when an engine refuses one.
 
-A segment that ONNX lowering, ONNX Runtime or TensorRT rejects runs in Caffe: the user
-gets Caffe's answer more slowly, never a wrong one. Where the refusal names Caffe layers,
-the caller can move just those to Caffe and partition again.
+A segment that ONNX lowering, ONNX Runtime, OpenVINO or TensorRT rejects runs in Caffe: the
+user gets Caffe's answer more slowly, never a wrong one. Where the refusal names Caffe
+layers, the caller can move just those to Caffe and partition again.
 """
 from __future__ import annotations
 
@@ -20,10 +20,13 @@ from ..graph.layer_graph import LayerGraph
 from ..index_inputs import embed_requirement
 from ..model.caffe_model import CaffeModel
 from ..partition.partitioner import CAFFE, Segment
+from .engine_choice import AUTO, CANDIDATES, CandidateEngines, available_candidates
 
-#: "caffe" runs every segment in Caffe, on the same cut: it isolates what the engines
-#: contribute from what the cut and the hand-offs cost.
-ENGINES = ("auto", "onnxruntime", "tensorrt", "caffe")
+#: "auto": TensorRT where it can run, else the fastest CPU engine per segment (measured);
+#: then the CPU engines (``engine_choice.CANDIDATES``) by name, and TensorRT. "caffe" runs
+#: every segment in Caffe, on the same cut: it isolates what the engines contribute from
+#: what the cut and the hand-offs cost.
+ENGINES = (AUTO, *CANDIDATES, "tensorrt", "caffe")
 
 TensorRTFactory = Callable[["onnx.ModelProto", Segment], Engine]
 #: (FP32 ONNX, segment, resolved engine) -> the ONNX that engine builds instead (reduced precision).
@@ -40,6 +43,8 @@ class SegmentEngine:
     rejected_layers: tuple[str, ...] = ()
     #: Who refused: "the lowering" or the engine's name.
     refused_by: str = ""
+    #: For ``--engine auto`` on a CPU: which engine was chosen and why (measured medians).
+    choice_note: Optional[str] = None
 
 
 def segment_onnx(graph: LayerGraph, model: CaffeModel, segment: Segment, *,
@@ -50,29 +55,44 @@ def segment_onnx(graph: LayerGraph, model: CaffeModel, segment: Segment, *,
 
 
 def resolve_engine(engine: str, tensorrt_module: Optional[str] = None) -> tuple[str, str]:
-    """Turn "auto" into the engine that can execute here (TensorRT if it can run, else ONNX
-    Runtime), and say why."""
+    """Turn "auto" into what runs supported segments here, and say why: TensorRT if it can
+    run, else the only CPU engine installed, else ``AUTO`` (the fastest CPU engine per
+    segment, measured by ``engine_choice.CandidateEngines``). A named engine that cannot run
+    here is an ``OptionError``."""
     if engine not in ENGINES:
         raise OptionError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINES)}")
-    if engine in ("onnxruntime", "caffe"):
+    if engine == "caffe":
+        return engine, "asked for"
+    if engine in CANDIDATES:
+        ok, reason = CANDIDATES[engine].available()
+        if not ok:
+            raise OptionError(f"--engine {engine} cannot run here: {reason}")
         return engine, "asked for"
     from ..engines.tensorrt_engine import runtime_available
     ok, reason = runtime_available(tensorrt_module)
     if ok:
         return "tensorrt", reason
     if engine == "tensorrt":
-        raise OptionError(f"--engine tensorrt cannot run here: {reason}; use --engine onnxruntime "
-                          "(runs the same segments' ONNX on the CPU)")
-    return "onnxruntime", f"TensorRT cannot run here: {reason}"
+        raise OptionError(f"--engine tensorrt cannot run here: {reason}; use --engine "
+                          f"{' or '.join(available_candidates())} (runs the same segments' ONNX on the CPU)")
+    names = available_candidates()
+    if len(names) == 1:
+        return names[0], f"TensorRT cannot run here: {reason}"
+    return AUTO, (f"TensorRT cannot run here: {reason}; each segment runs in the fastest of "
+                  f"{', '.join(names)}, measured on its shapes")
 
 
 def build_engines(graph: LayerGraph, model: CaffeModel, segments: list[Segment], engine: str,
                   tensorrt_factory: Optional[TensorRTFactory] = None,
                   caffe_device: Optional[GpuDevice] = None,
+                  candidate_engines: Optional[CandidateEngines] = None,
+                  batch: Optional[int] = None,
                   transform: Optional[SegmentTransform] = None) -> list[SegmentEngine]:
-    """One engine per segment; ``engine`` is "onnxruntime", "tensorrt" or "caffe" (already
-    resolved). Caffe segments run on ``caffe_device`` when given, else on the CPU.
+    """One engine per segment; ``engine`` is already resolved: a CPU engine's name, ``AUTO``
+    (the fastest CPU engine per segment, measured at ``batch``, else the prototxt's),
+    "tensorrt" or "caffe". Caffe segments run on ``caffe_device`` when given, else on the CPU.
     ``transform`` replaces each TensorRT segment's FP32 ONNX before its engine is built."""
+    candidate_engines = candidate_engines or CandidateEngines()
     built: list[SegmentEngine] = []
     for segment in segments:
         def caffe_engine(segment: Segment = segment) -> Engine:
@@ -83,24 +103,31 @@ def build_engines(graph: LayerGraph, model: CaffeModel, segments: list[Segment],
         if segment.backend == CAFFE or engine == "caffe":
             built.append(SegmentEngine(segment, caffe_engine()))
             continue
+        value_checked = {name: embed_requirement(graph.layers[name]) for name in segment.layers
+                         if graph.layers[name].type == "Embed"}
+        segment_engine = engine
+        if engine == AUTO and (transform is not None or value_checked):
+            # Calibrated Q/DQ placement is made for ONNX Runtime's CPU kernels, and random
+            # feeds cannot time a segment that reads index values: no measured choice there.
+            segment_engine = "onnxruntime"
         try:
             onnx_model = segment_onnx(graph, model, segment)
             if transform is not None:
-                onnx_model = transform(onnx_model, segment, engine)
+                onnx_model = transform(onnx_model, segment, segment_engine)
+            choice_note = None
             if engine == "tensorrt":
                 assert tensorrt_factory is not None
                 runner: Engine = tensorrt_factory(onnx_model, segment)
             else:
-                from ..engines.onnxruntime_engine import OnnxRuntimeEngine
-                # Alone, its threads may spin between runs; beside other engines they must not.
-                runner = OnnxRuntimeEngine(onnx_model, idle_spin=len(segments) == 1,
-                                           value_checked={name: embed_requirement(graph.layers[name])
-                                                          for name in segment.layers
-                                                          if graph.layers[name].type == "Embed"})
-            built.append(SegmentEngine(segment, runner))
+                shapes = {v: (batch or graph.values[v].shape[0], *graph.values[v].shape[1:])
+                          for v in segment.inputs}
+                runner, choice_note = candidate_engines.build(segment_engine, onnx_model, shapes,
+                                                              alone=len(segments) == 1, value_checked=value_checked)
+            built.append(SegmentEngine(segment, runner, choice_note=choice_note))
         except (EngineRejected, LoweringError) as exc:
             layers = tuple(exc.layers if isinstance(exc, LoweringError) else exc.caffe_layers)
             note = f"segment {segment.id} runs in Caffe instead: {exc}"
-            refused_by = "the lowering" if isinstance(exc, LoweringError) else engine
+            refused_by = ("the lowering" if isinstance(exc, LoweringError)
+                          else " and ".join(available_candidates()) if segment_engine == AUTO else segment_engine)
             built.append(SegmentEngine(segment, caffe_engine(), note, layers, refused_by))
     return built
