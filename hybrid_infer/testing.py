@@ -97,7 +97,7 @@ def cpu_engine(model: "onnx.ModelProto", engine: str = "onnxruntime") -> "Engine
     if engine not in CANDIDATES:
         raise OptionError(f"engine '{engine}': lowerings are checked on a CPU engine, one of {', '.join(CANDIDATES)}")
     resolve_engine(engine)  # an OptionError saying why, when it cannot run here
-    return CANDIDATES[engine].build(model, CpuSettings(threads=1), True)
+    return CANDIDATES[engine].build(model, CpuSettings(threads=1), True, {})
 
 
 def fresh_seed(seed: Optional[int] = None) -> int:

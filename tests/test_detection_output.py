@@ -22,7 +22,7 @@ from hybrid_infer.engines.tensorrt_engine import TensorRTEngine, runtime_availab
 from hybrid_infer.errors import LoweringError
 from hybrid_infer.lowering import nms
 from hybrid_infer.lowering.detection import DETECTIONS
-from hybrid_infer.testing import cpu_session, fresh_seed, load_text, lower_whole_net, net
+from hybrid_infer.testing import cpu_engine, fresh_seed, load_text, lower_whole_net, net
 
 PRIORS, CLASSES = 24, 4
 TOLERANCE = 1e-5
@@ -81,7 +81,7 @@ def make_inputs(kind: str, rng: np.random.Generator, batch: int, share: bool, cl
 def run_both(prototxt: str, feeds: list[dict[str, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
     """(ONNX Runtime's top, Caffe's top) for each set of feeds."""
     model, graph = load_text(prototxt)
-    session = cpu_session(lower_whole_net(model, graph, ["out"]))
+    engine = cpu_engine(lower_whole_net(model, graph, ["out"]))
     caffe = model.reference_net()
     results = []
     for feed in feeds:
@@ -89,7 +89,7 @@ def run_both(prototxt: str, feeds: list[dict[str, np.ndarray]]) -> list[tuple[np
             caffe.blobs[name].reshape(*array.shape)
         caffe.reshape()
         caffe.forward(**feed)
-        results.append((session.run(["out"], feed)[0], np.array(caffe.blobs["out"].data, copy=True)))
+        results.append((engine.run(feed)["out"], np.array(caffe.blobs["out"].data, copy=True)))
     return results
 
 

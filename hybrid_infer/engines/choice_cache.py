@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Mapping, Optional, Union
 
-from .engine_cache import _write_atomically, default_directory
+from ..errors import EnvironmentProblem, HybridInferError
+from ..files import read_regular_file, write_files_atomically
+from .engine_cache import default_directory
 
 log = logging.getLogger("hybrid_infer")
 
@@ -60,12 +62,13 @@ class ChoiceCache:
         """The recorded choice for ``key`` among the engines named in ``candidates``, or None
         when there is none or it cannot be trusted (then it is measured again)."""
         path = self._path(key)
-        try:
-            record = json.loads(path.read_text())
-        except FileNotFoundError:
+        if not os.path.lexists(path):
             return None
-        except (OSError, ValueError) as exc:
-            log.warning("engine choice %s is unreadable (%s); measuring again", path, exc.__class__.__name__)
+        try:  # a record is a few hundred bytes; anything else found there is not one
+            record = json.loads(read_regular_file(path, "engine choice", EnvironmentProblem, max_bytes=2**16,
+                                                  follow_symlinks=False))
+        except (HybridInferError, ValueError) as exc:
+            log.warning("engine choice %s is unusable (%s); measuring again", path, exc)
             return None
         try:
             if record["format"] != CHOICE_FORMAT or record["key"] != key or record["engine"] not in candidates:
@@ -84,8 +87,9 @@ class ChoiceCache:
                   "median_ms": dict(choice.median_ms), "batch": choice.batch, "measured": choice.measured}
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            _write_atomically(self._path(key), json.dumps(record, indent=1).encode())
-        except OSError as exc:
+            write_files_atomically({self._path(key): json.dumps(record, indent=1).encode()},
+                                   option="engine cache", error=EnvironmentProblem, owned_folder=True)
+        except (OSError, HybridInferError) as exc:
             log.warning("cannot record the engine choice in %s (%s); it will be measured again next time",
                         self.directory, exc)
 
