@@ -85,11 +85,15 @@ def _batch(inputs: Mapping[str, np.ndarray]) -> Optional[int]:
 
 
 class HybridNet:
-    """A Caffe model partitioned between TensorRT (or a CPU engine: ONNX Runtime, OpenVINO) and Caffe.
+    """A Caffe model partitioned between TensorRT (or ONNX Runtime's CUDA provider, or a CPU
+    engine: ONNX Runtime, OpenVINO) and Caffe.
 
     Engines are built on the first ``run`` and reused; ``partition`` needs no weights.
-    ``engine="auto"`` without a TensorRT runtime measures the installed CPU engines on each
-    segment at the first run's batch and keeps the fastest (``cpu_settings``: threads, BF16).
+    ``engine="auto"`` takes TensorRT where a runtime supports the GPU, else ONNX Runtime's
+    CUDA provider where onnxruntime-gpu and a GPU are present (on the Caffe segments' GPU,
+    else GPU 0; ``cuda_graphs=False`` turns its CUDA graphs off), else measures the
+    installed CPU engines on each segment at the first run's batch and keeps the fastest
+    (``cpu_settings``: threads, BF16).
     ``device=N`` runs the Caffe segments on GPU N (checked here, so a wrong id fails
     before any work); tensors then pass between GPU engines as device pointers, or
     through the host with ``zero_copy=False`` (to measure the difference).
@@ -105,7 +109,7 @@ class HybridNet:
                  engine_cache: Optional["EngineCache"] = None, tensorrt_module: Optional[str] = None,
                  device: Optional[int] = None, zero_copy: bool = True, keep_logits: bool = False,
                  calibration: "PathLike | Calibration | PrecisionPlan | None" = None, keep_fp32: Iterable[str] = (),
-                 cpu_settings: Optional["CpuSettings"] = None):
+                 cpu_settings: Optional["CpuSettings"] = None, cuda_graphs: bool = True):
         from .executor.engine_factory import ENGINES
         if not isinstance(model, CaffeModel):
             raise OptionError(f"model must be a CaffeModel (hybrid_infer.load reads one from files), "
@@ -121,6 +125,8 @@ class HybridNet:
         self._check_types(build_settings=build_settings, engine_cache=engine_cache, cpu_settings=cpu_settings)
         self.model = model
         self.cpu_settings = cpu_settings
+        #: ONNX Runtime CUDA segments replay CUDA graphs (one per batch size) where they can.
+        self.cuda_graphs = bool(cuda_graphs)
         self.zero_copy = bool(zero_copy)
         #: The GPU Caffe segments run on, or None for the CPU.
         self.gpu: Optional["GpuDevice"] = None
@@ -210,7 +216,8 @@ class HybridNet:
             while True:
                 built = build_engines(self.graph, self.model, self.partition.segments, engine, factory,
                                       caffe_device=self.gpu, candidate_engines=candidate_engines, batch=batch,
-                                      transform=self.precision.segment_model if self.precision else None)
+                                      transform=self.precision.segment_model if self.precision else None,
+                                      cuda_device=self.gpu.index if self.gpu else 0, cuda_graphs=self.cuda_graphs)
                 named = {layer: f"{se.refused_by} refused it: {se.fallback_note}" for se in built
                          for layer in se.rejected_layers if layer not in rejected}
                 if not named:
@@ -487,7 +494,8 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
          tensorrt_module: Optional[str] = None, device: Optional[int] = None,
          zero_copy: bool = True, lowerings: Sequence["LoweringModule"] = (),
          keep_logits: bool = False, calibration: "PathLike | Calibration | PrecisionPlan | None" = None,
-         keep_fp32: Iterable[str] = (), cpu_settings: Optional["CpuSettings"] = None) -> HybridNet:
+         keep_fp32: Iterable[str] = (), cpu_settings: Optional["CpuSettings"] = None,
+         cuda_graphs: bool = True) -> HybridNet:
     """Load a Caffe model and partition it.
 
     ``lowerings`` names modules (importable names, ``.py`` paths, or modules) whose
@@ -507,7 +515,7 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
     runs the TensorRT segments in its precision (INT8 Q/DQ or FP16), with ``keep_fp32``
     (layer names or types) left in FP32; a stale file raises ``CalibrationError``.
     ``cpu_settings`` (``executor.engine_choice.CpuSettings``) sets CPU
-    engines' threads and OpenVINO's BF16.
+    engines' threads and OpenVINO's BF16; ``cuda_graphs`` ONNX Runtime CUDA's graph replay.
     """
     prototxt = arguments.path(prototxt, "prototxt")
     weights = arguments.optional(arguments.path, weights, "weights")
@@ -521,4 +529,5 @@ def load(prototxt: PathLike, weights: Optional[PathLike] = None, *, engine: str 
                      fallback=fallback, outputs=outputs, build_settings=build_settings,
                      engine_cache=engine_cache, tensorrt_module=tensorrt_module, device=device,
                      zero_copy=zero_copy, keep_logits=keep_logits, calibration=calibration,
-                     keep_fp32=keep_fp32, cpu_settings=cpu_settings)
+                     keep_fp32=keep_fp32, cpu_settings=cpu_settings,
+                     cuda_graphs=cuda_graphs)

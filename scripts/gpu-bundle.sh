@@ -19,10 +19,13 @@
 #   project  this checkout's files (tracked and not ignored)
 #   models   the third-party test models (../shared/models), when present
 # --wheel FILE (e.g. onnxruntime-gpu's cp311 wheel, about 244 MiB) is too large for one call
-# to the GPU machine, so it is cut into pieces of at most --piece-mib MiB (default 58), one
+# to the GPU machine, so it is cut into pieces of at most --piece-mib MiB (default 44), one
 # folder each under --pieces (default .gpu-pieces/, also excluded from git): 01/, 02/, ...
 # with a SHA256SUMS file in 01/. Each piece travels in its own call and is kept in the
 # machine's /tmp by `scripts/gpu-test.sh --stash`; gpu-test.sh --wheels puts it together.
+# A call carries at most 64 MiB with the checkout itself (about 13 MiB), so 44 MiB pieces
+# leave room; the bundle (about 53 MiB) travels as files split over two calls, e.g.
+# site.tar.xz + python.tar.xz in one, the rest beside a piece in another.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -32,7 +35,7 @@ limit_mib=56
 arch_args=()
 wheel=""
 pieces="$root/.gpu-pieces"
-piece_mib=58
+piece_mib=44
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="$2"; shift ;;

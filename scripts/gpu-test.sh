@@ -3,17 +3,21 @@
 # and the GPU benchmark with it, writing their logs and results to --out.
 #
 # Usage: scripts/gpu-test.sh [--bundle DIR] [--out DIR] [--benchmark-args "ARGS"] [--wheels DIR]
+#                            [--skip-tests] [--skip-benchmark]
 #        scripts/gpu-test.sh --stash DIR
-# --stash DIR copies DIR (the bundle, or one folder of wheel pieces that scripts/gpu-bundle.sh
-# --wheel cut) into /tmp/hybrid_infer_stash/ and exits: the machine keeps /tmp while it stays
+# --stash DIR copies what DIR holds (the bundle or some of its files, or one folder of wheel
+# pieces that scripts/gpu-bundle.sh --wheel cut) into /tmp/hybrid_infer_stash/ and exits: the machine keeps /tmp while it stays
 # warm (30 s after a call), so a bundle and a large wheel travel over consecutive calls.
 # --wheels DIR joins the pieces found in DIR/*/ (checked against DIR/01/SHA256SUMS) and
 # unpacks the wheel ahead of the bundle's packages (onnxruntime-gpu replaces onnxruntime).
 # Steps, each call started within 30 s of the last (carry the folder named):
-#   carry .gpu-bundle:     bash scripts/gpu-test.sh --stash .gpu-bundle
-#   carry .gpu-pieces/01:  bash scripts/gpu-test.sh --stash .gpu-pieces/01     (02, 03, ...)
+#   carry .gpu-bundle/site.tar.xz, .gpu-bundle/python.tar.xz:  bash scripts/gpu-test.sh --stash .gpu-bundle
+#   carry .gpu-pieces/01 and the bundle's other files: --stash .gpu-pieces/01 and --stash .gpu-bundle
+#   carry .gpu-pieces/02:  bash scripts/gpu-test.sh --stash .gpu-pieces/02     (03, ...)
 #   then:                  bash scripts/gpu-test.sh --bundle /tmp/hybrid_infer_stash/.gpu-bundle \
-#                            --wheels /tmp/hybrid_infer_stash/pieces
+#                            --wheels /tmp/hybrid_infer_stash/pieces [--skip-benchmark]
+#   and while warm:        the same with --skip-tests (the tests and the benchmark may each
+#                          need most of one call's 10 minutes)
 # Defaults: the bundle in .gpu-bundle/ beside this script's checkout; --out $OUT if set,
 # else results/gpu. The machine needs an NVIDIA driver and CUDA 13's runtime, cuBLAS and
 # cuRAND, found in the CUDA wheels of its own Python (nvidia/cu13/lib, as PyTorch installs
@@ -25,6 +29,8 @@ bundle="$root/.gpu-bundle"
 out=${OUT:-$root/results/gpu}
 benchmark_args=""
 wheels=""
+skip_tests=0
+skip_benchmark=0
 stash_root=/tmp/hybrid_infer_stash
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -32,6 +38,8 @@ while [ $# -gt 0 ]; do
     --out) out="$2"; shift ;;
     --benchmark-args) benchmark_args="$2"; shift ;;
     --wheels) wheels="$2"; shift ;;
+    --skip-tests) skip_tests=1 ;;
+    --skip-benchmark) skip_benchmark=1 ;;
     --stash)
       src="${2%/}"
       [ -d "$src" ] || { echo "gpu-test.sh: --stash $src is not a folder" >&2; exit 2; }
@@ -39,12 +47,13 @@ while [ $# -gt 0 ]; do
         */.gpu-pieces/*) dest="$stash_root/pieces/$(basename "$src")" ;;
         *) dest="$stash_root/$(basename "$src")" ;;
       esac
-      rm -rf "$dest" && mkdir -p "$(dirname "$dest")" && cp -a "$src" "$dest" \
+      # merged into what is stashed already: a folder may travel as parts over several calls
+      mkdir -p "$dest" && cp -a "$src/." "$dest/" \
         || { echo "gpu-test.sh: cannot copy $src to $dest" >&2; exit 1; }
       printf '[gpu-test %(%H:%M:%S)T] stashed %s in %s (%s)\n' -1 "$src" "$dest" "$(du -sh "$dest" | cut -f1)"
       exit 0 ;;
     *) echo "gpu-test.sh: unknown option '$1' (use --bundle DIR, --out DIR, --benchmark-args ARGS, --wheels DIR," \
-            "--stash DIR)" >&2; exit 2 ;;
+            "--skip-tests, --skip-benchmark, --stash DIR)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -110,21 +119,27 @@ $missing"
 } | tee "$out/gpu-environment.log"
 
 cd "$work/project" || fail "no project in the bundle"
-log "GPU tests"
-"$py" -m pytest -v -rs -p no:cacheprovider tests/test_caffe_gpu.py tests/test_native_blob.py \
-  tests/test_handoffs.py tests/test_onnxruntime_cuda.py 2>&1 | tee "$out/gpu-tests.log"
-tests_status=${PIPESTATUS[0]}
-log "GPU benchmark"
-# shellcheck disable=SC2086  # extra arguments are a word list
-"$py" scripts/gpu_benchmark.py --models-dir "$work/shared/models" --out "$out" $benchmark_args 2>&1 \
-  | tee "$out/gpu-benchmark.log"
-bench_status=${PIPESTATUS[0]}
-if python3 -c 'import torch, torchvision' 2>/dev/null; then
-  log "the GPU's limit: PyTorch + cuDNN + CUDA graphs on the same architectures"
-  env -u PYTHONPATH -u LD_LIBRARY_PATH python3 scripts/gpu_torch_limit.py --out "$out" 2>&1 \
-    | tee "$out/gpu-torch-limit.log"
-else
-  log "no torch/torchvision in python3: the PyTorch limit is not measured"
+tests_status=0
+if [ "$skip_tests" = 0 ]; then
+  log "GPU tests"
+  "$py" -m pytest -v -rs -p no:cacheprovider tests/test_caffe_gpu.py tests/test_native_blob.py \
+    tests/test_handoffs.py tests/test_onnxruntime_cuda.py 2>&1 | tee "$out/gpu-tests.log"
+  tests_status=${PIPESTATUS[0]}
+fi
+bench_status=0
+if [ "$skip_benchmark" = 0 ]; then
+  log "GPU benchmark"
+  # shellcheck disable=SC2086  # extra arguments are a word list
+  "$py" scripts/gpu_benchmark.py --models-dir "$work/shared/models" --out "$out" $benchmark_args 2>&1 \
+    | tee "$out/gpu-benchmark.log"
+  bench_status=${PIPESTATUS[0]}
+  if python3 -c 'import torch, torchvision' 2>/dev/null; then
+    log "the GPU's limit: PyTorch + cuDNN + CUDA graphs on the same architectures"
+    env -u PYTHONPATH -u LD_LIBRARY_PATH python3 scripts/gpu_torch_limit.py --out "$out" 2>&1 \
+      | tee "$out/gpu-torch-limit.log"
+  else
+    log "no torch/torchvision in python3: the PyTorch limit is not measured"
+  fi
 fi
 rm -rf "$work"
 log "tests exit $tests_status, benchmark exit $bench_status; logs in $out"

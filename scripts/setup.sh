@@ -11,9 +11,10 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 log() { printf '[setup %(%H:%M:%S)T] %s\n' -1 "$*"; }
 python=${PYTHON:-python3}
 build_args=()
+cuda=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    --cuda) build_args+=(--cuda) ;;
+    --cuda) build_args+=(--cuda); cuda=1 ;;
     --cuda-arch) build_args+=(--cuda-arch "$2"); shift ;;
     *) echo "setup.sh: unknown option '$1' (use --cuda, --cuda-arch LIST)" >&2; exit 2 ;;
   esac
@@ -50,6 +51,23 @@ if [ ! -x "$root/.venv/bin/python" ]; then
 fi
 log "installing hybrid_infer and its Python dependencies into .venv"
 "$root/.venv/bin/pip" install -q --disable-pip-version-check -e "$root[test,openvino]"
+# onnxruntime and onnxruntime-gpu install the same `onnxruntime` module: exactly one of them
+# may be present. The CUDA flavour runs TensorRT segments on ONNX Runtime's CUDA provider
+# where no TensorRT runtime supports the GPU (the [gpu] extra); the CPU flavour takes it out.
+pip=("$root/.venv/bin/pip" --disable-pip-version-check -q)
+if [ "$cuda" = 1 ]; then
+  if ! "${pip[@]}" show onnxruntime-gpu >/dev/null 2>&1 || "${pip[@]}" show onnxruntime >/dev/null 2>&1; then
+    log "replacing onnxruntime with onnxruntime-gpu (CUDA provider)"
+    "${pip[@]}" uninstall -y onnxruntime onnxruntime-gpu >/dev/null 2>&1 || true
+    "${pip[@]}" install -e "$root[gpu]"
+    "${pip[@]}" uninstall -y onnxruntime >/dev/null 2>&1 || true
+    "${pip[@]}" install --force-reinstall --no-deps "$("$root/.venv/bin/python" -c 'import importlib.metadata as m; print("onnxruntime-gpu==" + m.version("onnxruntime-gpu"))')"
+  fi
+elif "${pip[@]}" show onnxruntime-gpu >/dev/null 2>&1; then
+  log "replacing onnxruntime-gpu with onnxruntime (CPU flavour)"
+  "${pip[@]}" uninstall -y onnxruntime-gpu onnxruntime >/dev/null 2>&1 || true
+  "${pip[@]}" install -e "$root[test,openvino]"
+fi
 native=$("$root/scripts/build-native.sh" "$prefix" --python "$root/.venv/bin/python" | tail -1)
 site=$("$root/.venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 printf '%s\n%s\n' "$prefix/python" "$native" > "$site/pycaffe.pth"

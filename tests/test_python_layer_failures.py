@@ -209,3 +209,33 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+SYS_EXIT_AFTER_OPENVINO = """
+import sys
+import hybrid_infer
+from hybrid_infer.errors import ModelError
+from hybrid_infer.testing import cpu_engine, load_text, lower_whole_net, one_layer
+model, graph = load_text(one_layer("ReLU", data=(1, 2, 4, 4)))
+engine = cpu_engine(lower_whole_net(model, graph, ["out"]), "openvino")  # its stream executor's threads
+try:
+    hybrid_infer.load(sys.argv[1])
+except ModelError as exc:
+    print(exc)
+"""
+
+
+def test_a_layer_module_exiting_in_the_rehearsal_does_not_hang_on_openvino_state(make_prototxt, layers, tmp_path):
+    """Found when OpenVINO joined: a forked rehearsal child that a layer module's sys.exit sends
+    through interpreter finalization tore down the parent's OpenVINO objects, whose worker
+    threads had not survived the fork, and waited for them forever."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install '.[openvino]'")
+    (layers / "bad_module.py").write_text("import sys\nsys.exit(3)\n")
+    path = make_prototxt(HEAD + _python("X", module="bad_module"))
+    script = tmp_path / "exit_after_openvino.py"
+    script.write_text(SYS_EXIT_AFTER_OPENVINO)
+    env = {**os.environ, "PYTHONPATH": f"{layers}:{REPO}:{REPO / 'tests'}"}
+    proc = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "the process ended (exit status 3) before Caffe finished" in proc.stdout, proc.stdout + proc.stderr

@@ -84,6 +84,8 @@ def _net_options(args: argparse.Namespace, engine: str, batch: int, min_segment_
                        tensorrt_module=args.tensorrt_module)
     if getattr(args, "device", None) is not None:
         options["device"] = args.device
+    if hasattr(args, "cuda_graphs"):
+        options["cuda_graphs"] = args.cuda_graphs
     if getattr(args, "check", False):
         options["keep_logits"] = True  # run --check compares them: keep them from the start
     if hasattr(args, "calibration"):  # run, build, export, diff (calibrate's --keep-fp32 goes into its file)

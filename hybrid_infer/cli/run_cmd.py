@@ -31,12 +31,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_options(p, auto_min=True)
     add_input_options(p)
     p.add_argument("--engine", choices=ENGINES, default="auto",
-                   help="engine for supported segments (auto: TensorRT if it can run here, else the faster of "
-                        "ONNX Runtime and OpenVINO per segment, measured once and cached; caffe: Caffe too, "
-                        "on the same cut)")
+                   help="engine for supported segments (auto: TensorRT if it can run here, else ONNX Runtime's "
+                        "CUDA provider where onnxruntime-gpu and a GPU are present, else the faster of ONNX Runtime "
+                        "and OpenVINO per segment, measured once and cached; caffe: Caffe too, on the same cut)")
     p.add_argument("--device", type=int_type(0), metavar="N",
                    help="run the Caffe segments on GPU N (needs the CUDA Caffe: scripts/setup.sh --cuda); "
                         "tensors then stay on the GPU between GPU engines")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="ONNX Runtime CUDA segments launch their kernels one by one instead of replaying a "
+                        "captured CUDA graph (to measure what the graphs save)")
     p.add_argument("-o", "--output", type=output_file, help="save outputs to FILE.npz")
     p.add_argument("--check", action="store_true", help="also run pure Caffe and report the difference")
     p.add_argument("--tolerance", type=float_type(0), default=None,
@@ -143,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
     for se in net.segment_engines:
         note = f"  (fell back: {se.fallback_note})" if se.fallback_note else ""
         note += f"  (chose {se.choice_note})" if se.choice_note else ""
-        print(f"  segment {se.segment.id}: {se.engine.kind:<11} {len(se.segment.layers):4d} layers "
+        if se.engine.kind == "onnxruntime-cuda":
+            note += f"  ({se.engine.cuda_graph_note or 'CUDA graph, one per batch size'})"
+        print(f"  segment {se.segment.id}: {se.engine.kind:<16} {len(se.segment.layers):4d} layers "
               f"{times.get(se.segment.id, 0) * 1e3:8.2f} ms{note}")
     if net.gpu is not None:
         print(f"  Caffe segments ran on GPU {net.gpu.index} ({net.gpu.name})")

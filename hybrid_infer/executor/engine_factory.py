@@ -22,11 +22,15 @@ from ..model.caffe_model import CaffeModel
 from ..partition.partitioner import CAFFE, Segment
 from .engine_choice import AUTO, CANDIDATES, CandidateEngines, available_candidates
 
-#: "auto": TensorRT where it can run, else the fastest CPU engine per segment (measured);
-#: then the CPU engines (``engine_choice.CANDIDATES``) by name, and TensorRT. "caffe" runs
+#: ONNX Runtime's CUDA execution provider: a GPU engine for TensorRT segments where no
+#: TensorRT runtime supports the GPU (``engines/onnxruntime_cuda_engine.py``).
+ONNXRUNTIME_CUDA = "onnxruntime-cuda"
+#: "auto": TensorRT where it can run, else ONNX Runtime CUDA where onnxruntime-gpu and a GPU
+#: are present, else the fastest CPU engine per segment (measured); then the CPU engines
+#: (``engine_choice.CANDIDATES``) by name, ONNX Runtime CUDA and TensorRT. "caffe" runs
 #: every segment in Caffe, on the same cut: it isolates what the engines contribute from
 #: what the cut and the hand-offs cost.
-ENGINES = (AUTO, *CANDIDATES, "tensorrt", "caffe")
+ENGINES = (AUTO, *CANDIDATES, ONNXRUNTIME_CUDA, "tensorrt", "caffe")
 
 TensorRTFactory = Callable[["onnx.ModelProto", Segment], Engine]
 #: (FP32 ONNX, segment, resolved engine) -> the ONNX that engine builds instead (reduced precision).
@@ -55,10 +59,12 @@ def segment_onnx(graph: LayerGraph, model: CaffeModel, segment: Segment, *,
 
 
 def resolve_engine(engine: str, tensorrt_module: Optional[str] = None) -> tuple[str, str]:
-    """Turn "auto" into what runs supported segments here, and say why: TensorRT if it can
-    run, else the only CPU engine installed, else ``AUTO`` (the fastest CPU engine per
+    """Turn "auto" into what runs supported segments here, and say why: TensorRT if a runtime
+    supports the GPU, else ONNX Runtime's CUDA provider if onnxruntime-gpu and a GPU are
+    present, else the only CPU engine installed, else ``AUTO`` (the fastest CPU engine per
     segment, measured by ``engine_choice.CandidateEngines``). A named engine that cannot run
     here is an ``OptionError``."""
+    from ..engines.onnxruntime_cuda_engine import runtime_available as cuda_available
     if engine not in ENGINES:
         raise OptionError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINES)}")
     if engine == "caffe":
@@ -68,6 +74,11 @@ def resolve_engine(engine: str, tensorrt_module: Optional[str] = None) -> tuple[
         if not ok:
             raise OptionError(f"--engine {engine} cannot run here: {reason}")
         return engine, "asked for"
+    if engine == ONNXRUNTIME_CUDA:
+        ok, reason = cuda_available()
+        if not ok:
+            raise OptionError(f"--engine {ONNXRUNTIME_CUDA} cannot run here: {reason}")
+        return engine, "asked for"
     from ..engines.tensorrt_engine import runtime_available
     ok, reason = runtime_available(tensorrt_module)
     if ok:
@@ -75,11 +86,14 @@ def resolve_engine(engine: str, tensorrt_module: Optional[str] = None) -> tuple[
     if engine == "tensorrt":
         raise OptionError(f"--engine tensorrt cannot run here: {reason}; use --engine "
                           f"{' or '.join(available_candidates())} (runs the same segments' ONNX on the CPU)")
+    cuda_ok, cuda_reason = cuda_available()
+    if cuda_ok:
+        return ONNXRUNTIME_CUDA, f"TensorRT cannot run here: {reason}; {cuda_reason}: segments run on the GPU"
     names = available_candidates()
     if len(names) == 1:
-        return names[0], f"TensorRT cannot run here: {reason}"
-    return AUTO, (f"TensorRT cannot run here: {reason}; each segment runs in the fastest of "
-                  f"{', '.join(names)}, measured on its shapes")
+        return names[0], f"TensorRT cannot run here: {reason}; no ONNX Runtime CUDA ({cuda_reason})"
+    return AUTO, (f"TensorRT cannot run here: {reason}; no ONNX Runtime CUDA ({cuda_reason}); each segment "
+                  f"runs in the fastest of {', '.join(names)}, measured on its shapes")
 
 
 def build_engines(graph: LayerGraph, model: CaffeModel, segments: list[Segment], engine: str,
@@ -87,10 +101,13 @@ def build_engines(graph: LayerGraph, model: CaffeModel, segments: list[Segment],
                   caffe_device: Optional[GpuDevice] = None,
                   candidate_engines: Optional[CandidateEngines] = None,
                   batch: Optional[int] = None,
-                  transform: Optional[SegmentTransform] = None) -> list[SegmentEngine]:
+                  transform: Optional[SegmentTransform] = None,
+                  cuda_device: int = 0, cuda_graphs: bool = True) -> list[SegmentEngine]:
     """One engine per segment; ``engine`` is already resolved: a CPU engine's name, ``AUTO``
     (the fastest CPU engine per segment, measured at ``batch``, else the prototxt's),
-    "tensorrt" or "caffe". Caffe segments run on ``caffe_device`` when given, else on the CPU.
+    ``ONNXRUNTIME_CUDA`` (on GPU ``cuda_device``, with CUDA graphs unless ``cuda_graphs``
+    is False), "tensorrt" or "caffe". Caffe segments run on ``caffe_device`` when given,
+    else on the CPU.
     ``transform`` replaces each TensorRT segment's FP32 ONNX before its engine is built."""
     candidate_engines = candidate_engines or CandidateEngines()
     built: list[SegmentEngine] = []
@@ -118,6 +135,10 @@ def build_engines(graph: LayerGraph, model: CaffeModel, segments: list[Segment],
             if engine == "tensorrt":
                 assert tensorrt_factory is not None
                 runner: Engine = tensorrt_factory(onnx_model, segment)
+            elif engine == ONNXRUNTIME_CUDA:
+                from ..engines.onnxruntime_cuda_engine import OnnxRuntimeCudaEngine
+                runner = OnnxRuntimeCudaEngine(onnx_model, device=cuda_device, cuda_graph=cuda_graphs,
+                                               label=f"segment {segment.id}")
             else:
                 shapes = {v: (batch or graph.values[v].shape[0], *graph.values[v].shape[1:])
                           for v in segment.inputs}

@@ -132,6 +132,7 @@ def _check_top_shapes(ctx: LoweringContext, layer: Layer, graph: LayerGraph, low
                               ctx.initializers[first_initializer:])
     opset_ids = [helper.make_opsetid("", ctx.opset)]
     model = helper.make_model(piece, opset_imports=opset_ids, ir_version=helper.find_min_ir_version_for(opset_ids))
+    _check_node_schemas(ctx, layer, lowering, first_node)
     try:
         inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model, data_prop=True).graph.output}
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
@@ -158,6 +159,25 @@ def _check_top_shapes(ctx: LoweringContext, layer: Layer, graph: LayerGraph, low
                 "(" + ", ".join("N" if d == BATCH else "?" if d is None else str(d) for d in dims) + ")"
             raise LoweringError(layer.name, layer.type, f"{lowering} gives top '{top}' the shape {shown} "
                                                         f"(ONNX shape inference), but {wanted}")
+
+
+def _check_node_schemas(ctx: LoweringContext, layer: Layer, lowering: str, first_node: int) -> None:
+    """Each node a user's lowering added, checked against its ONNX operator's schema
+    (attributes, input and output counts). Shape inference passes over an attribute the
+    operator does not define, and so do some engines (OpenVINO ran a Relu given an unknown
+    attribute), so a node the lowering got wrong must be refused here. Operators ONNX does not
+    define (a TensorRT plugin's) are left to the engines."""
+    checker_context = onnx.checker.C.CheckerContext()
+    checker_context.ir_version = helper.find_min_ir_version_for([helper.make_opsetid("", ctx.opset)])
+    checker_context.opset_imports = {"": ctx.opset}
+    for node in ctx.nodes[first_node:]:
+        if node.domain or not onnx.defs.has(node.op_type):
+            continue
+        try:
+            onnx.checker.check_node(node, checker_context)
+        except onnx.checker.ValidationError as exc:
+            raise LoweringError(layer.name, layer.type, f"{lowering} wrote a {node.op_type} node that ONNX's "
+                                                        f"checker refuses: {str(exc).strip().splitlines()[0]}") from exc
 
 
 def layers_named_in(message: str, model: onnx.ModelProto) -> list[str]:

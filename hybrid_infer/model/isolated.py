@@ -14,6 +14,7 @@ are not rehearsed this way.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import faulthandler
 import gc
@@ -107,6 +108,28 @@ def _die_with_parent(parent: int) -> None:
         os._exit(70)
 
 
+#: The argument of the child's last ``sys.exit`` call (the first item: ``sys.exit`` not called).
+_exit_argument: list[Any] = []
+
+
+def _recording_exit(code: Any = None) -> None:
+    """The child's ``sys.exit``: remembers ``code`` for ``_end_without_finalizing``."""
+    _exit_argument[:] = [code]
+    raise SystemExit(code)
+
+
+def _end_without_finalizing() -> None:
+    """The child's only ``atexit`` callback, run when something in it ends the interpreter
+    (a Python layer's module calling ``sys.exit``, which Caffe reports with ``PyErr_Print``
+    and Python turns into ``Py_Exit``): end the process now, with the status Python would
+    give. Finalizing a forked child tears down objects the parent's libraries made, whose
+    worker threads did not survive the fork (OpenVINO's CPU stream executor then waits
+    forever for them). A ``SystemExit`` raised directly, not through ``sys.exit``, ends it
+    with status 1."""
+    code = _exit_argument[0] if _exit_argument else 1
+    os._exit(0 if code is None else code & 0xFF if isinstance(code, int) else 1)
+
+
 def caffe_errors(where: str, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)``, with a rehearsal's ``CaffeFailure`` and any exception raised through
     Caffe's forward (a Python layer's own) as ``ModelError`` naming ``where``."""
@@ -138,6 +161,8 @@ def _child(fn: Callable[..., Any], args: tuple, parent: int, result_w: int, err_
         sys.stderr = open(2, "w", buffering=1, errors="replace", closefd=False)
         _limit_memory()
         faulthandler.disable()  # Caffe's abort is expected here; its message is in stderr
+        sys.exit = _recording_exit
+        atexit.register(_end_without_finalizing)
         try:
             payload = pickle.dumps(("ok", fn(*args)))
         except BaseException as exc:  # report everything, the parent decides
