@@ -117,7 +117,8 @@ pack caffe "$stage" caffe
 excludes=()
 for lib in libglog.so.1 libgflags.so.2.2 libboost_filesystem.so.1.74.0 libboost_thread.so.1.74.0 \
            "libboost_python${pyver/./}.so.1.74.0" libunwind.so.8; do
-  path=$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64/ {print $NF; exit}')
+  # awk reads to the end: stopping early would SIGPIPE ldconfig, which pipefail turns into a failure
+  path=$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64/ && !found {print $NF; found = 1}')
   [ -n "$path" ] || { echo "gpu-bundle.sh: $lib not found on this machine" >&2; exit 1; }
   cp -L "$path" "$stage/libs/$lib"
 done
