@@ -44,7 +44,7 @@ while [ $# -gt 0 ]; do
       src="${2%/}"
       [ -d "$src" ] || { echo "gpu-test.sh: --stash $src is not a folder" >&2; exit 2; }
       case "$src" in
-        */.gpu-pieces/*) dest="$stash_root/pieces/$(basename "$src")" ;;
+        *.gpu-pieces/*) dest="$stash_root/pieces/$(basename "$src")" ;;
         *) dest="$stash_root/$(basename "$src")" ;;
       esac
       # merged into what is stashed already: a folder may travel as parts over several calls
@@ -133,7 +133,7 @@ if [ "$skip_benchmark" = 0 ]; then
   "$py" scripts/gpu_benchmark.py --models-dir "$work/shared/models" --out "$out" $benchmark_args 2>&1 \
     | tee "$out/gpu-benchmark.log"
   bench_status=${PIPESTATUS[0]}
-  if python3 -c 'import torch, torchvision' 2>/dev/null; then
+  if env -u PYTHONPATH -u LD_LIBRARY_PATH python3 -c 'import torch, torchvision' 2>/dev/null; then
     log "the GPU's limit: PyTorch + cuDNN + CUDA graphs on the same architectures"
     env -u PYTHONPATH -u LD_LIBRARY_PATH python3 scripts/gpu_torch_limit.py --out "$out" 2>&1 \
       | tee "$out/gpu-torch-limit.log"

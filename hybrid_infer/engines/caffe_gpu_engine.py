@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import EnvironmentProblem, InputError, OptionError
 from ..graph.layer_graph import LayerGraph
 from ..model.caffe_import import caffe
-from ..model.isolated import caffe_errors
+from ..model.isolated import caffe_errors, note_caffe_on_gpu
 from ..native import blob_access
 from .caffe_engine import CaffeEngine
 from .device_tensor import DeviceTensor
@@ -47,6 +47,7 @@ def use_gpu(index: int) -> GpuDevice:
     cf = caffe()
     cf.set_device(index)
     cf.set_mode_gpu()
+    note_caffe_on_gpu()
     return device
 
 

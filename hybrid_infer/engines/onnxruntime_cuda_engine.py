@@ -97,7 +97,8 @@ class _Bound:
     binding: Any
     outputs: dict[str, Any]
     inputs: dict[str, Any] = field(default_factory=dict)
-    graph_id: int = -1
+    #: Run options naming this batch's CUDA graph (``gpu_graph_id``), or plain ones.
+    run_options: Any = None
 
 
 class OnnxRuntimeCudaEngine:
@@ -140,7 +141,6 @@ class OnnxRuntimeCudaEngine:
             self._session = self._create(model, cuda_graph=False, tf32=tf32)
         self.cuda_graph = cuda_graph
         self._bound: dict[int, _Bound] = {}
-        self._run_options = ort.RunOptions()
         self._outputs_by_ptr: dict[int, Any] = {}
 
     def _graph_blocker(self) -> Optional[str]:
@@ -186,9 +186,9 @@ class OnnxRuntimeCudaEngine:
             value = ort.OrtValue.ortvalue_from_shape_and_type(shape, FLOAT32, "cuda", self.device)
             binding.bind_ortvalue_output(name, value)
             outputs[name] = value
-        bound = _Bound(binding, outputs)
-        if self.cuda_graph:
-            bound.graph_id = len(self._bound) + 1
+        bound = _Bound(binding, outputs, run_options=ort.RunOptions())
+        if self.cuda_graph:  # one captured graph per batch size, ids from 1 (-1: none)
+            bound.run_options.add_run_config_entry("gpu_graph_id", str(len(self._bound) + 1))
         self._bound[batch] = bound
         return bound
 
@@ -202,9 +202,7 @@ class OnnxRuntimeCudaEngine:
         bound = self._prepare(batch)
         for name in self.input_names:
             self._bind_input(bound, name, feeds[name])
-        if self.cuda_graph:
-            self._run_options.add_run_config_entry("gpu_graph_id", str(bound.graph_id))
-        self._session.run_with_iobinding(bound.binding, self._run_options)
+        self._session.run_with_iobinding(bound.binding, bound.run_options)
         produced = dict(zip(self.output_names, bound.binding.get_outputs()))
         results = {}
         self._outputs_by_ptr = {}
@@ -215,7 +213,6 @@ class OnnxRuntimeCudaEngine:
         return results
 
     def _bind_input(self, bound: _Bound, name: str, feed: Union[np.ndarray, DeviceTensor]) -> None:
-        ort = self._ort
         shape = tuple(int(d) for d in feed.shape)
         if isinstance(feed, DeviceTensor):
             if np.dtype(feed.dtype) != FLOAT32:

@@ -1,5 +1,9 @@
-"""ONNX Runtime runs a TensorRT segment's ONNX: on the CPU here, or through ORT's
-CUDA/TensorRT execution providers where they are installed."""
+"""ONNX Runtime runs a TensorRT segment's ONNX on the CPU.
+
+Only the CPU provider, also where onnxruntime-gpu is installed: ORT's CUDA provider is the
+``onnxruntime-cuda`` engine (``onnxruntime_cuda_engine.py``), which binds device memory
+for the hand-offs and turns TF32 off; left to its defaults here it would compute
+convolutions in TF32, about 1e-4 from Caffe (measured on an H200)."""
 from __future__ import annotations
 
 import os
@@ -21,14 +25,6 @@ _FAILED_NODE = re.compile(r"Name:'([^']*)'")
 _OUT_OF_MEMORY = re.compile(r"Failed to allocate memory|bad_alloc|bad allocation|out of memory", re.IGNORECASE)
 
 
-def _providers(device: str) -> list[str]:
-    """ORT's GPU providers where this ORT build has them (unless told "cpu"), then the CPU."""
-    import onnxruntime as ort
-    available = ort.get_available_providers()
-    order = [] if device == "cpu" else ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
-    return [p for p in order if p in available] + ["CPUExecutionProvider"]
-
-
 class OnnxRuntimeEngine:
     """One ORT session per segment, created once and reused for every run.
 
@@ -43,8 +39,8 @@ class OnnxRuntimeEngine:
 
     kind = "onnxruntime"
 
-    def __init__(self, model: onnx.ModelProto, *, threads: int = 0, device: str = "auto",
-                 idle_spin: bool = True, value_checked: Optional[Mapping[str, str]] = None):
+    def __init__(self, model: onnx.ModelProto, *, threads: int = 0, idle_spin: bool = True,
+                 value_checked: Optional[Mapping[str, str]] = None):
         """``value_checked`` maps Caffe layers whose ONNX fails at run time on bad input
         *values* (Embed's Gather on an index out of range) to what they take: such a failure
         is raised as a one-line InputError naming the layer rather than ORT's own error."""
@@ -61,7 +57,7 @@ class OnnxRuntimeEngine:
             options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             self._session = ort.InferenceSession(model.SerializeToString(), options,
-                                                 providers=_providers(device))
+                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
             from ..lowering.segment_to_onnx import layers_named_in
             raise EngineRejected(f"ONNX Runtime rejected the segment: {str(exc).splitlines()[0]}",

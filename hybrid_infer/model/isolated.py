@@ -273,6 +273,17 @@ def call_isolated(fn: Callable[..., Any], *args: Any) -> Any:
     raise CaffeFailure(_summarise(stderr, how))
 
 
+#: Whether Caffe has run in GPU mode in this process (see ``Rehearsal.check``).
+_caffe_on_gpu = False
+
+
+def note_caffe_on_gpu() -> None:
+    """Record that Caffe runs on a GPU in this process from now on: its CUDA context and
+    device memory do not survive ``fork``, so later rehearsals are skipped."""
+    global _caffe_on_gpu
+    _caffe_on_gpu = True
+
+
 class Rehearsal:
     """Runs a Caffe net's step (reshape, copy inputs, forward) in a forked child the first
     time each set of input shapes is seen, and only then in this process.
@@ -293,7 +304,11 @@ class Rehearsal:
 
     def check(self, shapes: Hashable, step: Callable[[], None]) -> None:
         """Run ``step()`` in a child if ``shapes`` is new, or at every call with ``every_run``
-        (raising ``CaffeFailure`` if it dies there); the caller then does the work here."""
+        (raising ``CaffeFailure`` if it dies there); the caller then does the work here.
+        Not once Caffe has run on a GPU in this process (``note_caffe_on_gpu``): a net's
+        blobs may then live in device memory, which a forked child cannot reach."""
+        if _caffe_on_gpu:
+            return
         if self._every_run or shapes not in self._seen:
             call_isolated(step)
             self._seen.add(shapes)
