@@ -42,6 +42,7 @@ struct BlobInternals : FloatBlob {
     return blob.*(&BlobInternals::data_);
   }
   static int capacity(const FloatBlob& blob) { return blob.*(&BlobInternals::capacity_); }
+  static int& capacity(FloatBlob& blob) { return blob.*(&BlobInternals::capacity_); }
 };
 
 std::uintptr_t address(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr); }
@@ -129,7 +130,12 @@ std::uintptr_t mutable_gpu_data(FloatBlob& blob) {
 }
 
 // Lend device memory to the blob: its data now lives at ptr (at least count floats on
-// Caffe's current device). Caffe will not free it; reset_data ends the loan.
+// Caffe's current device). Caffe will not free it; reset_data ends the loan. The blob gets
+// a SyncedMemory of exactly count floats first: Caffe copies a SyncedMemory's whole size
+// between host and device, and a blob set up for a larger batch (GoogLeNet's prototxt says
+// 10) keeps that capacity, so a host read of a batch-1 loan ran past the lent buffer
+// (cudaMemcpy: invalid argument, seen on an H200 with ONNX Runtime's outputs). The capacity
+// follows, so that a later reshape to a larger batch allocates anew.
 void set_gpu_data(FloatBlob& blob, std::uintptr_t ptr) {
 #ifdef CPU_ONLY
   no_cuda("set_gpu_data");
@@ -146,7 +152,9 @@ void set_gpu_data(FloatBlob& blob, std::uintptr_t ptr) {
                                 std::to_string(attributes.device) + ", Caffe runs on GPU " +
                                 std::to_string(current_device()));
   }
-  blob.data()->set_gpu_data(reinterpret_cast<void*>(ptr));
+  BlobInternals::capacity(blob) = blob.count();
+  BlobInternals::data(blob).reset(new caffe::SyncedMemory(static_cast<size_t>(blob.count()) * sizeof(float)));
+  BlobInternals::data(blob)->set_gpu_data(reinterpret_cast<void*>(ptr));
 #endif
 }
 
