@@ -125,6 +125,9 @@ class HybridNet:
         self._check_types(build_settings=build_settings, engine_cache=engine_cache, cpu_settings=cpu_settings)
         self.model = model
         self.cpu_settings = cpu_settings
+        if cpu_settings is not None and cpu_settings.bf16 and engine not in ("auto", "openvino"):
+            raise OptionError(f"BF16 (cpu_settings) applies to OpenVINO: use it with engine='openvino' or 'auto', "
+                              f"not {engine!r}")
         #: ONNX Runtime CUDA segments replay CUDA graphs (one per batch size) where they can.
         self.cuda_graphs = bool(cuda_graphs)
         self.zero_copy = bool(zero_copy)
@@ -164,6 +167,8 @@ class HybridNet:
             raise OptionError("fp16 build settings with a calibration: the calibration sets the precision "
                               "(calibrate with --precision fp16 for FP16 engines)")
         self._reference_rehearsal = Rehearsal(every_run=aborts_on_values(self.model.layers))
+        #: Batches ``_execute`` has found the net's fixed-batch layers to allow.
+        self._batches_checked: set[Optional[int]] = set()
 
     @staticmethod
     def _check_types(**given: object) -> None:
@@ -421,13 +426,19 @@ class HybridNet:
         return self._execute(feeds, list(values))
 
     def _execute(self, feeds: Mapping[str, np.ndarray], values: Sequence[str]) -> dict[str, np.ndarray]:
-        """The executor's run of ``feeds`` (value id -> array). An engine failing on a layer
-        whose arithmetic spans the set-up batch (InnerProduct on axis 0, a Reshape writing
-        the batch, ``caffe_batch``) at another batch is reported as that, with the way out,
-        not with advice to run the layer in Caffe, which could not run it either."""
+        """The executor's run of ``feeds`` (value id -> array). A net with a layer whose
+        arithmetic spans the set-up batch (InnerProduct on axis 0, a Reshape writing the
+        batch, ``caffe_batch``) is refused at another batch before any engine runs, with the
+        way out: Caffe cannot run it there, ONNX Runtime fails on it, and OpenVINO would
+        give an answer (it dropped the extra images of a Reshape that writes the batch)."""
+        batch = _batch(feeds)
+        if batch not in self._batches_checked:
+            check_feed_batch(self.graph, self.graph.layers.values(),
+                             {value: array.shape for value, array in feeds.items()})
+            self._batches_checked.add(batch)
         from .errors import EngineRejected
         try:
-            return self._ensure_executor(_batch(feeds)).run(feeds, list(values))
+            return self._ensure_executor(batch).run(feeds, list(values))
         except EngineRejected as exc:
             failed = [self.graph.layers[name] for name in exc.caffe_layers if name in self.graph.layers]
             check_feed_batch(self.graph, failed, {value: array.shape for value, array in feeds.items()})

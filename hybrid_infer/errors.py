@@ -36,11 +36,13 @@ class EngineRejected(HybridInferError):
     ``caffe_layers`` names the Caffe layers the refusal is about (from the failing ONNX
     nodes' names or doc_string), so the partitioner can move exactly those to Caffe; it is
     empty when the refusal is not tied to layers (workspace, a missing provider).
+    ``engines`` names the engines that refused, where more than one was tried (``auto``).
     """
 
-    def __init__(self, message: str, caffe_layers: Sequence[str] = ()):
+    def __init__(self, message: str, caffe_layers: Sequence[str] = (), engines: Sequence[str] = ()):
         super().__init__(message)
         self.caffe_layers = list(caffe_layers)
+        self.engines = list(engines)
 
 
 class LoweringError(HybridInferError):

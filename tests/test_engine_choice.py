@@ -16,7 +16,7 @@ from hybrid_infer.analysis.partition_spec import PartitionSpec, parse_spec, with
 from hybrid_infer.api import HybridNet
 from hybrid_infer.cli.main import main
 from hybrid_infer.engines.engine_cache import EngineCache
-from hybrid_infer.errors import OptionError
+from hybrid_infer.errors import InputError, OptionError
 from hybrid_infer.executor.engine_choice import AUTO, CpuSettings
 from hybrid_infer.executor.engine_factory import ENGINES, resolve_engine
 from hybrid_infer.metrics import relative_l2
@@ -121,7 +121,7 @@ def test_a_named_engine_runs_every_segment_without_measuring(engine, monkeypatch
 
 
 def test_engine_names_and_mistakes():
-    assert ENGINES == ("auto", "onnxruntime", "openvino", "tensorrt", "caffe")
+    assert ENGINES == ("auto", "onnxruntime", "openvino", "onnxruntime-cuda", "tensorrt", "caffe")
     with pytest.raises(OptionError, match="unknown engine 'fastest'; choose one of auto, onnxruntime, openvino"):
         resolve_engine("fastest")
 
@@ -179,8 +179,74 @@ def test_bf16_is_reported_as_reduced_precision_with_its_error(capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["--engine", "onnxruntime", "--bf16"], "--bf16 applies to OpenVINO"),
-    (["--threads", "-1"], "--threads must be 0"),
 ])
 def test_cpu_option_mistakes_are_one_line_errors(args, message, capsys):
     assert main(["run", *LENET, *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("threads,message", [("-1", "must be 0 or more, not -1"), ("5000", "must be at most 4096")])
+def test_thread_counts_out_of_range_are_refused_when_parsed(threads, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["run", *LENET, "--threads", threads])
+    assert exited.value.code == 2 and f"argument --threads: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(threads=-1), "threads must be 0 or more"), (dict(threads=True), "threads must be a whole number"),
+    (dict(threads=1.5), "threads must be a whole number"), (dict(bf16="yes"), "bf16 must be True or False"),
+])
+def test_cpu_settings_are_checked(settings, message):
+    with pytest.raises(OptionError, match=message):
+        CpuSettings(**settings)
+
+
+def test_bf16_with_a_cpu_engine_other_than_openvino_is_refused_in_the_api():
+    with pytest.raises(OptionError, match="BF16 .* applies to OpenVINO"):
+        hybrid_infer.load(PYTHON_NET, random_weights=1, engine="onnxruntime", cpu_settings=CpuSettings(bf16=True))
+
+
+FIXED_BATCH = """name: "fixed_batch_reshape"
+input: "data"
+input_shape { dim: 2 dim: 3 dim: 4 dim: 4 }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "rs" type: "Reshape" bottom: "conv" top: "rs" reshape_param { shape { dim: 2 dim: -1 } } }
+layer { name: "fc" type: "InnerProduct" bottom: "rs" top: "fc" inner_product_param { num_output: 5 } }
+"""
+
+
+@pytest.mark.parametrize("engine", CONFORMANCE_ENGINES)
+def test_a_net_fixed_at_its_batch_is_refused_at_another_on_every_engine(engine, make_prototxt):
+    """OpenVINO ran the Reshape that writes batch 2 at batch 3 and dropped the third image;
+    every engine now refuses before running, with Caffe's reason and the way out."""
+    require_engine(engine)
+    net = hybrid_infer.load(make_prototxt(FIXED_BATCH), random_weights=1, engine=engine)
+    x = np.random.default_rng().standard_normal((3, 3, 4, 4)).astype(np.float32)
+    with pytest.raises(InputError, match=r"'rs' \(Reshape\) writes the batch axis as 2.*--input-shape"):
+        net.run({"data": x})
+    assert relative_l2(net.run({"data": x[:2]})["fc"], net.run_caffe({"data": x[:2]})["fc"]) <= 1e-5
+
+
+EMBED = """name: "embed_internal"
+input: "data"
+input_shape { dim: 2 dim: 4 }
+layer { name: "shift" type: "Power" bottom: "data" top: "idx" power_param { shift: 2 } }
+layer { name: "emb" type: "Embed" bottom: "idx" top: "emb" embed_param { input_dim: 4 num_output: 3 } }
+"""
+
+
+def test_embed_never_runs_on_openvino(make_prototxt):
+    """OpenVINO's Gather gives zeros for an index outside the table where Caffe stops: asked for,
+    OpenVINO leaves the Embed layer to Caffe; auto takes ONNX Runtime and says why."""
+    require_engine("openvino")
+    path = make_prototxt(EMBED)
+    x = {"data": np.array([[0, 1, -1, 1], [-2, -1, 0, 1]], np.float32)}  # indices 2, 3, 1, 3, 0, 1, 2, 3
+    net = hybrid_infer.load(path, random_weights=1, engine="openvino", min_segment_size=1)
+    assert relative_l2(net.run(x)["emb"], net.run_caffe(x)["emb"]) <= 1e-6
+    segment_of = {name: se for se in net.segment_engines for name in se.segment.layers}
+    assert segment_of["emb"].engine.kind == "caffe" and "OpenVINO gives zeros" in net.partition.fallback_reasons["emb"]
+    if resolve_engine("auto")[0] == AUTO:
+        auto = hybrid_infer.load(path, random_weights=1, min_segment_size=1)
+        auto.run(x)
+        (se,) = [se for se in auto.segment_engines if "emb" in se.segment.layers]
+        assert se.engine.kind == "onnxruntime" and "index outside the table" in se.choice_note

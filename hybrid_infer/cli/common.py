@@ -11,6 +11,7 @@ from ..api import HybridNet, load
 from ..errors import ModelError, OptionError
 from ..partition.capability import PROFILES
 from ..partition.partitioner import CAFFE
+from ..executor.engine_choice import MAX_THREADS
 from .option_types import MAX_WORKSPACE_MIB, cache_folder, float_type, input_shape, int_type
 
 if TYPE_CHECKING:
@@ -157,7 +158,7 @@ def add_build_options(parser: argparse.ArgumentParser) -> None:
 def add_cpu_options(parser: argparse.ArgumentParser) -> None:
     """Options of the CPU engines (ONNX Runtime, OpenVINO) that run TensorRT segments without a GPU."""
     g = parser.add_argument_group("CPU engines")
-    g.add_argument("--threads", type=int, default=0, metavar="N",
+    g.add_argument("--threads", type=int_type(0, MAX_THREADS), default=0, metavar="N",
                    help="threads per CPU engine (default 0: every CPU this process may use)")
     g.add_argument("--bf16", action="store_true",
                    help="OpenVINO computes in BF16 (CPUs with avx512_bf16 or AMX): faster, reduced precision; "
@@ -168,7 +169,8 @@ def cpu_settings(args: argparse.Namespace) -> "CpuSettings":
     from ..executor.engine_choice import CpuSettings
     if args.threads < 0:
         raise OptionError("--threads must be 0 (every allowed CPU) or more")
-    engines = args.engine if isinstance(args.engine, list) else [args.engine]
+    engines = args.engine if isinstance(args.engine, list) else [args.engine or "auto"]
+    engines = engines or ["auto"]
     if args.bf16 and not {"auto", "openvino"} & set(engines):
         raise OptionError("--bf16 applies to OpenVINO: use it with --engine openvino or auto")
     return CpuSettings(threads=args.threads, bf16=args.bf16)

@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_options(p)
     add_input_options(p)
     p.add_argument("--engine", choices=ENGINES, default="auto",
-                   help="engine for supported segments (auto: TensorRT if it can run here, else ONNX Runtime)")
+                   help="engine for supported segments (auto: TensorRT if it can run here, else ONNX Runtime's "
+                        "CUDA provider, else the faster CPU engine per segment)")
     p.add_argument("--tolerance", type=float_type(0), default=1e-4,
                    help="relative L2 error per value above which it is flagged (1e-4; 0 flags any difference)")
     p.add_argument("--bisect", action="store_true",

@@ -73,11 +73,11 @@ def runtime_available() -> tuple[bool, str]:
     """Whether segments can run on ONNX Runtime's CUDA provider here (provider and a GPU),
     and why (not)."""
     ok, reason = cuda_provider_available()
-    if not ok:
-        return ok, reason
     count = gpu_count()
     if count == 0:
-        return False, f"{reason}, but the CUDA driver sees no GPU"
+        return False, "no GPU is visible here (no CUDA driver, or it sees no device)"
+    if not ok:
+        return ok, reason
     return True, f"{reason} and {count} GPU(s)"
 
 

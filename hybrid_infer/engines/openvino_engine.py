@@ -137,6 +137,7 @@ class OpenVinoEngine:
             named = layers_named_in(message, model) + _unconverted_layers(message, model)
             raise EngineRejected(f"OpenVINO rejected the segment: {message}", list(dict.fromkeys(named))) from exc
         self._compiled = compiled
+        self._model = model  # its node names trace a run-time failure back to a Caffe layer
         self._request = compiled.create_infer_request()
         self.input_names = [i.name for i in model.graph.input]
         self.output_names = [o.name for o in model.graph.output]
@@ -151,8 +152,14 @@ class OpenVinoEngine:
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Outputs are views of the request's buffers, overwritten by the next run (the
         # executor copies what it keeps); inputs are read in place.
-        results = self._request.infer({port: feeds[name] for name, port in self._inputs},
-                                      share_inputs=True, share_outputs=True)
+        try:
+            results = self._request.infer({port: feeds[name] for name, port in self._inputs},
+                                          share_inputs=True, share_outputs=True)
+        except RuntimeError as exc:  # a shape a node cannot take at this batch, memory, ...
+            message = _message(exc)
+            named = layers_named_in(message, self._model)
+            raise EngineRejected(f"OpenVINO failed running{f' layer {named[0]!r}' if named else ' the segment'}: "
+                                 f"{message}", named) from exc
         return {name: results[port] for name, port in self._outputs}
 
     def close(self) -> None:

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hybrid_infer")
 
+#: More threads per engine than any machine this runs on has CPUs: a typing error.
+MAX_THREADS = 4096
 #: The engine name that asks for a measured choice per segment.
 AUTO = "auto"
 #: Timed runs per engine and block aim at this many seconds (within 2 and 10 runs).
@@ -49,6 +51,16 @@ class CpuSettings:
     precision; inputs and outputs stay FP32)."""
     threads: int = 0
     bf16: bool = False
+
+    def __post_init__(self) -> None:
+        from .. import arguments
+        from ..errors import OptionError
+        arguments.integer(self.threads, "threads", 0, MAX_THREADS)
+        if not isinstance(self.bf16, bool):
+            raise OptionError(f"bf16 must be True or False, not {self.bf16!r}")
+        if self.threads > allowed_threads():
+            log.warning("%d threads per CPU engine on %d CPUs: the threads will wait for each other "
+                        "(0 takes every CPU this process may use)", self.threads, allowed_threads())
 
     def resolved_threads(self) -> int:
         return self.threads or allowed_threads()
@@ -96,6 +108,9 @@ def _openvino_version() -> str:
 
 def _openvino_build(model: "onnx.ModelProto", settings: CpuSettings, alone: bool,
                     value_checked: Mapping[str, str]) -> Engine:
+    if value_checked:  # an index outside the table must stop the run, as in Caffe
+        raise EngineRejected(f"OpenVINO gives zeros for an index outside an Embed table instead of stopping, so "
+                             f"{', '.join(value_checked)} cannot run on it", list(value_checked))
     from ..engines.openvino_engine import OpenVinoEngine
     return OpenVinoEngine(model, threads=settings.threads, precision=_openvino_precision(settings))
 
@@ -130,7 +145,11 @@ def measure(engines: Mapping[str, Engine], feeds: Mapping[str, np.ndarray]) -> d
     only ever adds time, so the better block is the one less disturbed."""
     first = {}
     for name, engine in engines.items():
-        engine.run(feeds)  # shape-dependent set-up and allocations
+        try:
+            engine.run(feeds)  # shape-dependent set-up and allocations
+        except EngineRejected as exc:  # the segment cannot run on it: say which engine failed
+            exc.engines = [name]
+            raise
         first[name] = time_calls(lambda e=engine: e.run(feeds), 1, 0).median
     runs = max(2, min(10, int(MEASURE_BLOCK_S / max(max(first.values()), 1e-6))))
     best = {name: float("inf") for name in engines}
@@ -187,7 +206,8 @@ class CandidateEngines:
                 refused[name] = exc
         if not built:
             raise EngineRejected("; ".join(str(exc) for exc in refused.values()),
-                                 list(dict.fromkeys(layer for exc in refused.values() for layer in exc.caffe_layers)))
+                                 list(dict.fromkeys(layer for exc in refused.values() for layer in exc.caffe_layers)),
+                                 engines=list(refused))
         if len(built) == 1:
             (name, engine), = built.items()
             reasons = "; ".join(str(exc) for exc in refused.values())
@@ -195,7 +215,14 @@ class CandidateEngines:
         rng = np.random.default_rng()
         feeds = {value: rng.standard_normal(shape).astype(np.float32) for value, shape in shapes.items()}
         log.info("measuring %s on a segment at shapes %s", ", ".join(built), dict(shapes))
-        medians = measure(built, feeds)
+        try:
+            medians = measure(built, feeds)
+        except EngineRejected:
+            # One engine failed where another may not: an engine that fails at run time
+            # here is not trusted to be right elsewhere, so the segment's layers move to Caffe.
+            for engine in built.values():
+                engine.close()
+            raise
         winner = min(built, key=lambda n: medians[n])
         for name, engine in built.items():
             if name != winner:

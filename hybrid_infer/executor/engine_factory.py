@@ -77,7 +77,8 @@ def resolve_engine(engine: str, tensorrt_module: Optional[str] = None) -> tuple[
     if engine == ONNXRUNTIME_CUDA:
         ok, reason = cuda_available()
         if not ok:
-            raise OptionError(f"--engine {ONNXRUNTIME_CUDA} cannot run here: {reason}")
+            raise OptionError(f"--engine {ONNXRUNTIME_CUDA} cannot run here: {reason}; use --engine "
+                              f"{' or '.join(available_candidates())} (runs the same segments' ONNX on the CPU)")
         return engine, "asked for"
     from ..engines.tensorrt_engine import runtime_available
     ok, reason = runtime_available(tensorrt_module)
@@ -91,8 +92,8 @@ def resolve_engine(engine: str, tensorrt_module: Optional[str] = None) -> tuple[
         return ONNXRUNTIME_CUDA, f"TensorRT cannot run here: {reason}; {cuda_reason}: segments run on the GPU"
     names = available_candidates()
     if len(names) == 1:
-        return names[0], f"TensorRT cannot run here: {reason}; no ONNX Runtime CUDA ({cuda_reason})"
-    return AUTO, (f"TensorRT cannot run here: {reason}; no ONNX Runtime CUDA ({cuda_reason}); each segment "
+        return names[0], f"TensorRT cannot run here: {reason}; nor ONNX Runtime CUDA: {cuda_reason}"
+    return AUTO, (f"TensorRT cannot run here: {reason}; nor ONNX Runtime CUDA: {cuda_reason}; each segment "
                   f"runs in the fastest of {', '.join(names)}, measured on its shapes")
 
 
@@ -122,11 +123,15 @@ def build_engines(graph: LayerGraph, model: CaffeModel, segments: list[Segment],
             continue
         value_checked = {name: embed_requirement(graph.layers[name]) for name in segment.layers
                          if graph.layers[name].type == "Embed"}
-        segment_engine = engine
+        segment_engine, forced_note = engine, None
         if engine == AUTO and (transform is not None or value_checked):
             # Calibrated Q/DQ placement is made for ONNX Runtime's CPU kernels, and random
             # feeds cannot time a segment that reads index values: no measured choice there.
             segment_engine = "onnxruntime"
+            forced_note = ("onnxruntime, without measuring: " +
+                           ("the calibration's Q/DQ placement is made for ONNX Runtime" if transform is not None
+                            else f"{', '.join(value_checked)} read(s) index values, which random inputs cannot "
+                                 "time, and only ONNX Runtime stops on an index outside the table"))
         try:
             onnx_model = segment_onnx(graph, model, segment)
             if transform is not None:
@@ -144,11 +149,12 @@ def build_engines(graph: LayerGraph, model: CaffeModel, segments: list[Segment],
                           for v in segment.inputs}
                 runner, choice_note = candidate_engines.build(segment_engine, onnx_model, shapes,
                                                               alone=len(segments) == 1, value_checked=value_checked)
-            built.append(SegmentEngine(segment, runner, choice_note=choice_note))
+            built.append(SegmentEngine(segment, runner, choice_note=choice_note or forced_note))
         except (EngineRejected, LoweringError) as exc:
             layers = tuple(exc.layers if isinstance(exc, LoweringError) else exc.caffe_layers)
             note = f"segment {segment.id} runs in Caffe instead: {exc}"
             refused_by = ("the lowering" if isinstance(exc, LoweringError)
+                          else " and ".join(exc.engines) if exc.engines
                           else " and ".join(available_candidates()) if segment_engine == AUTO else segment_engine)
             built.append(SegmentEngine(segment, caffe_engine(), note, layers, refused_by))
     return built
