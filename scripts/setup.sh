@@ -43,7 +43,12 @@ else
   log "Debian packages present"
 fi
 
-prefix=$(PYTHON="$python" "$root/scripts/build-caffe.sh" "${build_args[@]}" | tail -1)
+# One set-up at a time builds: build-caffe.sh looks for a finished build before it takes its
+# own lock, so two set-ups started together would both build (and swap the prefix under the
+# first); serialised here, the second finds the first one's build and reuses it.
+cache=${HYBRID_INFER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hybrid_infer}
+mkdir -p "$cache"
+prefix=$(flock "$cache/.setup.lock" env PYTHON="$python" "$root/scripts/build-caffe.sh" "${build_args[@]}" | tail -1)
 
 if [ ! -x "$root/.venv/bin/python" ]; then
   log "creating .venv"

@@ -4,7 +4,6 @@ any long work. Real pycaffe, ONNX Runtime and (where importable) TensorRT-RTX th
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,8 @@ from hybrid_infer.engines import trt_api
 from hybrid_infer.errors import EnvironmentProblem
 from hybrid_infer.metrics import relative_l2
 
-from conftest import GRAPHS, REPO
+from conftest import GRAPHS
+from test_precision import digits
 
 LENET = GRAPHS / "lenet_digits"
 MODEL = [str(LENET / "deploy.prototxt"), "--weights", str(LENET / "lenet_digits.caffemodel")]
@@ -53,22 +53,10 @@ layer { name: "detection_out" type: "DetectionOutput" bottom: "loc_flat" bottom:
 """
 
 
-def digits() -> tuple[np.ndarray, np.ndarray]:
-    """Training and test digits as the bundled LeNet was trained (scikit-learn's digits)."""
-    pytest.importorskip("sklearn", reason="the digits data set comes with scikit-learn (pip install scikit-learn)")
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        from train_lenet_digits import load_data
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
-    x_train, _, x_test, _, _ = load_data()
-    return x_train, x_test
-
-
 @pytest.fixture(scope="module")
 def arrays(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("arrays")
-    x_train, x_test = digits()
+    x_train, _, x_test, _ = digits()
     np.save(folder / "train.npy", x_train[:96])
     np.save(folder / "eval.npy", x_test[:96])
     np.save(folder / "one.npy", x_train[:1])
