@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from . import arguments
-from .engines.caffe_batch import check_feed_batch
+from .engines.caffe_batch import BATCH_ARITHMETIC, check_feed_batch
 from .errors import InputError, ModelError, OptionError
 from .graph.layer_graph import Layer, LayerGraph
 from .index_inputs import check_index_inputs, index_inputs
@@ -428,12 +428,13 @@ class HybridNet:
     def _execute(self, feeds: Mapping[str, np.ndarray], values: Sequence[str]) -> dict[str, np.ndarray]:
         """The executor's run of ``feeds`` (value id -> array). A net with a layer whose
         arithmetic spans the set-up batch (InnerProduct on axis 0, a Reshape writing the
-        batch, ``caffe_batch``) is refused at another batch before any engine runs, with the
-        way out: Caffe cannot run it there, ONNX Runtime fails on it, and OpenVINO would
-        give an answer (it dropped the extra images of a Reshape that writes the batch)."""
+        batch: ``caffe_batch.BATCH_ARITHMETIC``) is refused at another batch before any engine
+        runs, with the way out: Caffe cannot run it there, ONNX Runtime fails on it, and
+        OpenVINO would give an answer (it dropped the extra images of such a Reshape)."""
         batch = _batch(feeds)
         if batch not in self._batches_checked:
-            check_feed_batch(self.graph, self.graph.layers.values(),
+            check_feed_batch(self.graph, [layer for layer in self.graph.layers.values()
+                                          if layer.type in BATCH_ARITHMETIC],
                              {value: array.shape for value, array in feeds.items()})
             self._batches_checked.add(batch)
         from .errors import EngineRejected

@@ -28,7 +28,7 @@ an output of another shape than Caffe's); otherwise they measure the matched row
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
@@ -173,7 +173,12 @@ class DetectionComparison:
     def lone_rows(self) -> int:
         """Detection rows on one side only (a moved box or a changed label is one such row on
         each side), near-ties included."""
-        return sum({"missing": 1, "extra": 1, "moved": 2, "label": 2}.get(d.kind, 0) for d in self.diffs)
+        return _lone(self.diffs)
+
+    @property
+    def real_lone_rows(self) -> int:
+        """``lone_rows`` without the near-ties: rows no near-equal number explains."""
+        return _lone(self.real)
 
     def summary(self) -> str:
         text = (f"{self.actual} detection(s), Caffe {self.expected}; {self.matched} matched (max abs "
@@ -398,3 +403,8 @@ def compare_detections(actual: np.ndarray, expected: np.ndarray, thresholds: Thr
     else:
         max_abs = rel_l2 = 0.0
     return DetectionComparison(len(want), len(got), len(pe), tolerance, max_abs, rel_l2, diffs, nonfinite)
+
+
+def _lone(diffs: Sequence["DetectionDiff"]) -> int:
+    """Rows on one side only among ``diffs``: a moved box or changed label is one on each side."""
+    return sum({"missing": 1, "extra": 1, "moved": 2, "label": 2}.get(d.kind, 0) for d in diffs)

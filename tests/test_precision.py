@@ -321,9 +321,13 @@ def test_stale_calibration_is_refused_with_what_to_do(lenet_calibration, tmp_pat
         hybrid_infer.load(edited_model, LENET / "lenet_digits.caffemodel", calibration=lenet_calibration)
     # Finding 16: only the input shape changed: the shapes are named, and the option.
     with pytest.raises(CalibrationError, match=r"calibrated for input shape data=1x1x16x16, .* now has "
-                                               r"data=4x1x16x16 \(--input-shape\)"):
-        hybrid_infer.load(LENET / "deploy.prototxt", LENET / "lenet_digits.caffemodel",
-                          input_shapes={"data": (4, 1, 16, 16)}, calibration=lenet_calibration)
+                                               r"data=1x1x20x20 \(--input-shape\)"):
+        hybrid_infer.load(LENET / "deploy.prototxt", random_weights=1,  # the trained ip1 fits 16x16 only
+                          input_shapes={"data": (1, 1, 20, 20)}, calibration=lenet_calibration)
+    # Only the batch changed: ranges do not depend on it, so the file serves (review of issue 12).
+    batch4 = hybrid_infer.load(LENET / "deploy.prototxt", LENET / "lenet_digits.caffemodel", engine="onnxruntime",
+                               input_shapes={"data": (4, 1, 16, 16)}, calibration=lenet_calibration)
+    assert batch4.run({"data": digits()[2][:4]})["prob"].shape == (4, 10)
     # Other output blobs (run --check adds the logits) compute the same tensors: accepted.
     default_outputs = hybrid_infer.load(LENET / "deploy.prototxt", LENET / "lenet_digits.caffemodel",
                                         engine="onnxruntime", calibration=lenet_calibration)

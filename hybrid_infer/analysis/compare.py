@@ -7,6 +7,8 @@ because matching Caffe is what the user came for; speed without it means nothing
 """
 from __future__ import annotations
 
+import math
+
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
@@ -51,8 +53,8 @@ class PartitionResult:
 
     @property
     def detections_differ(self) -> Optional[int]:
-        """SSD detections found on one side only (Caffe's or the hybrid's), or None."""
-        counts = [a.detections.lone_rows for a in self.accuracy if a.detections is not None]
+        """SSD detections found on one side only (Caffe's or the hybrid's), near-ties not counted, or None."""
+        counts = [a.detections.real_lone_rows for a in self.accuracy if a.detections is not None]
         return sum(counts) if counts else None
 
     @property
@@ -92,9 +94,12 @@ def open_partition(model: CaffeModel, spec: PartitionSpec, *, engine: str = "aut
 
 def measure_partition(net: HybridNet, spec: PartitionSpec, inputs: Mapping[str, np.ndarray],
                       reference: Mapping[str, np.ndarray], *, tolerance: float, runs: int, warmup: int,
-                      tick: Optional[Callable[[], None]] = None) -> PartitionResult:
+                      tick: Optional[Callable[[], None]] = None,
+                      detection_tolerance: Optional[float] = None) -> PartitionResult:
     """Build (first run), check against ``reference`` (pure Caffe's ``reference_values``: the
-    outputs and every Softmax's input), then, if within ``tolerance``, time ``net`` on ``inputs``."""
+    outputs and every Softmax's input), then, if within ``tolerance`` (infinite: always),
+    time ``net`` on ``inputs``. Detections are matched within ``detection_tolerance``
+    (default ``tolerance``)."""
     batch = next(iter(inputs.values())).shape[0]
     values = list(net.checked_values())
     if spec.pure_caffe:
@@ -104,9 +109,11 @@ def measure_partition(net: HybridNet, spec: PartitionSpec, inputs: Mapping[str, 
         run = lambda: net.run(inputs)
         checked = lambda: net.run_values(inputs, values)
     start = time.perf_counter()
-    accuracy = net.compare_values(checked(), reference, tolerance)
+    accuracy = net.compare_values(checked(), reference,
+                                  tolerance if detection_tolerance is None else detection_tolerance)
     setup = time.perf_counter() - start
-    timing = time_calls(run, runs, warmup, tick) if within(accuracy, tolerance) else None
+    timed = math.isinf(tolerance) or within(accuracy, tolerance)
+    timing = time_calls(run, runs, warmup, tick) if timed else None
     refused = []
     if timing is None:
         if any(a.detections is not None and not a.within(tolerance) for a in accuracy):

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     reference = net.run_caffe_values(evaluation, values)
     plan = PrecisionPlan.create(calibration, net.model, net.graph)
     with make_net(plan) as reduced:
-        error = error_of(reduced, reduced.run_values(evaluation, list(reduced.checked_values())), reference)
+        error = error_of(reduced, reduced.run_values(evaluation, values), reference)
         engines = sorted({se.engine.kind for se in reduced.segment_engines if se.segment.backend == TENSORRT})
         details = applied_lines(reduced, integer_kernels=True)
     items = next(iter(evaluation.values())).shape[0]

@@ -101,7 +101,8 @@ def _describe_detections(name: str, array: np.ndarray, top: int) -> str:
 
 def _print_detection_check(name: str, found: DetectionComparison, ok: bool, limit: int = 20) -> None:
     print(f"  {name}: {found.summary()} {'OK' if ok else 'DIFFERENT'} (tolerance {found.tolerance:g})")
-    for diff in found.diffs[:limit]:
+    # the differences no near-equal number explains first: they are the ones that matter
+    for diff in (found.real + [d for d in found.diffs if d not in found.real])[:limit]:
         print(f"    {diff.describe()}")
     if len(found.diffs) > limit:
         print(f"    ... {len(found.diffs) - limit} more")

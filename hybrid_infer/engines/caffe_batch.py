@@ -91,6 +91,13 @@ FIXED_AT_SETUP: dict[str, Rule] = {
 }
 
 
+#: Types whose rule is about the arithmetic itself (a Reshape writing the batch, weights
+#: spanning it), not a Caffe buffer kept from set-up: their ONNX lowerings are tied to the
+#: set-up batch too, so every engine must refuse other batches (OpenVINO ran such a Reshape
+#: and dropped the extra images). Unsqueeze and Normalize, lowered, run at any batch.
+BATCH_ARITHMETIC = frozenset({"Reshape", "InnerProduct", "Scale", "Bias"})
+
+
 def batch_blocker(graph: LayerGraph, layers: Iterable[Layer], setup_batch: int,
                   batch: int) -> Optional[tuple[Layer, str]]:
     """The first of ``layers`` that keeps a Caffe net set up at ``setup_batch`` from running

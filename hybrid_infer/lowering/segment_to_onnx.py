@@ -161,6 +161,9 @@ def _check_top_shapes(ctx: LoweringContext, layer: Layer, graph: LayerGraph, low
                                                         f"(ONNX shape inference), but {wanted}")
 
 
+SUBGRAPH_ATTRIBUTES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+
+
 def _check_node_schemas(ctx: LoweringContext, layer: Layer, lowering: str, first_node: int) -> None:
     """Each node a user's lowering added, checked against its ONNX operator's schema
     (attributes, input and output counts). Shape inference passes over an attribute the
@@ -171,8 +174,8 @@ def _check_node_schemas(ctx: LoweringContext, layer: Layer, lowering: str, first
     checker_context.ir_version = helper.find_min_ir_version_for([helper.make_opsetid("", ctx.opset)])
     checker_context.opset_imports = {"": ctx.opset}
     for node in ctx.nodes[first_node:]:
-        if node.domain or not onnx.defs.has(node.op_type):
-            continue
+        if node.domain or not onnx.defs.has(node.op_type) or any(a.type in SUBGRAPH_ATTRIBUTES for a in node.attribute):
+            continue  # a Loop or If body reads names from outside, which check_node cannot see
         try:
             onnx.checker.check_node(node, checker_context)
         except onnx.checker.ValidationError as exc:

@@ -147,7 +147,7 @@ def calibrate(net: HybridNet, batches: Iterable[Batch], *, precision: str = "int
         for collector in collectors.values():
             collector.close()
     model = net.model
-    identity = model_identity(model.net.SerializeToString(deterministic=True), model.weights, net.input_shapes())
+    identity = model_identity(model.net, model.weights, net.input_shapes())
     return Calibration(
         precision=precision, method=method if precision == "int8" else None,
         model={"prototxt": str(model.prototxt),

@@ -237,13 +237,28 @@ def load_calibration(path: os.PathLike[str] | str) -> Calibration:
         raise CalibrationError(f"{path}: {exc}; {RERUN}") from None
 
 
-def model_identity(net_parameter_bytes: bytes, weights: Mapping[str, Sequence[np.ndarray]],
+def model_identity(net: Any, weights: Mapping[str, Sequence[np.ndarray]],
                    input_shapes: Mapping[str, Sequence[int]]) -> dict[str, Any]:
-    """Digests of the normalised prototxt and of the weights as loaded (file or random), and
-    the input shapes (blob -> dims) the prototxt has after ``--input-shape``."""
-    return {"prototxt_sha256": sha256_bytes(net_parameter_bytes),
+    """Digests of the normalised prototxt (``net``, a NetParameter) with every input's batch
+    set to 1, and of the weights as loaded (file or random), and the input shapes (blob ->
+    dims, batch 1) the prototxt has after ``--input-shape``. The batch is left out because
+    ranges do not depend on it: a calibration made at batch 1 serves ``--input-shape``
+    data=8x... (the calibration inputs decide the ranges, not the batch they came in)."""
+    unbatched = type(net)()
+    unbatched.CopyFrom(net)
+    for shape in unbatched.input_shape:
+        if len(shape.dim):
+            shape.dim[0] = 1
+    for i in range(0, len(unbatched.input_dim), 4):
+        unbatched.input_dim[i] = 1
+    for layer in unbatched.layer:
+        if layer.type == "Input":
+            for shape in layer.input_param.shape:
+                if len(shape.dim):
+                    shape.dim[0] = 1
+    return {"prototxt_sha256": sha256_bytes(unbatched.SerializeToString(deterministic=True)),
             "weights_sha256": arrays_digest(a for name in sorted(weights) for a in weights[name]),
-            "input_shapes": {name: [int(d) for d in shape] for name, shape in input_shapes.items()}}
+            "input_shapes": {name: [1, *(int(d) for d in shape[1:])] for name, shape in input_shapes.items()}}
 
 
 def _shapes_text(shapes: Mapping[str, Sequence[int]]) -> str:

@@ -246,7 +246,7 @@ class PrecisionPlan:
         """Check that ``calibration`` belongs to ``model`` (prototxt, input shapes and weights)
         and resolve the layer names or types to keep in FP32 (the file's own, plus ``keep_fp32``)."""
         shapes = {graph.values[v].blob: graph.values[v].shape for v in graph.inputs}
-        check_model(calibration, model_identity(model.net.SerializeToString(deterministic=True), model.weights,
+        check_model(calibration, model_identity(model.net, model.weights,
                                                 shapes), str(model.prototxt))
         keep = resolve_layers(graph, calibration.keep_fp32, "the calibration's keep_fp32") | \
             resolve_layers(graph, keep_fp32)

@@ -277,12 +277,40 @@ def _float_graph_outputs(model: onnx.ModelProto, original_producers: Mapping[str
     _topological_sort(model)
 
 
+def _outer_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph (a Loop's or If's body) reads from the graphs around it."""
+    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(node.input)
+        used |= _subgraph_reads(node)
+        defined.update(node.output)
+    return used - defined - {""}
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """The outer-scope names the subgraphs of ``node`` read (empty for nodes without any)."""
+    reads: set[str] = set()
+    for attribute in node.attribute:
+        for graph in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs):
+            reads |= _outer_names(graph)
+    return reads
+
+
+def _read_names(model: onnx.ModelProto) -> set[str]:
+    """Every name a node of ``model`` reads, by its inputs or from inside its subgraphs."""
+    return {name for node in model.graph.node for name in (*node.input, *_subgraph_reads(node))}
+
+
 def _topological_sort(model: onnx.ModelProto) -> None:
-    """Order nodes so that each follows the producers of its inputs (ONNX requires it)."""
+    """Order nodes so that each follows the producers of its inputs (ONNX requires it),
+    counting the values a node's subgraphs read from outside (DetectionOutput's NMS Loop
+    reads tensors computed before it: sorted by its inputs alone, it came first)."""
     available = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer} | {""}
     pending, ordered = list(model.graph.node), []
+    needs = {id(n): set(n.input) | _subgraph_reads(n) for n in pending}
     while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
+        ready = [n for n in pending if needs[id(n)] <= available]
         if not ready:  # a cycle cannot arise here; keep what is left in its order
             ordered += pending
             break
@@ -298,7 +326,7 @@ def _drop_unread_qdq(model: onnx.ModelProto) -> None:
     """Remove Q/DQ nodes whose outputs nothing reads any more."""
     outputs = {value.name for value in model.graph.output}
     while True:
-        read = {name for node in model.graph.node for name in node.input} | outputs
+        read = _read_names(model) | outputs
         dead = [node for node in model.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
                 and not set(node.output) & read]
         if not dead:
@@ -335,6 +363,7 @@ def to_half(prepared: onnx.ModelProto, float_nodes: Collection[str]) -> onnx.Mod
     half = convert_float_to_float16(prepared, keep_io_types=True, node_block_list=sorted(float_nodes),
                                     op_block_list=[*DEFAULT_OP_BLOCK_LIST, *SUBGRAPH_OPS])
     _skip_fp16_round_trips(half)
+    _topological_sort(half)  # the converter leaves a Loop before the casts its body reads
     return half
 
 
@@ -354,7 +383,7 @@ def _skip_fp16_round_trips(model: onnx.ModelProto) -> None:
             node.input[0] = first.input[0]
     outputs = {value.name for value in model.graph.output}
     while True:
-        read = {name for node in model.graph.node for name in node.input} | outputs
+        read = _read_names(model) | outputs
         dead = [n for n in model.graph.node if n.op_type == "Cast" and not set(n.output) & read]
         if not dead:
             break

@@ -15,6 +15,7 @@ from ..executor.engine_factory import segment_onnx
 from ..model.caffe_model import CaffeModel
 from ..partition.partitioner import TENSORRT
 from .calibration_file import load_calibration
+from .sensitivity import DETECTION_TOLERANCE
 
 Variant = tuple[PartitionSpec, str, HybridNet]
 
@@ -56,7 +57,7 @@ def measure_precisions(variants: Sequence[Variant], inputs: Mapping[str, np.ndar
     for spec, label, net in variants:
         with net:
             result = measure_partition(net, spec, inputs, reference, tolerance=tolerance, runs=runs,
-                                       warmup=warmup, tick=tick)
+                                       warmup=warmup, tick=tick, detection_tolerance=DETECTION_TOLERANCE)
         result.variant = label
         results.append(result)
     return results
