@@ -6,9 +6,16 @@
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .errors import HybridInferError
+
+# ONNX Runtime 1.32 starts a telemetry session on import, which writes TMPDIR/.ses (left in the
+# user's temporary folder by every run) and may report usage; off unless the user set it. Set
+# here, before any module of the package can import onnxruntime (engine choice, the CUDA
+# engine's provider check, calibration all do).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 __all__ = ["HybridNet", "HybridInferError", "load"]
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -31,6 +32,20 @@ def test_readme_main_job_classifies_the_samples(tmp_path):
     with np.load(out) as saved:
         assert saved["prob"].shape == (10, 10)
         assert np.argmax(saved["prob"], 1).tolist() == [int(s.stem.split("_")[1]) for s in samples]
+
+
+def test_a_run_leaves_nothing_in_the_temporary_folder(tmp_path):
+    """ONNX Runtime's telemetry wrote TMPDIR/.ses whenever something imported it before the
+    engine module had turned telemetry off (auto's engine choice does): found by the fuzz run."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "hybrid_infer.cli.main", "run", *LENET, "--input",
+                           str(sorted((GRAPHS / "lenet_digits/samples").glob("*.npy"))[0])],
+                          capture_output=True, text=True, cwd=REPO,
+                          env={k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+                          | {"TMPDIR": str(scratch)})
+    assert proc.returncode == 0, proc.stderr
+    assert not list(scratch.iterdir())
 
 
 def test_npy_input_batch_and_output_blob():

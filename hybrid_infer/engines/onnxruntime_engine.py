@@ -6,7 +6,6 @@ for the hand-offs and turns TF32 off; left to its defaults here it would compute
 convolutions in TF32, about 1e-4 from Caffe (measured on an H200)."""
 from __future__ import annotations
 
-import os
 import re
 from typing import Mapping, Optional
 
@@ -15,9 +14,6 @@ import onnx
 
 from ..errors import EngineRejected, InputError
 
-# ONNX Runtime 1.32 starts a telemetry session on import, which writes TMPDIR/.ses (left in
-# the user's temporary folder by every run) and may report usage; off unless the user set it.
-os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 #: Where ORT's run-time errors name the failing node.
 _FAILED_NODE = re.compile(r"Name:'([^']*)'")
