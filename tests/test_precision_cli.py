@@ -229,6 +229,9 @@ def test_export_and_diff_take_the_calibration(minmax_file, tmp_path, capsys):
                  "--tolerance", "0.1"]) == 0
     out = capsys.readouterr().out
     assert "conv1" in out and "ip2" in out
+    # without --tolerance, diff judges a calibrated run as run --check does (review of issue 12)
+    main(["diff", *MODEL, "--input", *SAMPLES[:2], *SCALE, "--calibration", str(minmax_file)])
+    assert "twice the relative L2 that calibrate measured" in capsys.readouterr().err
 
 
 def test_fp16_calibration_keeps_overflowing_layers_fp32(arrays, tmp_path, capsys):

@@ -14,7 +14,7 @@ from ..errors import OptionError
 from .common import add_model_options, open_net
 from .input_options import add_input_options, files_read, gather_inputs, preprocessing
 from .option_types import float_type, output_file
-from .precision_options import add_precision_options
+from .precision_options import add_precision_options, check_tolerance
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,8 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="engine for supported segments (auto: TensorRT if it can run here, else ONNX Runtime's "
                         "CUDA provider, else the faster CPU engine per segment)")
-    p.add_argument("--tolerance", type=float_type(0), default=1e-4,
-                   help="relative L2 error per value above which it is flagged (1e-4; 0 flags any difference)")
+    p.add_argument("--tolerance", type=float_type(0), default=None,
+                   help="relative L2 error per value above which it is flagged (1e-4; with --calibration twice "
+                        "the error calibrate measured, at least 1e-4; 0 flags any difference)")
     p.add_argument("--bisect", action="store_true",
                    help="on a mismatch, find the smallest set of TensorRT layers that still causes one "
                         "(runs the hybrid repeatedly with layers forced to Caffe)")
@@ -48,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
         check_not_read(args.json, "--json", files_read(args))
     net = open_net(args, engine=args.engine, batch=args.batch or 1)
     inputs, _ = gather_inputs(net, args.input, preprocessing(args), args.batch)
+    args.tolerance, why_tolerance = check_tolerance(net, args.tolerance)
+    if why_tolerance:
+        print(why_tolerance, file=sys.stderr)
     settings = Settings(args.profile, args.min_segment_size, tuple(args.fallback), args.engine)
     diff = layer_diff(net, settings, inputs, args.tolerance)
     sys.stdout.write(to_text(diff))
