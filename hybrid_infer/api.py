@@ -316,9 +316,15 @@ class HybridNet:
                    "use a smaller batch (--batch) or input size (--input-shape)")
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the hybrid; returns the output blobs (or those named in ``outputs=``)."""
+        """Run the hybrid; returns the output blobs (or those named in ``outputs=``). With an
+        INT8 calibration, the first run warns (logging) when the inputs lie far outside, or use
+        only a sliver of, the calibrated input range (other preprocessing, ``precision.checks``)."""
         checked = self.check_inputs(inputs)
         feeds = {self.graph.input_value(name): array for name, array in checked.items()}
+        if not self._first_run_done and self.precision is not None:
+            from .precision.checks import out_of_range
+            for warning in out_of_range(self.precision.calibration, feeds):  # once, on the first run
+                log.warning(warning)
         values = self._execute(feeds, self._output_values)
         if not self._first_run_done:
             self._first_run_done = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -677,3 +678,23 @@ def test_unreachable_targets_and_overflow_are_never_met(residual):
 def test_bad_accuracy_targets_are_option_errors(text):
     with pytest.raises(OptionError, match="--accuracy-target"):
         parse_target(text)
+
+
+def test_inputs_far_from_the_calibrated_range_warn_in_the_api(lenet_calibration, caplog):
+    """Review of issue 12: LeNet calibrated on 0..1 inputs and fed 0..255 (or the reverse) lost most of its
+    accuracy without a word from the Python API; the first run now warns, naming the input."""
+    net = hybrid_infer.load(LENET / "deploy.prototxt", LENET / "lenet_digits.caffemodel", engine="onnxruntime",
+                            calibration=lenet_calibration)
+    x = digits()[2][:4]
+    with caplog.at_level(logging.WARNING, logger="hybrid_infer"):
+        net.run({"data": x * 255})
+    assert "input 'data' spans [" in caplog.text and "clip in INT8" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hybrid_infer"):
+        net.run({"data": x * 255})  # once per net
+    assert "spans" not in caplog.text
+    tiny = hybrid_infer.load(LENET / "deploy.prototxt", LENET / "lenet_digits.caffemodel", engine="onnxruntime",
+                             calibration=lenet_calibration)
+    with caplog.at_level(logging.WARNING, logger="hybrid_infer"):
+        tiny.run({"data": x / 255})
+    assert "spans only" in caplog.text and "a few INT8 levels" in caplog.text

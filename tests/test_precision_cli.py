@@ -160,7 +160,7 @@ def test_other_preprocessing_than_the_calibrations_is_refused(tmp_path, arrays, 
     assert main(["run", *MODEL, "--input", *SAMPLES, *SCALE, "--calibration", str(calib)]) == 0
     capsys.readouterr()
     assert main(["run", *MODEL, "--input", str(arrays / "bright.npy"), "--calibration", str(calib)]) == 0
-    assert "warning: input 'data' spans [0, 255], but" in capsys.readouterr().err
+    assert "input 'data' spans [0, 255], but" in capsys.readouterr().err
 
 
 def test_detections_target_on_an_ssd_and_refused_without_detection_output(make_prototxt, tmp_path, capsys):

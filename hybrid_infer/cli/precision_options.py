@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
-
-import numpy as np
+from typing import Iterable, Optional
 
 from ..api import HybridNet
 from ..inputs import Preprocessing
@@ -39,14 +37,6 @@ def precision_input_checks(net: HybridNet, prep: Preprocessing, specs: Iterable[
         return []
     note = check_preprocessing(net.precision.calibration, prep, specs)
     return [note] if note else []
-
-
-def input_range_warnings(net: HybridNet, inputs: Mapping[str, np.ndarray]) -> list[str]:
-    """Warnings for inputs far outside the INT8 calibration's input ranges."""
-    from ..precision.checks import out_of_range
-    if net.precision is None or net.precision.calibration.precision != "int8":
-        return []
-    return out_of_range(net.precision.calibration, {net.graph.input_value(n): a for n, a in inputs.items()})
 
 
 def check_tolerance(net: HybridNet, given: Optional[float]) -> tuple[float, str]:

@@ -21,7 +21,7 @@ from ..report.partition_report import user_lowerings
 from .common import add_build_options, add_cpu_options, add_model_options, auto_min_segment_size, open_net
 from .input_options import add_input_options, files_read, gather_inputs, preprocessing
 from .option_types import float_type, int_type, output_file
-from .precision_options import (add_precision_options, check_tolerance, input_range_warnings, precision_input_checks,
+from .precision_options import (add_precision_options, check_tolerance, precision_input_checks,
                                 precision_lines)
 
 
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     prep = preprocessing(args)
     precision_notes = precision_input_checks(net, prep, args.input)  # refuses other preprocessing, before running
     inputs, labels = gather_inputs(net, args.input, prep, args.batch)
-    for note in precision_notes + input_range_warnings(net, inputs):
+    for note in precision_notes:  # (inputs outside the calibrated range: net.run logs a warning)
         print(note, file=sys.stderr)
     args.tolerance, why_tolerance = check_tolerance(net, args.tolerance)
     tolerance = args.tolerance
