@@ -360,11 +360,83 @@ def to_half(prepared: onnx.ModelProto, float_nodes: Collection[str]) -> onnx.Mod
     converter; ``float_nodes`` (ONNX node names) and nodes with subgraphs stay FP32 (the
     converter casts around them)."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    # A Loop body reads some tensors from outside with the types it was built for: their
+    # producers stay FP32 too (else the body's MatMul met an FP16 operand: invalid model).
+    read_inside = {name for node in prepared.graph.node for name in _subgraph_reads(node)}
+    float_nodes = {*float_nodes, *(node.name for node in prepared.graph.node if read_inside & set(node.output))}
     half = convert_float_to_float16(prepared, keep_io_types=True, node_block_list=sorted(float_nodes),
                                     op_block_list=[*DEFAULT_OP_BLOCK_LIST, *SUBGRAPH_OPS])
+    _restore_subgraphs(half, prepared)
+    _keep_read_inside_fp32(half, prepared, read_inside)
+    _drop_second_producers(half)
     _skip_fp16_round_trips(half)
     _topological_sort(half)  # the converter leaves a Loop before the casts its body reads
     return half
+
+
+def _keep_read_inside_fp32(half: onnx.ModelProto, prepared: onnx.ModelProto, read_inside: set[str]) -> None:
+    """Tensors that a subgraph reads from outside stay FP32 under their name, where the
+    converter (not knowing the Loop body reads them) turned a float initializer FP16 or cast a
+    kept node's output to FP16 under the output's name; the FP16 version the converted nodes
+    around it use gets a name of its own."""
+    producer = _producers(half)
+    for name in sorted(read_inside):
+        cast = producer.get(name)
+        source = producer.get(cast.input[0]) if cast is not None and cast.input else None
+        if cast is None or source is None or not _is_cast_to(cast, TensorProto.FLOAT16):
+            continue
+        # the converter renamed the FP32 producer's output and cast it to FP16 under the old name
+        half_name = f"{name}/fp16"
+        for node in half.graph.node:
+            if node is not cast:
+                node.input[:] = [half_name if i == name else i for i in node.input]
+        stale = {name, cast.input[0]}  # their recorded types changed: shape inference redoes them
+        kept_info = [v for v in half.graph.value_info if v.name not in stale]
+        del half.graph.value_info[:]
+        half.graph.value_info.extend(kept_info)
+        source.output[:] = [name if o == cast.input[0] else o for o in source.output]
+        cast.input[0] = name
+        cast.output[0] = half_name
+    original = {init.name: init for init in prepared.graph.initializer}
+    for init in half.graph.initializer:
+        if init.name in read_inside and init.data_type == TensorProto.FLOAT16 and init.name in original:
+            half_name = f"{init.name}/fp16"
+            for node in half.graph.node:
+                node.input[:] = [half_name if name == init.name else name for name in node.input]
+            copy = half.graph.initializer.add()
+            copy.CopyFrom(init)
+            copy.name = half_name
+            init.CopyFrom(original[init.name])
+
+
+def _restore_subgraphs(half: onnx.ModelProto, prepared: onnx.ModelProto) -> None:
+    """Put the FP32 bodies back into the nodes with subgraphs (Loop, If: kept FP32): the
+    converter still rewrote some tensors inside them to FP16 (a MatMul inside DetectionOutput's
+    NMS Loop then met an FP16 operand beside an FP32 one, an invalid model)."""
+    original = {node.name: node for node in prepared.graph.node if _subgraph_reads(node) or any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)}
+    for node in half.graph.node:
+        if node.name in original:
+            del node.attribute[:]
+            node.attribute.extend(original[node.name].attribute)
+
+
+def _drop_second_producers(model: onnx.ModelProto) -> None:
+    """Remove the converter's output Casts that duplicate an FP32 node's output: with
+    ``keep_io_types`` it casts every graph output back to FP32, also one that a kept (FP32)
+    node or an FP32 initializer already provides under that name (an SSD's folded prior boxes
+    when they are a segment output: the Cast then reads a name nothing writes), and ONNX
+    Runtime refuses a name defined twice."""
+    defined = {value.name for value in (*model.graph.initializer, *model.graph.input)}
+    producers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.output:
+            producers.setdefault(name, []).append(node)
+    for name, nodes in producers.items():
+        if len(nodes) > 1 or name in defined:
+            for node in nodes:
+                if node.op_type == "Cast" and node.name.startswith("graph_output_cast"):
+                    model.graph.node.remove(node)
 
 
 def _is_cast_to(node: onnx.NodeProto, elem_type: int) -> bool:
