@@ -13,7 +13,7 @@ random inputs for them as random valid indices.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Collection, Iterable, Mapping, Optional
 
 import numpy as np
 
@@ -30,12 +30,16 @@ def embed_requirement(layer: Layer) -> str:
             "as row indices")
 
 
-def index_inputs(graph: LayerGraph) -> dict[str, list[Layer]]:
-    """Net inputs (value ids) that layers read directly as indices, each with those layers."""
+def index_inputs(graph: LayerGraph, values: Optional[Collection[str]] = None,
+                 layers: Optional[Iterable[Layer]] = None) -> dict[str, list[Layer]]:
+    """Values (default: the net inputs) that ``layers`` (default: all) read directly as
+    indices, each with those layers. A Caffe segment checks its own inputs this way: Caffe's
+    Embed only DCHECKs its indices, so in a release build it reads past its table."""
+    values = graph.inputs if values is None else values
     readers: dict[str, list[Layer]] = {}
-    for layer in graph.layers.values():
+    for layer in graph.layers.values() if layers is None else layers:
         index = INDEX_BOTTOM.get(layer.type)
-        if index is not None and len(layer.bottoms) > index and layer.bottoms[index] in graph.inputs:
+        if index is not None and len(layer.bottoms) > index and layer.bottoms[index] in values:
             readers.setdefault(layer.bottoms[index], []).append(layer)
     return readers
 

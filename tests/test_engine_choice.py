@@ -245,6 +245,9 @@ def test_embed_never_runs_on_openvino(make_prototxt):
     assert relative_l2(net.run(x)["emb"], net.run_caffe(x)["emb"]) <= 1e-6
     segment_of = {name: se for se in net.segment_engines for name in se.segment.layers}
     assert segment_of["emb"].engine.kind == "caffe" and "OpenVINO gives zeros" in net.partition.fallback_reasons["emb"]
+    bad = {"data": np.array([[0, 1, 3, 1], [-2, -1, 0, 1]], np.float32)}  # index 5: outside the table of 4
+    with pytest.raises(InputError, match="'emb' \\(Embed\\) takes whole numbers in \\[0, 4\\)"):
+        net.run(bad)  # checked where the Caffe segment receives it (Caffe's Embed would read past its table)
     if resolve_engine("auto")[0] == AUTO:
         auto = hybrid_infer.load(path, random_weights=1, min_segment_size=1)
         auto.run(x)

@@ -82,7 +82,8 @@ def _specs(args: argparse.Namespace) -> list[PartitionSpec]:
     if args.engine and len(args.engine) > 1:
         specs = with_engines(specs, args.engine)
     elif not args.engine and not args.partition and len(available_candidates()) > 1:
-        specs += [PartitionSpec(engine=name) for name in available_candidates()]
+        # side by side, each engine that can take the options (--bf16: OpenVINO only)
+        specs += [PartitionSpec(engine=name) for name in available_candidates() if not args.bf16 or name == "openvino"]
     return unique_with_caffe_first(specs)
 
 

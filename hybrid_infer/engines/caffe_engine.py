@@ -25,6 +25,7 @@ from ..errors import ModelError
 from ..graph.layer_graph import LayerGraph
 from ..model.caffe_import import caffe, caffe_pb2
 from ..model.caffe_limits import aborts_on_values, refuse_cpu_unsupported
+from ..index_inputs import check_index_inputs, index_inputs
 from ..model.isolated import Rehearsal, caffe_errors, call_isolated
 from ..model.caffe_model import push_weights
 from ..model.protofile import write_prototxt
@@ -75,6 +76,8 @@ class CaffeEngine:
         #: How messages name this segment.
         self.label = f"Caffe {name} ({shown})"
         self._rehearsal = Rehearsal(every_run=aborts_on_values([layer.param for layer in self._layers]))
+        #: Segment inputs that its Embed/BatchReindex layers read as indices, checked at each run.
+        self._index_readers = index_inputs(graph, set(inputs), self._layers)
         #: Outputs that layers of other segments read (the rest only go back to the caller).
         read_elsewhere = {v for layer in graph.layers.values() if layer.name not in set(layer_names)
                           for v in layer.bottoms}
@@ -126,6 +129,8 @@ class CaffeEngine:
         self._use_mode()
         shapes = {name: tuple(feeds[name].shape) for name in self.input_names}
         check_feed_batch(self._graph, self._layers, shapes)  # here, not as a failure in the rehearsal
+        if self._index_readers:  # Caffe's Embed reads past its table on a bad index (release builds)
+            check_index_inputs(self._graph, self._index_readers, {v: feeds[v] for v in self._index_readers})
 
         reshaped: dict[str, tuple[int, ...]] = {}
 
