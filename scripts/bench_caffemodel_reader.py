@@ -17,21 +17,15 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+# protobuf's own varint encoder: the files are written byte by byte to get layouts Caffe's writer never makes
+from google.protobuf.internal.encoder import _VarintBytes
 
 from hybrid_infer.model.caffemodel import read_caffemodel
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
 
 def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+    return _VarintBytes(number << 3 | 2) + _VarintBytes(len(payload)) + payload
 
 
 def _caffemodel(values: np.ndarray, packed: bool, double: bool) -> bytes:
@@ -45,7 +39,7 @@ def _caffemodel(values: np.ndarray, packed: bool, double: bool) -> bytes:
         records = np.empty(len(data), np.dtype([("key", "u1"), ("value", dtype)]))
         records["key"], records["value"] = number << 3 | wire, data
         stored = records.tobytes()
-    blob = _field(7, _field(1, _varint(len(values)))) + stored
+    blob = _field(7, _field(1, _VarintBytes(len(values)))) + stored
     return _field(100, _field(1, b"fc") + _field(7, blob))
 
 

@@ -12,6 +12,8 @@ import subprocess
 import sys
 
 import numpy as np
+# protobuf's own varint encoder: the files are written byte by byte to get layouts Caffe's writer never makes
+from google.protobuf.internal.encoder import _VarintBytes
 import pytest
 
 import hybrid_infer
@@ -120,19 +122,11 @@ def test_foreign_fields_of_any_kind_are_skipped(make_prototxt, tmp_path):
     conv = net.layer[1].SerializeToString() + bytes([0xA8, 0x09, 0x07]) + bytes([0xF8, 0xBF, 0x18, 0x01]) + group
     odd = tmp_path / "odd.caffemodel"
     odd.write_bytes(b"".join(
-        (bytes([0xA2, 0x06]) + _varint(len(raw)) + raw) for raw in
+        (bytes([0xA2, 0x06]) + _VarintBytes(len(raw)) + raw) for raw in
         [net.layer[0].SerializeToString(), conv, *[la.SerializeToString() for la in net.layer[2:]]]))
     for variant in (forked, odd):
         _assert_same_weights(CaffeModel(path, variant), _caffe_params(path, weights))
 
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
 
 
 def test_v1_and_v0_caffemodels_read_as_caffe_reads_them(make_prototxt, tmp_path):
@@ -252,17 +246,17 @@ def test_cli_error_for_a_damaged_caffemodel_is_one_line(make_prototxt, tmp_path)
 
 
 def _key(field: int, wire: int) -> bytes:
-    return _varint(field << 3 | wire)
+    return _VarintBytes(field << 3 | wire)
 
 
 def _length_delimited(field: int, payload: bytes) -> bytes:
-    return _key(field, 2) + _varint(len(payload)) + payload
+    return _key(field, 2) + _VarintBytes(len(payload)) + payload
 
 
 def _unpacked_blob(values: np.ndarray, shape: tuple[int, ...], double: bool = False, split: int = 0) -> bytes:
     """A BlobProto whose values are stored one key per value (valid protobuf, which Caffe's
     writer never produces), after ``split`` of them stored packed."""
-    dims = b"".join(_varint(d) for d in shape)
+    dims = b"".join(_VarintBytes(d) for d in shape)
     out = _length_delimited(7, _length_delimited(1, dims))
     field, wire, code = (8, 1, "<f8") if double else (5, 5, "<f4")
     if split:
