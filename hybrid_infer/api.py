@@ -18,7 +18,7 @@ from .index_inputs import check_index_inputs, index_inputs
 from .lowering.detection import caffe_abort
 from .inputs import check_float32_range
 from .lowering.plugins import LoweringModule, load_lowering_modules
-from .detections import detection_outputs
+from .detections import DETECTION_TOLERANCE, detection_outputs
 from .metrics import OutputDifference, compare_outputs
 from .model.caffe_import import caffe
 from .model.caffe_limits import aborts_on_values, refuse_cpu_unsupported
@@ -475,7 +475,6 @@ class HybridNet:
         wanted = list(self.checked_values())
         # Detections under reduced precision match within DETECTION_TOLERANCE at most: a
         # relative-L2 tolerance of 0.5 as a score margin excused every lost detection below 0.5.
-        from .precision.sensitivity import DETECTION_TOLERANCE
         matching = min(tolerance, DETECTION_TOLERANCE) if self.precision is not None else tolerance
         rows = self.compare_values(self.run_values(inputs, wanted), self.run_caffe_values(inputs, wanted), matching)
         names = self.checked_values()

@@ -19,7 +19,7 @@ from hybrid_infer.metrics import relative_l2
 
 from conftest import GRAPHS
 from test_precision import digits
-from hybrid_infer.precision.sensitivity import DETECTION_TOLERANCE
+from hybrid_infer.detections import DETECTION_TOLERANCE
 
 LENET = GRAPHS / "lenet_digits"
 MODEL = [str(LENET / "deploy.prototxt"), "--weights", str(LENET / "lenet_digits.caffemodel")]

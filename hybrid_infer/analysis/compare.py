@@ -8,7 +8,6 @@ because matching Caffe is what the user came for; speed without it means nothing
 from __future__ import annotations
 
 import math
-
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence

@@ -167,10 +167,8 @@ def add_cpu_options(parser: argparse.ArgumentParser) -> None:
 
 def cpu_settings(args: argparse.Namespace) -> "CpuSettings":
     from ..executor.engine_choice import CpuSettings
-    if args.threads < 0:
-        raise OptionError("--threads must be 0 (every allowed CPU) or more")
-    engines = args.engine if isinstance(args.engine, list) else [args.engine or "auto"]
-    engines = engines or ["auto"]
+    # compare takes several engines (a list, or None for its default, auto)
+    engines = args.engine if isinstance(args.engine, list) and args.engine else [args.engine or "auto"]
     if args.bf16 and not {"auto", "openvino"} & set(engines):
         raise OptionError("--bf16 applies to OpenVINO: use it with --engine openvino or auto")
     return CpuSettings(threads=args.threads, bf16=args.bf16)

@@ -76,8 +76,9 @@ class CaffeEngine:
         #: How messages name this segment.
         self.label = f"Caffe {name} ({shown})"
         self._rehearsal = Rehearsal(every_run=aborts_on_values([layer.param for layer in self._layers]))
-        #: Segment inputs that its Embed/BatchReindex layers read as indices, checked at each run.
-        self._index_readers = index_inputs(graph, set(inputs), self._layers)
+        #: Segment inputs from other segments that its Embed/BatchReindex layers read as indices,
+        #: checked at each run (net inputs are checked once, by HybridNet.check_inputs).
+        self._index_readers = index_inputs(graph, set(inputs) - set(graph.inputs), self._layers)
         #: Outputs that layers of other segments read (the rest only go back to the caller).
         read_elsewhere = {v for layer in graph.layers.values() if layer.name not in set(layer_names)
                           for v in layer.bottoms}

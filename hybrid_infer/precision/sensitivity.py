@@ -34,7 +34,7 @@ import numpy as np
 
 from ..analysis.timing import time_calls
 from ..api import HybridNet
-from ..detections import detection_outputs
+from ..detections import DETECTION_TOLERANCE, detection_outputs
 from ..errors import OptionError
 from ..metrics import relative_l2
 from .plan import PrecisionPlan, quantizable_layers
@@ -118,10 +118,6 @@ def measuring_points(net: HybridNet) -> list[str]:
     return points
 
 
-#: How far (absolute) a detection's score and coordinates (0-1) may move under reduced precision
-#: and still be the same detection: FP16 moves them by about 1e-3, INT8 by about 1e-2. At the
-#: FP32 check's 1e-4 every row of an SSD counted as lost (120 of 120 on HyperLPR's plate net).
-DETECTION_TOLERANCE = 0.02
 
 
 def error_of(net: HybridNet, got: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]

@@ -11,11 +11,11 @@ import numpy as np
 from ..analysis.compare import PartitionResult, measure_partition
 from ..analysis.partition_spec import PartitionSpec
 from ..api import HybridNet
+from ..detections import DETECTION_TOLERANCE
 from ..executor.engine_factory import segment_onnx
 from ..model.caffe_model import CaffeModel
 from ..partition.partitioner import TENSORRT
 from .calibration_file import load_calibration
-from .sensitivity import DETECTION_TOLERANCE
 
 Variant = tuple[PartitionSpec, str, HybridNet]
 
